@@ -1,0 +1,127 @@
+"""The model's configuration: one frozen dataclass, saved in every model file."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from cflowad.errors import UserError
+
+__all__ = ["Config", "parse_image_size"]
+
+OBJECTIVES = ("nll", "logsigmoid")
+ENCODER_WEIGHTS = ("pretrained", "random")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every choice that defines a CFLOW-AD model; CLI flags map onto these fields 1:1.
+
+    Defaults follow the paper (8 coupling blocks, clamp 1.9, 128 condition channels,
+    fiber batches of 256, Adam at 2e-4, objective (7.2)) except where a benchmark in
+    the README supports a change. ``image_size`` is (height, width), multiples of 32.
+
+    Example:
+        >>> Config(image_size=(256, 384)).image_size
+        (256, 384)
+    """
+
+    backbone: str = "tf_efficientnet_lite0"
+    encoder_weights: str = "pretrained"
+    weights_file: str | None = None
+    image_size: tuple[int, int] = (256, 256)
+    strides: tuple[int, ...] = (8, 16, 32)
+    coupling_blocks: int = 8
+    condition_dim: int = 128
+    clamp_alpha: float = 1.9
+    objective: str = "nll"
+    fiber_batch_size: int = 256
+    steps: int = 2000
+    learning_rate: float = 2e-4
+    warmup_fraction: float = 0.05
+    holdout_fraction: float = 0.1
+    min_holdout: int = 4
+    calibrate_on_train: bool = False
+    image_fpr: float = 0.01
+    pixel_fpr: float = 0.01
+    score_top_k: float = 0.0
+    feature_cache_budget_mb: int = 4096
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_size", parse_image_size(self.image_size))
+        object.__setattr__(self, "strides", tuple(int(s) for s in self.strides))
+        checks = [
+            (self.objective in OBJECTIVES, "objective", f"one of {', '.join(OBJECTIVES)}"),
+            (
+                self.encoder_weights in ENCODER_WEIGHTS,
+                "encoder_weights",
+                f"one of {', '.join(ENCODER_WEIGHTS)}",
+            ),
+            (self.coupling_blocks >= 1, "coupling_blocks", "at least 1"),
+            (self.condition_dim >= 2 and self.condition_dim % 4 == 0, "condition_dim",
+             "a positive multiple of 4"),
+            (self.clamp_alpha > 0, "clamp_alpha", "positive"),
+            (self.fiber_batch_size >= 2, "fiber_batch_size", "at least 2"),
+            (self.steps >= 1, "steps", "at least 1"),
+            (self.learning_rate > 0, "learning_rate", "positive"),
+            (0 <= self.warmup_fraction < 1, "warmup_fraction", "in [0, 1)"),
+            (0 < self.holdout_fraction < 1, "holdout_fraction", "in (0, 1)"),
+            (self.min_holdout >= 1, "min_holdout", "at least 1"),
+            (0 < self.image_fpr < 1, "image_fpr", "in (0, 1)"),
+            (0 < self.pixel_fpr < 1, "pixel_fpr", "in (0, 1)"),
+            (0 <= self.score_top_k < 1, "score_top_k", "in [0, 1) (0 means the maximum)"),
+            (self.feature_cache_budget_mb >= 0, "feature_cache_budget_mb", "at least 0"),
+            (len(self.strides) >= 1 and all(s in (4, 8, 16, 32) for s in self.strides),
+             "strides", "a subset of 4, 8, 16, 32"),
+        ]
+        for ok, name, what in checks:
+            if not ok:
+                raise UserError(f"option {name}={getattr(self, name)!r} must be {what}")
+        largest = max(self.strides)
+        if any(side % largest for side in self.image_size):
+            raise UserError(
+                f"option image_size={self.image_size} must be multiples of {largest} "
+                "(the largest feature stride)"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, the inverse of :meth:`from_dict`."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        """Rebuild from :meth:`to_dict` output, refusing unknown keys."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise UserError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+def parse_image_size(value: int | str | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """Accept 256, "256", "384x256" (width x height) or (height, width)."""
+    if isinstance(value, str):
+        text = value.lower().strip()
+        try:
+            if "x" in text:
+                width, height = (int(p) for p in text.split("x"))
+                return _positive((height, width), value)
+            side = int(text)
+        except ValueError:
+            raise UserError(
+                f"option image_size={value!r} must be N or WIDTHxHEIGHT, e.g. 256 or 384x256"
+            ) from None
+        return _positive((side, side), value)
+    if isinstance(value, int):
+        return _positive((value, value), value)
+    if len(value) != 2:
+        raise UserError(f"option image_size={value!r} must be (height, width)")
+    return _positive((int(value[0]), int(value[1])), value)
+
+
+def _positive(size: tuple[int, int], raw: object) -> tuple[int, int]:
+    if min(size) < 32:
+        raise UserError(f"option image_size={raw!r} must be at least 32 pixels per side")
+    return size

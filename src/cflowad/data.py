@@ -1,0 +1,231 @@
+"""Images in, tensors out: decoding every common format and finding data set layouts.
+
+Layouts: an MVTec AD category (``train/good``, ``test/<defect>``,
+``ground_truth/<defect>/<stem>_mask.png``) or plain folders of images. Every
+problem with a file is a :class:`UserError` naming it; nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+from torch.nn import functional as F
+
+from cflowad.errors import UserError
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "ImageInput",
+    "TestSet",
+    "batches",
+    "find_test_set",
+    "find_training_images",
+    "list_images",
+    "load_image",
+    "load_mask",
+    "to_model_input",
+]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+ImageInput = str | Path | np.ndarray
+
+
+@dataclass(frozen=True)
+class TestSet:
+    """Test images with labels (0 good, 1 defective), defect types and optional masks."""
+
+    images: list[Path]
+    labels: np.ndarray
+    defect_types: list[str]
+    masks: list[Path | None]
+
+    @property
+    def has_masks(self) -> bool:
+        """True when every defective image has a ground-truth mask."""
+        return any(m is not None for m in self.masks)
+
+
+def load_image(item: ImageInput) -> np.ndarray:
+    """Decode a file or take an array; returns float32 RGB (H, W, 3) in [0, 1].
+
+    Honours EXIF orientation; 16-bit images keep their precision; grayscale is
+    repeated to three channels and alpha is dropped.
+    """
+    if isinstance(item, np.ndarray):
+        return _array_to_rgb(item, "array")
+    path = Path(item)
+    with _open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            array = np.asarray(image).astype(np.float32) / 65535.0
+            return _array_to_rgb(np.clip(array, 0.0, 1.0), str(path))
+        if image.mode == "F":
+            return _array_to_rgb(np.asarray(image, dtype=np.float32), str(path))
+        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def load_mask(path: Path, expected_size: tuple[int, int] | None = None) -> np.ndarray:
+    """A boolean (H, W) mask: any non-zero value is a defect."""
+    with _open(path) as image:
+        mask = np.asarray(image)
+    if mask.ndim == 3:
+        mask = mask.any(axis=2)
+    mask = mask != 0
+    if expected_size is not None and mask.shape != expected_size:
+        raise UserError(
+            f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, its image is "
+            f"{expected_size[1]}x{expected_size[0]}"
+        )
+    return mask
+
+
+def to_model_input(image: np.ndarray, size: tuple[int, int]) -> Tensor:
+    """(H, W, 3) float image -> (3, height, width) tensor, antialiased bilinear resize."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+    if tuple(tensor.shape[-2:]) != tuple(size):
+        tensor = F.interpolate(tensor, size=size, mode="bilinear", antialias=True,
+                               align_corners=False)
+    return tensor[0].clamp_(0.0, 1.0)
+
+
+def batches(
+    items: Sequence[ImageInput], size: tuple[int, int], batch_size: int, workers: int = 2
+) -> Iterator[tuple[Tensor, list[tuple[int, int]]]]:
+    """Yield (images (B, 3, H, W), original (height, width) of each) in input order.
+
+    Decoding runs in a thread pool ahead of the consumer (PIL and torch release the
+    GIL), so that large PNGs overlap with model compute.
+    """
+
+    def prepare(item: ImageInput) -> tuple[Tensor, tuple[int, int]]:
+        image = load_image(item)
+        return to_model_input(image, size), (image.shape[0], image.shape[1])
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pending = pool.map(prepare, items)
+        batch: list[tuple[Tensor, tuple[int, int]]] = []
+        for prepared in pending:
+            batch.append(prepared)
+            if len(batch) == batch_size:
+                yield torch.stack([t for t, _ in batch]), [s for _, s in batch]
+                batch = []
+        if batch:
+            yield torch.stack([t for t, _ in batch]), [s for _, s in batch]
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files of a folder (not recursive), sorted; an error if there are none."""
+    if not folder.is_dir():
+        raise UserError(f"{folder}: folder not found")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+    return files
+
+
+def find_training_images(data: Path) -> list[Path]:
+    """train/good of an MVTec category, or the images of a plain folder."""
+    if not data.exists():
+        raise UserError(f"{data}: not found")
+    if data.is_file():
+        raise UserError(f"{data}: expected a folder (MVTec category or folder of images)")
+    good = data / "train" / "good"
+    return list_images(good if good.is_dir() else data)
+
+
+def find_test_set(
+    data: Path | None = None,
+    good: Path | None = None,
+    defective: Sequence[Path] = (),
+    masks: Path | None = None,
+    mask_suffix: str = "_mask",
+) -> TestSet:
+    """The test split of an MVTec category, or plain good/defective folders.
+
+    MVTec: ``test/good`` is normal, every other ``test/<defect>`` is defective with
+    masks in ``ground_truth/<defect>``. A set without a ``ground_truth`` folder
+    has no masks; a defective image without its mask where masks exist is an error.
+    """
+    groups: list[tuple[str, list[Path], Path | None]] = []
+    if data is not None:
+        test = data / "test"
+        if not test.is_dir():
+            raise UserError(f"{data}: no test/ folder (expected an MVTec AD category)")
+        truth = data / "ground_truth"
+        for folder in sorted(p for p in test.iterdir() if p.is_dir()):
+            mask_dir = None if folder.name == "good" or not truth.is_dir() else truth / folder.name
+            groups.append((folder.name, list_images(folder), mask_dir))
+    else:
+        if good is None and not defective:
+            raise UserError("give DATA (an MVTec category) or --good / --defective folders")
+        if good is not None:
+            groups.append(("good", list_images(good), None))
+        for folder in defective:
+            groups.append((folder.name, list_images(folder), masks))
+    if not any(name == "good" for name, _, _ in groups):
+        raise UserError(f"{data or good}: no good (defect-free) test images")
+    images, labels, types, mask_paths = [], [], [], []
+    for name, files, mask_dir in groups:
+        for file in files:
+            images.append(file)
+            labels.append(0 if name == "good" else 1)
+            types.append(name)
+            mask_paths.append(None if mask_dir is None else _find_mask(file, mask_dir, mask_suffix))
+    return TestSet(images, np.asarray(labels), types, mask_paths)
+
+
+def _find_mask(image: Path, mask_dir: Path, suffix: str) -> Path:
+    for extension in IMAGE_SUFFIXES:
+        for candidate in (mask_dir / f"{image.stem}{suffix}{extension}",
+                          mask_dir / f"{image.stem}{extension}"):
+            if candidate.is_file():
+                return candidate
+    raise UserError(f"{image}: defective image without a mask in {mask_dir} "
+                    f"(looked for {image.stem}{suffix}.png)")
+
+
+def _open(path: Path) -> Image.Image:
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: empty file (0 bytes)")
+    try:
+        image = Image.open(path)
+        width, height = image.size
+        if width * height > Image.MAX_IMAGE_PIXELS:
+            raise UserError(f"{path}: {width}x{height} pixels is too large to decode safely")
+        image.load()
+    except UserError:
+        raise
+    except Image.DecompressionBombError:
+        raise UserError(f"{path}: too large to decode safely (decompression bomb)") from None
+    except UnidentifiedImageError:
+        raise UserError(f"{path}: not an image file") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise UserError(f"{path}: unreadable image ({error})") from None
+    return image
+
+
+def _array_to_rgb(array: np.ndarray, name: str) -> np.ndarray:
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise UserError(f"{name}: expected (H, W), (H, W, 3) or (H, W, 4), got {array.shape}")
+    array = array[:, :, :3]
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255.0
+    if array.dtype == np.uint16:
+        return array.astype(np.float32) / 65535.0
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
+        raise UserError(f"{name}: float images must hold finite values in [0, 1]")
+    return array
