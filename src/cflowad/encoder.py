@@ -49,8 +49,13 @@ class Encoder(nn.Module):
         strides: tuple[int, ...],
         weights: str = "pretrained",
         weights_file: str | None = None,
+        seed: int = 0,
     ) -> Encoder:
-        """Build ``backbone`` cut at ``strides``; ``weights`` is "pretrained" or "random"."""
+        """Build ``backbone`` cut at ``strides``; ``weights`` is "pretrained" or "random".
+
+        Random weights (for tests, or before loading a saved model) are drawn from
+        ``seed`` without touching the global RNG.
+        """
         if backbone not in timm.list_models():
             raise UserError(
                 f"option backbone={backbone!r} is not a timm model name "
@@ -65,9 +70,11 @@ class Encoder(nn.Module):
                 f"{sorted(by_stride)}, not {missing}"
             )
         out_indices = tuple(by_stride[s] for s in strides)
-        model = timm.create_model(
-            backbone, features_only=True, out_indices=out_indices, pretrained=False
-        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = timm.create_model(
+                backbone, features_only=True, out_indices=out_indices, pretrained=False
+            )
         if weights == "pretrained":
             _load_weights(model, backbone, weights_file)
         cfg = model.pretrained_cfg

@@ -64,11 +64,22 @@ def random_rotation(dim: int, generator: torch.Generator) -> Tensor:
     return q.float()
 
 
+def _init_like_one_linear(features: nn.Linear, condition: nn.Linear, fan_in: int) -> None:
+    """Initialize two column blocks as PyTorch initializes the single Linear they split."""
+    bound = 1.0 / math.sqrt(fan_in)
+    with torch.no_grad():
+        for weight in (features.weight, condition.weight):
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+            weight.mul_(math.sqrt(weight.shape[1] / fan_in))
+        nn.init.uniform_(condition.bias, -bound, bound)
+
+
 class CouplingBlock(nn.Module):
     """One AllInOneBlock: affine coupling, global affine scaling, fixed rotation.
 
-    Parameter names and shapes match FrEIA's ``AllInOneBlock`` with the CFLOW-AD subnet
-    ``Linear(d, 2d) - ReLU - Linear(2d, out)`` where ``d = dim_passive + condition_dim``.
+    The subnet is CFLOW-AD's ``Linear(d, 2d) - ReLU - Linear(2d, out)`` with
+    ``d = dim_passive + condition_dim``; its first layer is kept as two linear maps
+    (features, condition) whose concatenated weights are FrEIA's ``subnet[0]``.
     """
 
     def __init__(
@@ -78,25 +89,26 @@ class CouplingBlock(nn.Module):
         self.passive = dim - dim // 2
         self.active = dim // 2
         self.clamp_alpha = clamp_alpha
-        subnet_in = self.passive + condition_dim
-        self.subnet = nn.Sequential(
-            nn.Linear(subnet_in, 2 * subnet_in), nn.ReLU(), nn.Linear(2 * subnet_in, 2 * self.active)
-        )
+        hidden = 2 * (self.passive + condition_dim)
+        # FrEIA's first subnet layer Linear(passive + C, hidden) split by input: the
+        # condition's columns become a per-position term that inference precomputes.
+        self.input_layer = nn.Linear(self.passive, hidden, bias=False)
+        self.condition_layer = nn.Linear(condition_dim, hidden)
+        self.output_layer = nn.Linear(hidden, 2 * self.active)
+        _init_like_one_linear(self.input_layer, self.condition_layer, self.passive + condition_dim)
         self.global_scale = nn.Parameter(torch.full((dim,), _SOFTPLUS_INIT))
         self.global_offset = nn.Parameter(torch.zeros(dim))
         self.register_buffer("rotation", random_rotation(dim, generator))
 
     def condition(self, c: Tensor) -> Tensor:
         """The condition's share of the first subnet layer, bias included: (..., C) -> (..., 2d)."""
-        first = self.subnet[0]
-        return F.linear(c, first.weight[:, self.passive :], first.bias)
+        return self.condition_layer(c)
 
     def forward(self, x: Tensor, condition: Tensor) -> tuple[Tensor, Tensor]:
         """(..., D), (..., 2d) from :meth:`condition` -> output (..., D), log|det J| (...)."""
         x1, x2 = x.split((self.passive, self.active), dim=-1)
-        first, _, last = self.subnet
-        hidden = torch.relu(F.linear(x1, first.weight[:, : self.passive]) + condition)
-        a = 0.1 * last(hidden)
+        hidden = torch.relu(self.input_layer(x1) + condition)
+        a = 0.1 * self.output_layer(hidden)
         log_scale = self.clamp_alpha * torch.tanh(a[..., : self.active])
         x2 = x2 * torch.exp(log_scale) + a[..., self.active :]
         scale = 0.1 * F.softplus(self.global_scale, beta=0.5)

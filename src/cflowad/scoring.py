@@ -54,7 +54,7 @@ class CFlowNet(nn.Module):
         """The network for ``config``; the encoder gets ImageNet weights if ``pretrained``."""
         encoder = Encoder.create(
             config.backbone, config.strides, "pretrained" if pretrained else "random",
-            config.weights_file,
+            config.weights_file, seed=config.seed,
         )
         return cls(config, encoder)
 

@@ -1,0 +1,52 @@
+"""Shared fixtures: a small MVTec-layout data set made from real textures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as skdata
+
+
+def make_texture_dataset(root: Path, n_train: int = 24, n_good: int = 8, n_bad: int = 8,
+                         size: int = 128, seed: int = 0) -> Path:
+    """Crops of scikit-image's brick texture; defects are pasted gravel patches with masks."""
+    rng = np.random.default_rng(seed)
+    brick, gravel = skdata.brick(), skdata.gravel()
+
+    def crop(texture: np.ndarray) -> np.ndarray:
+        y, x = rng.integers(0, texture.shape[0] - size, 2)
+        return texture[y : y + size, x : x + size].copy()
+
+    def save(array: np.ndarray, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(path)
+
+    for i in range(n_train):
+        save(crop(brick), root / "train" / "good" / f"{i:03d}.png")
+    for i in range(n_good):
+        save(crop(brick), root / "test" / "good" / f"{i:03d}.png")
+    for i in range(n_bad):
+        image, mask = crop(brick), np.zeros((size, size), np.uint8)
+        side = int(rng.integers(size // 6, size // 3))
+        y, x = rng.integers(0, size - side, 2)
+        image[y : y + side, x : x + side] = crop(gravel)[:side, :side]
+        mask[y : y + side, x : x + side] = 255
+        save(image, root / "test" / "patch" / f"{i:03d}.png")
+        save(mask, root / "ground_truth" / "patch" / f"{i:03d}_mask.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def texture_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_texture_dataset(tmp_path_factory.mktemp("textures") / "brick")
+
+
+@pytest.fixture(scope="session")
+def trained_model(texture_dataset: Path):
+    """A real model (Lite0 ImageNet weights) trained briefly on the texture set."""
+    from cflowad import CFlowAD
+
+    return CFlowAD(image_size=128, steps=300, seed=0).fit(texture_dataset)

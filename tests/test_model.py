@@ -1,0 +1,135 @@
+"""The model façade: purity of scores, save/load, determinism, the fast path's exactness."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cflowad import CFlowAD, Config, UserError
+
+RNG = np.random.default_rng(0)
+IMAGES = [RNG.random((70 + 3 * i, 50 + 5 * i, 3), dtype=np.float32) for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def small_model() -> CFlowAD:
+    return CFlowAD(encoder_weights="random", image_size=64, steps=30, min_holdout=3).fit(IMAGES)
+
+
+def test_map_of_an_image_alone_equals_its_map_in_any_batch(small_model):
+    alone = small_model.predict(IMAGES[2:3], batch_size=1)
+    for companions in (IMAGES[:5], IMAGES[2:3] + [np.zeros((64, 64, 3), np.float32)] * 7):
+        batch = small_model.predict(companions, batch_size=8)
+        index = next(i for i, x in enumerate(companions) if x is IMAGES[2])
+        scale = np.abs(alone.maps[0]).max()
+        assert np.abs(batch.maps[index] - alone.maps[0]).max() <= 1e-5 * scale
+        assert batch.scores[index] == pytest.approx(alone.scores[0], rel=1e-5)
+
+
+def test_maps_come_back_at_original_resolution(small_model):
+    prediction = small_model.predict(IMAGES[:3])
+    assert [m.shape for m in prediction.maps] == [x.shape[:2] for x in IMAGES[:3]]
+    assert all(m.dtype == np.float32 for m in prediction.maps)
+    assert np.array_equal(prediction.anomalous, prediction.scores > small_model.image_threshold)
+    assert np.array_equal(prediction.masks[1], prediction.maps[1] > small_model.pixel_threshold)
+
+
+def test_save_load_gives_identical_predictions(small_model, tmp_path):
+    before = small_model.predict(IMAGES[:4])
+    small_model.save(tmp_path / "model")
+    after = CFlowAD.load(tmp_path / "model").predict(IMAGES[:4])
+    assert np.array_equal(before.scores, after.scores)
+    assert all(np.array_equal(a, b) for a, b in zip(before.maps, after.maps, strict=True))
+    meta = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert meta["format_version"] == 1 and meta["calibration"]["n_images"] == 3
+
+
+def test_same_seed_same_model_and_scores():
+    a = CFlowAD(encoder_weights="random", image_size=64, steps=15, min_holdout=3, seed=5).fit(IMAGES)
+    b = CFlowAD(encoder_weights="random", image_size=64, steps=15, min_holdout=3, seed=5).fit(IMAGES)
+    for (name, x), y in zip(a.net.state_dict().items(), b.net.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+    assert np.array_equal(a.predict(IMAGES[:3]).scores, b.predict(IMAGES[:3]).scores)
+
+
+def test_fast_path_equals_plain_per_position_evaluation(small_model):
+    """Precomputed conditions, all positions at once == one flow call per position."""
+    net = small_model.net
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        fast = net.log_likelihoods(images)
+        features = net.encoder(images)
+        for k, (f, flow) in enumerate(zip(features, net.decoders, strict=True)):
+            dim, height, width = f.shape[1:]
+            code = net.codes(k).view(height, width, -1)
+            for b in range(2):
+                for y in range(height):
+                    for x in range(width):
+                        reference = flow.log_prob(f[b, :, y, x][None], code[y, x][None]) / dim
+                        assert fast[k][b, y, x].item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_holdout_never_trains_and_is_seeded():
+    model = CFlowAD(encoder_weights="random", image_size=64, steps=1, min_holdout=3, seed=1)
+    train, held = model._split(list(range(10)))
+    assert len(held) == 3 and not set(train) & set(held)
+    assert model._split(list(range(10))) == (train, held)
+    with pytest.raises(UserError, match="need at least 5 training images"):
+        model._split(list(range(4)))
+
+
+def test_broken_model_files_give_errors_naming_the_file(small_model, tmp_path):
+    path = small_model.save(tmp_path / "m")
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(UserError, match="model.safetensors"):
+        CFlowAD.load(path)
+    (path / "model.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"model.json: not valid JSON"):
+        CFlowAD.load(path)
+    (path / "model.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(UserError, match="not a cflowad model"):
+        CFlowAD.load(path)
+    with pytest.raises(UserError, match="not found"):
+        CFlowAD.load(tmp_path / "nothing")
+
+
+def test_save_never_replaces_a_folder_that_is_not_a_model(small_model, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "keep.jpg").write_bytes(b"mine")
+    with pytest.raises(UserError, match="not a cflowad model"):
+        small_model.save(folder)
+    assert (folder / "keep.jpg").read_bytes() == b"mine"
+
+
+def test_config_errors_name_the_option():
+    with pytest.raises(UserError, match="image_size"):
+        Config(image_size=100)
+    with pytest.raises(UserError, match="objective"):
+        Config(objective="mse")
+    assert Config(image_size="384x256").image_size == (256, 384)
+
+
+def test_predict_before_fit_is_an_error():
+    with pytest.raises(UserError, match="not fitted"):
+        CFlowAD(encoder_weights="random", image_size=64).predict(IMAGES[:1])
+
+
+@pytest.mark.slow
+def test_end_to_end_on_real_textures_finds_pasted_defects(trained_model, texture_dataset):
+    from sklearn.metrics import roc_auc_score
+
+    from cflowad.data import find_test_set, load_mask
+
+    test = find_test_set(texture_dataset)
+    prediction = trained_model.predict(test.images)
+    assert roc_auc_score(test.labels, prediction.scores) >= 0.9
+    masks = [np.zeros(m.shape, bool) if p is None else load_mask(p)
+             for m, p in zip(prediction.maps, test.masks, strict=True)]
+    pixel = roc_auc_score(np.concatenate([m.ravel() for m in masks]),
+                          np.concatenate([m.ravel() for m in prediction.maps]))
+    assert pixel >= 0.9
