@@ -101,7 +101,7 @@ def test_save_never_replaces_a_folder_that_is_not_a_model(small_model, tmp_path)
     folder = tmp_path / "photos"
     folder.mkdir()
     (folder / "keep.jpg").write_bytes(b"mine")
-    with pytest.raises(UserError, match="not a cflowad model"):
+    with pytest.raises(UserError, match="not written by cflowad"):
         small_model.save(folder)
     assert (folder / "keep.jpg").read_bytes() == b"mine"
 

@@ -11,9 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +27,7 @@ from cflowad import __version__
 from cflowad.config import Config
 from cflowad.data import ImageInput, batches, find_training_images
 from cflowad.errors import UserError
+from cflowad.files import staged_directory
 from cflowad.progress import Reporter
 from cflowad.scoring import CFlowNet
 from cflowad.train import encode, fit_decoders
@@ -162,11 +160,7 @@ class CFlowAD:
         """Write the model directory atomically; replaces only an earlier cflowad model."""
         self._require_fitted()
         target = Path(directory)
-        if target.exists() and not _is_model_dir(target):
-            raise UserError(f"{target}: exists and is not a cflowad model; choose another --out")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
+        with staged_directory(target, _is_model_dir, "--out") as staging:
             weights = staging / WEIGHTS_FILE
             save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(weights),
                       metadata={"format": FORMAT})
@@ -180,16 +174,6 @@ class CFlowAD:
                 "training": self.training,
             }
             (staging / META_FILE).write_text(json.dumps(meta, indent=2))
-            if target.exists():
-                old = target.with_name(f".{target.name}.old-{os.getpid()}")
-                target.rename(old)
-                staging.rename(target)
-                shutil.rmtree(old)
-            else:
-                staging.rename(target)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging)
         return target
 
     @classmethod

@@ -1,0 +1,7 @@
+"""``python -m cflowad``."""
+
+import sys
+
+from cflowad.cli import main
+
+sys.exit(main())

@@ -1,0 +1,126 @@
+"""``cflowad bench``: throughput of the whole model against its encoder alone.
+
+Reports medians over repetitions after a warm-up. The "fiber loop" figure runs
+the same decoders the way public implementations do (64 feature vectors per call,
+a Python loop over chunks, the condition recomputed each time): the baseline the
+fast path is measured against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cflowad.data import batches
+from cflowad.model import CFlowAD
+from cflowad.progress import Reporter
+from cflowad.scoring import CFlowNet
+
+__all__ = ["fiber_loop_forward", "run_bench"]
+
+
+def fiber_loop_forward(net: CFlowNet, images: torch.Tensor, fiber: int = 64) -> torch.Tensor:
+    """Anomaly maps computed in fiber batches of ``fiber`` vectors, as public code does."""
+    log_likelihoods = []
+    for k, features in enumerate(net.encoder(images)):
+        batch, dim, height, width = features.shape
+        z = features.flatten(2).transpose(1, 2).reshape(-1, dim)
+        c = net.codes(k).repeat(batch, 1)
+        chunks = [net.decoders[k].log_prob(z[i : i + fiber], c[i : i + fiber]) / dim
+                  for i in range(0, len(z), fiber)]
+        log_likelihoods.append(torch.cat(chunks).view(batch, height, width))
+    return net.anomaly_map(log_likelihoods)
+
+
+def run_bench(model_dir: Path, images: list[Path], batch_sizes: list[int], threads: int | None,
+              repeats: int, train_data: Path | None, steps: int,
+              reporter: Reporter) -> dict[str, Any]:
+    """Measure and return the figures written to the bench JSON."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    model = CFlowAD.load(model_dir)
+    net = model.net
+    size = model.config.image_size
+    if images:
+        pool = torch.cat([b for b, _ in batches(images, size, 16)])
+    else:
+        pool = torch.rand(max(batch_sizes), 3, *size, generator=torch.Generator().manual_seed(0))
+    results = []
+    with reporter.task("timing", len(batch_sizes)) as task:
+        for batch_size in batch_sizes:
+            index = torch.arange(batch_size) % len(pool)
+            batch = pool[index].contiguous()
+            whole = _median_seconds(lambda b=batch: net(b), repeats)
+            encoder = _median_seconds(lambda b=batch: net.encoder(b), repeats)
+            loop = _median_seconds(lambda b=batch: fiber_loop_forward(net, b), max(1, repeats // 2))
+            results.append({
+                "batch_size": batch_size,
+                "images_per_second": round(batch_size / whole, 2),
+                "encoder_images_per_second": round(batch_size / encoder, 2),
+                "ratio": round(encoder / whole, 3),
+                "fiber_loop_images_per_second": round(batch_size / loop, 2),
+                "speedup_over_fiber_loop": round(loop / whole, 2),
+                "ms_per_image": round(1000 * whole / batch_size, 2),
+            })
+            task.advance()
+    result: dict[str, Any] = {
+        "model": str(model_dir),
+        "image_size": list(size),
+        "backbone": model.config.backbone,
+        "inputs": "files" if images else "generated",
+        "repeats": repeats,
+        "batches": results,
+        "machine": {
+            "cpu": _cpu_name(),
+            "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+    }
+    result["peak_rss_mb"] = _peak_rss_mb()
+    if train_data is not None:
+        config = dataclasses.replace(model.config, steps=steps)
+        start = time.perf_counter()
+        trained = CFlowAD(config).fit(train_data, reporter=reporter)
+        result["train_seconds"] = round(time.perf_counter() - start, 2)
+        result["train_steps_per_second"] = trained.training["steps_per_second"]
+        result["train_encode_seconds"] = trained.training["encode_seconds"]
+        result["train_images"] = trained.training["n_train"]
+        result["train_peak_rss_mb"] = _peak_rss_mb()
+    return result
+
+
+@torch.inference_mode()
+def _median_seconds(function: Callable[[], object], repeats: int) -> float:
+    for _ in range(2):
+        function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

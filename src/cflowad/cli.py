@@ -1,0 +1,346 @@
+"""The ``cflowad`` command line: train, predict, test, demo, bench.
+
+Error contract: a mistake the user can fix prints one line naming the file or
+option to stderr and exits 2; an internal error exits 1 with its traceback
+(``--debug`` shows tracebacks for every error).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated
+
+import click
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cflowad import __version__
+from cflowad.config import Config
+from cflowad.data import find_test_set, load_image
+from cflowad.errors import UserError
+from cflowad.files import staged_directory
+from cflowad.model import CFlowAD
+from cflowad.progress import Reporter
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="CFLOW-AD anomaly detection: train on good images, flag and localize defects.",
+)
+DEFAULTS = Config()
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"cflowad {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for every error.")]
+    = False,
+) -> None:
+    """CFLOW-AD anomaly detection: train on good images, flag and localize defects."""
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Argument(help="MVTec category (train/good is used), a folder of "
+                                              "defect-free images, or a root of categories.")],
+    out: Annotated[Path, typer.Option("--out", help="Model directory to write (a root of "
+                                                    "categories writes OUT/<category>).")],
+    backbone: Annotated[str, typer.Option(help="timm CNN name.")] = DEFAULTS.backbone,
+    image_size: Annotated[str, typer.Option(help="Model input: N or WIDTHxHEIGHT, "
+                                                 "multiples of 32.")] = "256",
+    steps: Annotated[int, typer.Option(help="Optimizer steps (one fiber batch per scale each).")]
+    = DEFAULTS.steps,
+    seed: Annotated[int, typer.Option(help="Seed for hold-out split, weights and sampling.")]
+    = DEFAULTS.seed,
+    weights_file: Annotated[Path | None, typer.Option(help="Encoder weights file "
+                                                           "(.safetensors or .pth).")] = None,
+    random_weights: Annotated[bool, typer.Option(help="Random encoder weights (tests only: "
+                                                      "poor accuracy).")] = False,
+    strides: Annotated[str, typer.Option(help="Feature strides, comma-separated.")] = "8,16,32",
+    coupling_blocks: Annotated[int, typer.Option(help="Coupling blocks per flow.")]
+    = DEFAULTS.coupling_blocks,
+    condition_dim: Annotated[int, typer.Option(help="Positional-encoding channels.")]
+    = DEFAULTS.condition_dim,
+    clamp_alpha: Annotated[float, typer.Option(help="Soft clamping of coupling log-scales.")]
+    = DEFAULTS.clamp_alpha,
+    objective: Annotated[str, typer.Option(help="nll (paper eq. 7.2) or logsigmoid "
+                                                "(official code's variant).")]
+    = DEFAULTS.objective,
+    fiber_batch_size: Annotated[int, typer.Option(help="Feature vectors per step and scale.")]
+    = DEFAULTS.fiber_batch_size,
+    learning_rate: Annotated[float, typer.Option(help="Adam peak learning rate.")]
+    = DEFAULTS.learning_rate,
+    holdout_fraction: Annotated[float, typer.Option(help="Share of images held out to "
+                                                         "calibrate thresholds.")]
+    = DEFAULTS.holdout_fraction,
+    calibrate_on_train: Annotated[bool, typer.Option(help="Train on every image and calibrate "
+                                                          "on them too (optimistic).")] = False,
+    image_fpr: Annotated[float, typer.Option(help="Target false-positive rate of the image "
+                                                  "threshold.")] = DEFAULTS.image_fpr,
+    pixel_fpr: Annotated[float, typer.Option(help="Target false-positive rate of the pixel "
+                                                  "threshold.")] = DEFAULTS.pixel_fpr,
+    score_top_k: Annotated[float, typer.Option(help="Image score: mean of this top fraction "
+                                                    "of the map (0: maximum).")]
+    = DEFAULTS.score_top_k,
+    cache_budget_mb: Annotated[int, typer.Option(help="Feature cache above this goes to a "
+                                                      "memory-mapped file.")]
+    = DEFAULTS.feature_cache_budget_mb,
+    quiet: Quiet = False,
+) -> None:
+    """Train a model on defect-free images; thresholds are calibrated on held-out ones."""
+    reporter = Reporter(enabled=not quiet)
+    try:
+        stride_values = tuple(int(s) for s in strides.split(","))
+    except ValueError:
+        raise UserError(f"option --strides={strides!r} must be integers, e.g. 8,16,32") from None
+    config = Config(
+        backbone=backbone, encoder_weights="random" if random_weights else "pretrained",
+        weights_file=None if weights_file is None else str(weights_file),
+        image_size=image_size, strides=stride_values, coupling_blocks=coupling_blocks,
+        condition_dim=condition_dim, clamp_alpha=clamp_alpha, objective=objective,
+        fiber_batch_size=fiber_batch_size, steps=steps, learning_rate=learning_rate,
+        holdout_fraction=holdout_fraction, calibrate_on_train=calibrate_on_train,
+        image_fpr=image_fpr, pixel_fpr=pixel_fpr, score_top_k=score_top_k,
+        feature_cache_budget_mb=cache_budget_mb, seed=seed,
+    )
+    jobs = [(data, out)]
+    if data.is_dir() and not (data / "train").is_dir():
+        categories = sorted(p for p in data.iterdir() if (p / "train" / "good").is_dir())
+        if categories:
+            jobs = [(c, out / c.name) for c in categories]
+    for source, target in jobs:
+        if target.exists() and not (target / "model.json").is_file():
+            raise UserError(f"{target}: exists and is not a cflowad model; choose another --out")
+        reporter.log(f"training {source} -> {target}")
+        model = CFlowAD(config).fit(source, reporter=reporter)
+        model.save(target)
+        _summary_table([("model", str(target)), *_training_rows(model)], quiet)
+
+
+@app.command()
+def predict(
+    model_dir: Annotated[Path, typer.Argument(help="A model directory from cflowad train.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for predictions.json and maps.")],
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    quiet: Quiet = False,
+) -> None:
+    """Score images: writes OUT/predictions.json and one float32 .npy map per image."""
+    from cflowad.data import list_images
+
+    reporter = Reporter(enabled=not quiet)
+    files: list[Path] = []
+    for item in images:
+        files.extend(list_images(item) if item.is_dir() else [item])
+    for file in files:
+        if not file.is_file():
+            raise UserError(f"{file}: file not found")
+    model = CFlowAD.load(model_dir)
+    prediction = model.predict(files, batch_size=batch_size, reporter=reporter)
+    with staged_directory(out, lambda p: (p / "predictions.json").is_file(), "--out") as staging:
+        (staging / "maps").mkdir()
+        records = []
+        for i, (file, score, flag, anomaly_map) in enumerate(
+                zip(files, prediction.scores, prediction.anomalous, prediction.maps, strict=True)):
+            name = f"maps/{i:05d}_{file.stem}.npy"
+            np.save(staging / name, anomaly_map.astype(np.float32))
+            records.append({"image": str(file), "score": float(score), "anomalous": bool(flag),
+                            "map": name})
+        (staging / "predictions.json").write_text(json.dumps(records, indent=2))
+    flagged = int(prediction.anomalous.sum())
+    _summary_table([("images", str(len(files))), ("anomalous", str(flagged)),
+                    ("image threshold", f"{model.image_threshold:.4g}"),
+                    ("written", str(out / "predictions.json"))], quiet)
+
+
+@app.command("test")
+def test_command(
+    model_dir: Annotated[Path, typer.Argument(help="A model directory (or a root of them).")],
+    data: Annotated[Path | None, typer.Argument(help="MVTec category (its test split) or a "
+                                                     "root of categories.")] = None,
+    json_file: Annotated[Path, typer.Option("--json", help="Metrics file to write.")]
+    = Path("metrics.json"),
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for pictures.")] = None,
+    good: Annotated[Path | None, typer.Option(help="Plain folder of good test images.")] = None,
+    defective: Annotated[list[Path] | None, typer.Option(help="Plain folder of defective "
+                                                              "images (repeatable).")] = None,
+    masks: Annotated[Path | None, typer.Option(help="Folder of masks for --defective images.")]
+    = None,
+    mask_suffix: Annotated[str, typer.Option(help="Mask file name: <stem><suffix>.<ext>.")]
+    = "_mask",
+    metric_resolution: Annotated[str, typer.Option(help="mask: ground truth's size (MVTec); "
+                                                        "model: model input size.")] = "mask",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    quiet: Quiet = False,
+) -> None:
+    """Evaluate on a test split: image/pixel AUROC, AUPRO, F1-max, per defect type."""
+    from cflowad.evaluate import evaluate
+    from cflowad.report import print_metrics, write_pictures
+
+    reporter = Reporter(enabled=not quiet)
+    jobs: list[tuple[str, Path, Path | None]] = [("", model_dir, data)]
+    if data is not None and data.is_dir() and not (data / "test").is_dir():
+        categories = sorted(p for p in data.iterdir() if (p / "test").is_dir())
+        if categories:
+            jobs = [(c.name, model_dir / c.name, c) for c in categories]
+    results = {}
+    for name, model_path, source in jobs:
+        test_set = find_test_set(source, good, defective or (), masks, mask_suffix)
+        model = CFlowAD.load(model_path)
+        reporter.log(f"testing {model_path} on {len(test_set.images)} images"
+                     + (f" ({name})" if name else ""))
+        evaluation = evaluate(model, test_set, batch_size, metric_resolution, reporter)
+        results[name] = evaluation.metrics
+        print_metrics(evaluation.metrics, name, quiet)
+        if out is not None:
+            write_pictures(out / name if name else out, model, test_set, evaluation, reporter)
+    report = results[""] if list(results) == [""] else _mean_over_categories(results)
+    json_file.parent.mkdir(parents=True, exist_ok=True)
+    json_file.write_text(json.dumps(report, indent=2))
+    if not quiet:
+        Console(stderr=True).print(f"metrics written to {json_file}", highlight=False)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder for metrics.json and pictures.")]
+    = Path("cflowad-demo"),
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = DEFAULTS.steps,
+    quiet: Quiet = False,
+) -> None:
+    """Train and test on real solar-cell images (ELPV, installed from PyPI) in minutes."""
+    from cflowad.demo import run_demo
+
+    metrics = run_demo(out, steps=steps, reporter=Reporter(enabled=not quiet))
+    _summary_table([(k, _fmt(v)) for k, v in metrics.items() if not isinstance(v, dict)], quiet)
+
+
+@app.command()
+def bench(
+    model_dir: Annotated[Path, typer.Argument(help="A model directory.")],
+    images: Annotated[list[Path] | None, typer.Argument(help="Images to time on (default: "
+                                                             "generated at model size).")] = None,
+    json_file: Annotated[Path, typer.Option("--json", help="Results file to write.")]
+    = Path("bench.json"),
+    batch_size: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,16",
+    threads: Annotated[int | None, typer.Option(help="Torch threads (default: all cores).")]
+    = None,
+    repeats: Annotated[int, typer.Option(help="Timed repetitions per batch size.")] = 5,
+    train_data: Annotated[Path | None, typer.Option("--train", help="Also time training on "
+                                                                    "this data.")] = None,
+    steps: Annotated[int, typer.Option(help="Training steps to time with --train.")] = 200,
+    quiet: Quiet = False,
+) -> None:
+    """Time the whole predict path against the encoder alone; optionally training."""
+    from cflowad.bench import run_bench
+
+    try:
+        sizes = [int(s) for s in batch_size.split(",")]
+    except ValueError:
+        raise UserError(f"option --batch-size={batch_size!r} must be integers, e.g. 1,16") from None
+    if any(s < 1 for s in sizes) or repeats < 1:
+        raise UserError("options --batch-size and --repeats must be at least 1")
+    for image in images or []:
+        load_image(image)
+    result = run_bench(model_dir, images or [], sizes, threads, repeats, train_data, steps,
+                       Reporter(enabled=not quiet))
+    json_file.parent.mkdir(parents=True, exist_ok=True)
+    json_file.write_text(json.dumps(result, indent=2))
+    rows = []
+    for b in result["batches"]:
+        rows.append((f"batch {b['batch_size']}", f"{b['images_per_second']:.1f} img/s model, "
+                     f"{b['encoder_images_per_second']:.1f} img/s encoder, "
+                     f"ratio {b['ratio']:.2f}"))
+    rows.append(("peak RSS", f"{result['peak_rss_mb']:.0f} MiB"))
+    if "train_steps_per_second" in result:
+        rows.append(("training", f"{result['train_steps_per_second']:.1f} steps/s"))
+    _summary_table(rows, quiet)
+
+
+def _training_rows(model: CFlowAD) -> list[tuple[str, str]]:
+    t = model.training
+    return [
+        ("images", f"{t['n_train']} train, {t['n_calibration']} calibration"),
+        ("encode", f"{t['encode_seconds']:.1f} s ({t['feature_cache_mb']} MiB cache)"),
+        ("train", f"{t['steps']} steps in {t['train_seconds']:.1f} s "
+                  f"({t['steps_per_second']:.1f} steps/s), loss {t['final_loss']:.4f}"),
+        ("image threshold", f"{model.image_threshold:.4g}"),
+        ("pixel threshold", f"{model.pixel_threshold:.4g}"),
+    ]
+
+
+def _mean_over_categories(results: dict[str, dict]) -> dict:
+    keys = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
+    mean = {}
+    for key in keys:
+        values = [r[key] for r in results.values() if r[key] is not None]
+        mean[key] = float(np.mean(values)) if values else None
+    mean["n_images"] = sum(r["n_images"] for r in results.values())
+    mean["n_defective"] = sum(r["n_defective"] for r in results.values())
+    mean["seconds"] = round(sum(r["seconds"] for r in results.values()), 3)
+    mean["images_per_second"] = round(mean["n_images"] / mean["seconds"], 2)
+    mean["categories"] = results
+    return mean
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _summary_table(rows: list[tuple[str, str]], quiet: bool) -> None:
+    if quiet:
+        return
+    table = Table(show_header=False, box=None)
+    for key, value in rows:
+        table.add_row(key, value)
+    Console(highlight=False).print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point with the error contract: user errors exit 2 in one line, bugs exit 1."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args, prog_name="cflowad", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except click.exceptions.Exit as done:
+        return done.exit_code
+    except click.exceptions.Abort:
+        print("cflowad: aborted", file=sys.stderr)
+        return 130
+    except click.UsageError as error:
+        if debug:
+            traceback.print_exc()
+        print(f"cflowad: error: {error.format_message()}"
+              f" (see cflowad {error.ctx.info_name if error.ctx else ''} --help)".replace(
+                  "cflowad cflowad", "cflowad"), file=sys.stderr)
+        return 2
+    except UserError as error:
+        if debug:
+            traceback.print_exc()
+        print(f"cflowad: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cflowad: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print("cflowad: internal error (a bug: please report it with the traceback above)",
+              file=sys.stderr)
+        return 1

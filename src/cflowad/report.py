@@ -1,0 +1,73 @@
+"""What ``cflowad test`` shows: a metrics table and, with --out, pictures per image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from cflowad.data import TestSet, load_image
+from cflowad.evaluate import Evaluation
+from cflowad.files import staged_directory
+from cflowad.model import CFlowAD
+from cflowad.pictures import save_curves, save_histogram, save_overlay
+from cflowad.progress import Reporter
+
+__all__ = ["print_metrics", "write_pictures"]
+
+
+def print_metrics(metrics: dict, title: str = "", quiet: bool = False) -> None:
+    """A table of the headline metrics and the per-defect ones."""
+    if quiet:
+        return
+    table = Table(title=title or None, highlight=False)
+    for column in ("set", "images", "defective", "image AUROC", "pixel AUROC", "AUPRO", "F1-max"):
+        table.add_column(column, justify="right" if column != "set" else "left")
+
+    def row(name: str, m: dict) -> None:
+        table.add_row(name, str(m["n_images"]), str(m["n_defective"]),
+                      *(_percent(m[k]) for k in ("image_auroc", "pixel_auroc", "aupro",
+                                                 "image_f1_max")))
+
+    row("all", metrics)
+    for defect, m in metrics["per_defect"].items():
+        row(defect, m)
+    Console(highlight=False).print(table)
+    Console(highlight=False).print(
+        f"{metrics['images_per_second']:.1f} images/s; at the calibrated threshold "
+        f"{metrics['image_threshold']:.4g}: TPR {_percent(metrics['true_positive_rate_at_threshold'])}"
+        f", FPR {_percent(metrics['false_positive_rate_at_threshold'])}")
+
+
+def write_pictures(directory: Path, model: CFlowAD, test: TestSet, evaluation: Evaluation,
+                   reporter: Reporter) -> None:
+    """Per image: the image beside its heat map, predicted (white) and true (green) outlines;
+    plus the ROC curve, the PRO curve and the score histogram."""
+    prediction = evaluation.prediction
+    good_pixels = np.concatenate([m.ravel() for m, label in zip(prediction.maps, test.labels,
+                                                                  strict=True) if label == 0])
+    low, high = float(np.quantile(good_pixels, 0.5)), float(np.quantile(
+        np.concatenate([m.ravel() for m in prediction.maps]), 0.999))
+    high = max(high, model.pixel_threshold)
+    with staged_directory(directory, lambda p: (p / "score_histogram.png").is_file(),
+                          "--out") as staging:
+        with reporter.task("pictures", len(test.images)) as task:
+            for i, path in enumerate(test.images):
+                truth = None if evaluation.masks is None else evaluation.masks[i]
+                if truth is not None and truth.shape != prediction.maps[i].shape:
+                    truth = None
+                folder = staging / test.defect_types[i]
+                folder.mkdir(exist_ok=True)
+                save_overlay(folder / f"{path.stem}.png", load_image(path), prediction.maps[i],
+                             low, high, prediction.masks[i], truth)
+                task.advance()
+        save_histogram(staging / "score_histogram.png", prediction.scores, test.labels,
+                       model.image_threshold)
+        save_curves(staging, prediction.scores, test.labels, evaluation.prediction.maps
+                    if evaluation.masks is not None else None, evaluation.masks)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"

@@ -1,0 +1,91 @@
+"""The command line: outputs users' scripts depend on, and the error contract."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cflowad.cli import main
+
+FAST = ["--image-size", "64", "--steps", "20", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(texture_dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "model"
+    assert main(["train", str(texture_dataset), "--out", str(out), *FAST]) == 0
+    return out
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_predict_writes_the_documented_json(model_dir, texture_dataset, tmp_path):
+    images = sorted((texture_dataset / "test" / "patch").glob("*.png"))[:3]
+    out = tmp_path / "pred"
+    assert main(["predict", str(model_dir), *map(str, images), "--out", str(out),
+                 "--batch-size", "2", "--quiet"]) == 0
+    records = json.loads((out / "predictions.json").read_text())
+    assert [r["image"] for r in records] == [str(p) for p in images]
+    for record in records:
+        assert set(record) == {"image", "score", "anomalous", "map"}
+        anomaly_map = np.load(out / record["map"])
+        assert anomaly_map.dtype == np.float32 and anomaly_map.shape == (128, 128)
+        assert isinstance(record["anomalous"], bool) and isinstance(record["score"], float)
+
+
+def test_test_command_writes_metrics_and_pictures(model_dir, texture_dataset, tmp_path):
+    report, pictures = tmp_path / "m.json", tmp_path / "pics"
+    assert main(["test", str(model_dir), str(texture_dataset), "--json", str(report),
+                 "--out", str(pictures), "--quiet"]) == 0
+    metrics = json.loads(report.read_text())
+    for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "n_images",
+                "n_defective", "seconds", "images_per_second", "per_defect"):
+        assert key in metrics, key
+    assert metrics["n_images"] == 16 and metrics["n_defective"] == 8
+    assert set(metrics["per_defect"]) == {"patch"}
+    assert 0 <= metrics["aupro"] <= 1
+    for name in ("roc_curve.png", "pro_curve.png", "score_histogram.png", "patch/000.png",
+                 "good/000.png"):
+        assert (pictures / name).is_file(), name
+
+
+def test_user_errors_are_one_line_and_exit_2(model_dir, tmp_path, capsys):
+    assert main(["predict", str(model_dir), str(tmp_path / "nope.png"), "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "nope.png" in _error_line(capsys)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    assert main(["predict", str(model_dir), str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "bad.png" in _error_line(capsys)
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "m"), "--steps", "0"]) == 2
+    assert "steps" in _error_line(capsys)
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "m"), "--image-size", "100"]) == 2
+    assert "image_size" in _error_line(capsys)
+    assert main(["predict", str(tmp_path), str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "model.json" in _error_line(capsys)
+    assert main(["train", "--bogus"]) == 2
+    assert "--bogus" in _error_line(capsys)
+
+
+def test_failed_train_leaves_existing_model_untouched(model_dir, tmp_path, capsys):
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", str(empty), "--out", str(model_dir), *FAST]) == 2
+    assert "no images" in _error_line(capsys)
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before
+
+
+def test_module_entry_point_and_version():
+    done = subprocess.run([sys.executable, "-m", "cflowad", "--version"], capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0 and done.stdout.startswith("cflowad ")
