@@ -10,8 +10,9 @@ from PIL import Image
 from skimage import data as skdata
 
 
-def make_texture_dataset(root: Path, n_train: int = 24, n_good: int = 8, n_bad: int = 8,
-                         size: int = 128, seed: int = 0) -> Path:
+def make_texture_dataset(
+    root: Path, n_train: int = 24, n_good: int = 8, n_bad: int = 8, size: int = 128, seed: int = 0
+) -> Path:
     """Crops of scikit-image's brick texture; defects are pasted gravel patches with masks."""
     rng = np.random.default_rng(seed)
     brick, gravel = skdata.brick(), skdata.gravel()

@@ -31,8 +31,21 @@ def _error_line(capsys) -> str:
 def test_predict_writes_the_documented_json(model_dir, texture_dataset, tmp_path):
     images = sorted((texture_dataset / "test" / "patch").glob("*.png"))[:3]
     out = tmp_path / "pred"
-    assert main(["predict", str(model_dir), *map(str, images), "--out", str(out),
-                 "--batch-size", "2", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(model_dir),
+                *map(str, images),
+                "--out",
+                str(out),
+                "--batch-size",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     records = json.loads((out / "predictions.json").read_text())
     assert [r["image"] for r in records] == [str(p) for p in images]
     for record in records:
@@ -44,23 +57,52 @@ def test_predict_writes_the_documented_json(model_dir, texture_dataset, tmp_path
 
 def test_test_command_writes_metrics_and_pictures(model_dir, texture_dataset, tmp_path):
     report, pictures = tmp_path / "m.json", tmp_path / "pics"
-    assert main(["test", str(model_dir), str(texture_dataset), "--json", str(report),
-                 "--out", str(pictures), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "test",
+                str(model_dir),
+                str(texture_dataset),
+                "--json",
+                str(report),
+                "--out",
+                str(pictures),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads(report.read_text())
-    for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "n_images",
-                "n_defective", "seconds", "images_per_second", "per_defect"):
+    for key in (
+        "image_auroc",
+        "pixel_auroc",
+        "aupro",
+        "image_f1_max",
+        "n_images",
+        "n_defective",
+        "seconds",
+        "images_per_second",
+        "per_defect",
+    ):
         assert key in metrics, key
     assert metrics["n_images"] == 16 and metrics["n_defective"] == 8
     assert set(metrics["per_defect"]) == {"patch"}
     assert 0 <= metrics["aupro"] <= 1
-    for name in ("roc_curve.png", "pro_curve.png", "score_histogram.png", "patch/000.png",
-                 "good/000.png"):
+    for name in (
+        "roc_curve.png",
+        "pro_curve.png",
+        "score_histogram.png",
+        "patch/000.png",
+        "good/000.png",
+    ):
         assert (pictures / name).is_file(), name
 
 
 def test_user_errors_are_one_line_and_exit_2(model_dir, tmp_path, capsys):
-    assert main(["predict", str(model_dir), str(tmp_path / "nope.png"), "--out",
-                 str(tmp_path / "o")]) == 2
+    assert (
+        main(["predict", str(model_dir), str(tmp_path / "nope.png"), "--out", str(tmp_path / "o")])
+        == 2
+    )
     assert "nope.png" in _error_line(capsys)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
@@ -86,6 +128,7 @@ def test_failed_train_leaves_existing_model_untouched(model_dir, tmp_path, capsy
 
 
 def test_module_entry_point_and_version():
-    done = subprocess.run([sys.executable, "-m", "cflowad", "--version"], capture_output=True,
-                          text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "cflowad", "--version"], capture_output=True, text=True, check=False
+    )
     assert done.returncode == 0 and done.stdout.startswith("cflowad ")

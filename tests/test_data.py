@@ -13,8 +13,17 @@ RNG = np.random.default_rng(0)
 RGB = (RNG.random((30, 40, 3)) * 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize(("mode", "suffix"), [("RGB", ".png"), ("RGB", ".jpg"), ("L", ".bmp"),
-                                              ("RGB", ".tiff"), ("RGBA", ".png"), ("P", ".png")])
+@pytest.mark.parametrize(
+    ("mode", "suffix"),
+    [
+        ("RGB", ".png"),
+        ("RGB", ".jpg"),
+        ("L", ".bmp"),
+        ("RGB", ".tiff"),
+        ("RGBA", ".png"),
+        ("P", ".png"),
+    ],
+)
 def test_common_formats_decode_to_rgb_floats(tmp_path, mode, suffix):
     path = tmp_path / f"image{suffix}"
     Image.fromarray(RGB).convert(mode).save(path)
@@ -42,8 +51,9 @@ def test_exif_orientation_is_honoured(tmp_path):
     assert load_image(path).shape == (40, 30, 3)
 
 
-@pytest.mark.parametrize(("content", "message"), [(b"", "empty file"),
-                                                  (b"plain text", "not an image")])
+@pytest.mark.parametrize(
+    ("content", "message"), [(b"", "empty file"), (b"plain text", "not an image")]
+)
 def test_bad_files_are_named(tmp_path, content, message):
     path = tmp_path / "bad.png"
     path.write_bytes(content)
@@ -55,7 +65,7 @@ def test_truncated_image_is_named(tmp_path):
     path = tmp_path / "cut.png"
     Image.fromarray(RGB).save(path)
     path.write_bytes(path.read_bytes()[:200])
-    with pytest.raises(UserError, match="cut.png: unreadable"):
+    with pytest.raises(UserError, match=r"cut.png: unreadable"):
         load_image(path)
 
 
@@ -63,13 +73,13 @@ def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
     path = tmp_path / "big.png"
     Image.fromarray(RGB).save(path)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
-    with pytest.raises(UserError, match="big.png: .*too large"):
+    with pytest.raises(UserError, match=r"big.png: .*too large"):
         load_image(path)
 
 
 def test_arrays_are_accepted_and_checked():
     assert load_image(RGB[:, :, 0]).shape == (30, 40, 3)
-    with pytest.raises(UserError, match="finite values in"):
+    with pytest.raises(UserError, match=r"finite values in"):
         load_image(np.full((4, 4), 3.0))
 
 
@@ -95,13 +105,13 @@ def test_mvtec_layout(tmp_path):
 
 
 def test_missing_and_mismatched_masks_are_errors(tmp_path):
-    with pytest.raises(UserError, match="a.png: defective image without a mask"):
+    with pytest.raises(UserError, match=r"a.png: defective image without a mask"):
         find_test_set(_mvtec(tmp_path / "one", with_mask=False))
     root = _mvtec(tmp_path / "two", mask_size=(20, 21))
-    with pytest.raises(UserError, match="a_mask.png: mask is 21x20, its image is 20x20"):
+    with pytest.raises(UserError, match=r"a_mask.png: mask is 21x20, its image is 20x20"):
         load_mask(find_test_set(root).masks[0], (20, 20))
 
 
 def test_empty_folder_is_an_error(tmp_path):
-    with pytest.raises(UserError, match="no images"):
+    with pytest.raises(UserError, match=r"no images"):
         find_training_images(tmp_path)

@@ -25,9 +25,10 @@ def test_offline_lite_weights_classify_real_photos(backbone):
     assert top[1] == 967, f"coffee ranked class {top[1]} first, not espresso"
 
 
-@pytest.mark.parametrize(("backbone", "strides"),
-                         [("tf_efficientnet_lite0", (8, 16, 32)), ("resnet18", (8, 16, 32)),
-                          ("resnet18", (4, 16))])
+@pytest.mark.parametrize(
+    ("backbone", "strides"),
+    [("tf_efficientnet_lite0", (8, 16, 32)), ("resnet18", (8, 16, 32)), ("resnet18", (4, 16))],
+)
 def test_feature_shapes_follow_feature_info(backbone, strides):
     encoder = Encoder.create(backbone, strides, weights="random")
     features = encoder(torch.rand(2, 3, 64, 96))

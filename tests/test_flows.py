@@ -23,7 +23,8 @@ def _autograd_log_det(flow: ConditionalFlow, z: torch.Tensor, c: torch.Tensor) -
     out = []
     for zi, ci in zip(z, c, strict=True):
         jac = torch.autograd.functional.jacobian(
-            lambda x, ci=ci: flow(x[None], flow.condition(ci[None]))[0][0], zi)
+            lambda x, ci=ci: flow(x[None], flow.condition(ci[None]))[0][0], zi
+        )
         out.append(torch.linalg.slogdet(jac).logabsdet)
     return torch.stack(out)
 
@@ -48,8 +49,9 @@ def test_loss_is_equation_7_2_by_hand():
     torch.testing.assert_close(flow_loss(flow, z, c), by_hand)
     log_p = -0.5 * (u**2).sum(1) - 3.5 * math.log(2 * math.pi) + _autograd_log_det(flow, z, c)
     torch.testing.assert_close(flow.log_prob(z, c), log_p)
-    torch.testing.assert_close(flow_loss(flow, z, c, "logsigmoid"),
-                               -torch.nn.functional.logsigmoid(log_p / 7).mean())
+    torch.testing.assert_close(
+        flow_loss(flow, z, c, "logsigmoid"), -torch.nn.functional.logsigmoid(log_p / 7).mean()
+    )
 
 
 def test_identical_to_freia_all_in_one_block():
@@ -60,19 +62,27 @@ def test_identical_to_freia_all_in_one_block():
     ours = _flow(dim, cond, blocks)
 
     def subnet(n_in: int, n_out: int) -> torch.nn.Module:
-        return torch.nn.Sequential(torch.nn.Linear(n_in, 2 * n_in), torch.nn.ReLU(),
-                                   torch.nn.Linear(2 * n_in, n_out))
+        return torch.nn.Sequential(
+            torch.nn.Linear(n_in, 2 * n_in), torch.nn.ReLU(), torch.nn.Linear(2 * n_in, n_out)
+        )
 
     theirs = freia_framework.SequenceINN(dim)
     for _ in range(blocks):
-        theirs.append(freia_modules.AllInOneBlock, cond=0, cond_shape=(cond,),
-                      subnet_constructor=subnet, affine_clamping=1.9,
-                      global_affine_type="SOFTPLUS", permute_soft=True)
+        theirs.append(
+            freia_modules.AllInOneBlock,
+            cond=0,
+            cond_shape=(cond,),
+            subnet_constructor=subnet,
+            affine_clamping=1.9,
+            global_affine_type="SOFTPLUS",
+            permute_soft=True,
+        )
     theirs = theirs.double()
     with torch.no_grad():
         for mine, other in zip(ours.blocks, theirs.module_list, strict=True):
-            other.subnet[0].weight.copy_(torch.cat([mine.input_layer.weight,
-                                                    mine.condition_layer.weight], 1))
+            other.subnet[0].weight.copy_(
+                torch.cat([mine.input_layer.weight, mine.condition_layer.weight], 1)
+            )
             other.subnet[0].bias.copy_(mine.condition_layer.bias)
             other.subnet[2].weight.copy_(mine.output_layer.weight)
             other.subnet[2].bias.copy_(mine.output_layer.bias)
@@ -93,8 +103,9 @@ def test_initial_global_scale_is_one_and_rotation_is_special_orthogonal():
     scale = 0.1 * torch.nn.functional.softplus(block.global_scale, beta=0.5)
     torch.testing.assert_close(scale, torch.ones(6))
     rotation = random_rotation(6, torch.Generator().manual_seed(0)).double()
-    torch.testing.assert_close(rotation @ rotation.T, torch.eye(6, dtype=torch.float64),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        rotation @ rotation.T, torch.eye(6, dtype=torch.float64), atol=1e-6, rtol=0
+    )
     assert torch.linalg.det(rotation) == pytest.approx(1.0, abs=1e-5)
 
 

@@ -63,8 +63,10 @@ def test_pro_curve_and_aupro_match_brute_force(seed):
     for f, p in reference:  # every threshold's point lies on one of our curve's segments
         on_segment = [
             fpr[i] <= f <= fpr[i + 1]
-            and np.isclose(np.interp(f, fpr[i : i + 2], pro[i : i + 2]) if fpr[i + 1] > fpr[i]
-                           else p, p) and min(pro[i], pro[i + 1]) - 1e-12 <= p
+            and np.isclose(
+                np.interp(f, fpr[i : i + 2], pro[i : i + 2]) if fpr[i + 1] > fpr[i] else p, p
+            )
+            and min(pro[i], pro[i + 1]) - 1e-12 <= p
             and p <= max(pro[i], pro[i + 1]) + 1e-12
             for i in range(len(fpr) - 1)
         ]
@@ -76,8 +78,9 @@ def test_pro_curve_and_aupro_match_brute_force(seed):
 @pytest.mark.parametrize("seed", range(4))
 def test_pixel_auroc_matches_sklearn_with_ties(seed):
     maps, masks = random_case(seed)
-    expected = roc_auc_score(np.concatenate([m.ravel() for m in masks]) > 0,
-                             np.concatenate([m.ravel() for m in maps]))
+    expected = roc_auc_score(
+        np.concatenate([m.ravel() for m in masks]) > 0, np.concatenate([m.ravel() for m in maps])
+    )
     assert pixel_auroc(maps, masks) == pytest.approx(expected, abs=1e-12)
 
 
@@ -109,8 +112,7 @@ def test_image_metrics():
     assert image_auroc(scores, labels) == pytest.approx(roc_auc_score(labels, scores))
     f1, threshold = f1_max(scores, labels)
     best = max(
-        2 * ((scores >= t) & (labels == 1)).sum()
-        / ((scores >= t).sum() + (labels == 1).sum())
+        2 * ((scores >= t) & (labels == 1)).sum() / ((scores >= t).sum() + (labels == 1).sum())
         for t in scores
     )
     assert f1 == pytest.approx(best)

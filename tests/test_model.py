@@ -48,8 +48,12 @@ def test_save_load_gives_identical_predictions(small_model, tmp_path):
 
 
 def test_same_seed_same_model_and_scores():
-    a = CFlowAD(encoder_weights="random", image_size=64, steps=15, min_holdout=3, seed=5).fit(IMAGES)
-    b = CFlowAD(encoder_weights="random", image_size=64, steps=15, min_holdout=3, seed=5).fit(IMAGES)
+    a = CFlowAD(encoder_weights="random", image_size=64, steps=15, min_holdout=3, seed=5).fit(
+        IMAGES
+    )
+    b = CFlowAD(encoder_weights="random", image_size=64, steps=15, min_holdout=3, seed=5).fit(
+        IMAGES
+    )
     for (name, x), y in zip(a.net.state_dict().items(), b.net.state_dict().values(), strict=True):
         assert torch.equal(x, y), name
     assert np.array_equal(a.predict(IMAGES[:3]).scores, b.predict(IMAGES[:3]).scores)
@@ -77,7 +81,7 @@ def test_holdout_never_trains_and_is_seeded():
     train, held = model._split(list(range(10)))
     assert len(held) == 3 and not set(train) & set(held)
     assert model._split(list(range(10))) == (train, held)
-    with pytest.raises(UserError, match="need at least 5 training images"):
+    with pytest.raises(UserError, match=r"need at least 5 training images"):
         model._split(list(range(4)))
 
 
@@ -85,15 +89,15 @@ def test_broken_model_files_give_errors_naming_the_file(small_model, tmp_path):
     path = small_model.save(tmp_path / "m")
     weights = path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(UserError, match="model.safetensors"):
+    with pytest.raises(UserError, match=r"model.safetensors"):
         CFlowAD.load(path)
     (path / "model.json").write_text("{not json")
     with pytest.raises(UserError, match=r"model.json: not valid JSON"):
         CFlowAD.load(path)
     (path / "model.json").write_text(json.dumps({"format": "something-else"}))
-    with pytest.raises(UserError, match="not a cflowad model"):
+    with pytest.raises(UserError, match=r"not a cflowad model"):
         CFlowAD.load(path)
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(UserError, match=r"not found"):
         CFlowAD.load(tmp_path / "nothing")
 
 
@@ -101,21 +105,21 @@ def test_save_never_replaces_a_folder_that_is_not_a_model(small_model, tmp_path)
     folder = tmp_path / "photos"
     folder.mkdir()
     (folder / "keep.jpg").write_bytes(b"mine")
-    with pytest.raises(UserError, match="not written by cflowad"):
+    with pytest.raises(UserError, match=r"not written by cflowad"):
         small_model.save(folder)
     assert (folder / "keep.jpg").read_bytes() == b"mine"
 
 
 def test_config_errors_name_the_option():
-    with pytest.raises(UserError, match="image_size"):
+    with pytest.raises(UserError, match=r"image_size"):
         Config(image_size=100)
-    with pytest.raises(UserError, match="objective"):
+    with pytest.raises(UserError, match=r"objective"):
         Config(objective="mse")
     assert Config(image_size="384x256").image_size == (256, 384)
 
 
 def test_predict_before_fit_is_an_error():
-    with pytest.raises(UserError, match="not fitted"):
+    with pytest.raises(UserError, match=r"not fitted"):
         CFlowAD(encoder_weights="random", image_size=64).predict(IMAGES[:1])
 
 
@@ -128,8 +132,12 @@ def test_end_to_end_on_real_textures_finds_pasted_defects(trained_model, texture
     test = find_test_set(texture_dataset)
     prediction = trained_model.predict(test.images)
     assert roc_auc_score(test.labels, prediction.scores) >= 0.9
-    masks = [np.zeros(m.shape, bool) if p is None else load_mask(p)
-             for m, p in zip(prediction.maps, test.masks, strict=True)]
-    pixel = roc_auc_score(np.concatenate([m.ravel() for m in masks]),
-                          np.concatenate([m.ravel() for m in prediction.maps]))
+    masks = [
+        np.zeros(m.shape, bool) if p is None else load_mask(p)
+        for m, p in zip(prediction.maps, test.masks, strict=True)
+    ]
+    pixel = roc_auc_score(
+        np.concatenate([m.ravel() for m in masks]),
+        np.concatenate([m.ravel() for m in prediction.maps]),
+    )
     assert pixel >= 0.9

@@ -35,15 +35,24 @@ def fiber_loop_forward(net: CFlowNet, images: torch.Tensor, fiber: int = 64) -> 
         batch, dim, height, width = features.shape
         z = features.flatten(2).transpose(1, 2).reshape(-1, dim)
         c = net.codes(k).repeat(batch, 1)
-        chunks = [net.decoders[k].log_prob(z[i : i + fiber], c[i : i + fiber]) / dim
-                  for i in range(0, len(z), fiber)]
+        chunks = [
+            net.decoders[k].log_prob(z[i : i + fiber], c[i : i + fiber]) / dim
+            for i in range(0, len(z), fiber)
+        ]
         log_likelihoods.append(torch.cat(chunks).view(batch, height, width))
     return net.anomaly_map(log_likelihoods)
 
 
-def run_bench(model_dir: Path, images: list[Path], batch_sizes: list[int], threads: int | None,
-              repeats: int, train_data: Path | None, steps: int,
-              reporter: Reporter) -> dict[str, Any]:
+def run_bench(
+    model_dir: Path,
+    images: list[Path],
+    batch_sizes: list[int],
+    threads: int | None,
+    repeats: int,
+    train_data: Path | None,
+    steps: int,
+    reporter: Reporter,
+) -> dict[str, Any]:
     """Measure and return the figures written to the bench JSON."""
     if threads is not None:
         torch.set_num_threads(threads)
@@ -62,15 +71,17 @@ def run_bench(model_dir: Path, images: list[Path], batch_sizes: list[int], threa
             whole = _median_seconds(lambda b=batch: net(b), repeats)
             encoder = _median_seconds(lambda b=batch: net.encoder(b), repeats)
             loop = _median_seconds(lambda b=batch: fiber_loop_forward(net, b), max(1, repeats // 2))
-            results.append({
-                "batch_size": batch_size,
-                "images_per_second": round(batch_size / whole, 2),
-                "encoder_images_per_second": round(batch_size / encoder, 2),
-                "ratio": round(encoder / whole, 3),
-                "fiber_loop_images_per_second": round(batch_size / loop, 2),
-                "speedup_over_fiber_loop": round(loop / whole, 2),
-                "ms_per_image": round(1000 * whole / batch_size, 2),
-            })
+            results.append(
+                {
+                    "batch_size": batch_size,
+                    "images_per_second": round(batch_size / whole, 2),
+                    "encoder_images_per_second": round(batch_size / encoder, 2),
+                    "ratio": round(encoder / whole, 3),
+                    "fiber_loop_images_per_second": round(batch_size / loop, 2),
+                    "speedup_over_fiber_loop": round(loop / whole, 2),
+                    "ms_per_image": round(1000 * whole / batch_size, 2),
+                }
+            )
             task.advance()
     result: dict[str, Any] = {
         "model": str(model_dir),

@@ -30,7 +30,9 @@ from cflowad.progress import Reporter
 __all__ = ["app", "main"]
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
     rich_markup_mode=None,
     help="CFLOW-AD anomaly detection: train on good images, flag and localize defects.",
 )
@@ -46,60 +48,87 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for every error.")]
-    = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks for every error.")
+    ] = False,
 ) -> None:
     """CFLOW-AD anomaly detection: train on good images, flag and localize defects."""
 
 
 @app.command()
 def train(
-    data: Annotated[Path, typer.Argument(help="MVTec category (train/good is used), a folder of "
-                                              "defect-free images, or a root of categories.")],
-    out: Annotated[Path, typer.Option("--out", help="Model directory to write (a root of "
-                                                    "categories writes OUT/<category>).")],
+    data: Annotated[
+        Path,
+        typer.Argument(
+            help="MVTec category (train/good is used), a folder of "
+            "defect-free images, or a root of categories."
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="Model directory to write (a root of categories writes OUT/<category>)."
+        ),
+    ],
     backbone: Annotated[str, typer.Option(help="timm CNN name.")] = DEFAULTS.backbone,
-    image_size: Annotated[str, typer.Option(help="Model input: N or WIDTHxHEIGHT, "
-                                                 "multiples of 32.")] = "256",
-    steps: Annotated[int, typer.Option(help="Optimizer steps (one fiber batch per scale each).")]
-    = DEFAULTS.steps,
-    seed: Annotated[int, typer.Option(help="Seed for hold-out split, weights and sampling.")]
-    = DEFAULTS.seed,
-    weights_file: Annotated[Path | None, typer.Option(help="Encoder weights file "
-                                                           "(.safetensors or .pth).")] = None,
-    random_weights: Annotated[bool, typer.Option(help="Random encoder weights (tests only: "
-                                                      "poor accuracy).")] = False,
+    image_size: Annotated[
+        str, typer.Option(help="Model input: N or WIDTHxHEIGHT, multiples of 32.")
+    ] = "256",
+    steps: Annotated[
+        int, typer.Option(help="Optimizer steps (one fiber batch per scale each).")
+    ] = DEFAULTS.steps,
+    seed: Annotated[
+        int, typer.Option(help="Seed for hold-out split, weights and sampling.")
+    ] = DEFAULTS.seed,
+    weights_file: Annotated[
+        Path | None, typer.Option(help="Encoder weights file (.safetensors or .pth).")
+    ] = None,
+    random_weights: Annotated[
+        bool, typer.Option(help="Random encoder weights (tests only: poor accuracy).")
+    ] = False,
     strides: Annotated[str, typer.Option(help="Feature strides, comma-separated.")] = "8,16,32",
-    coupling_blocks: Annotated[int, typer.Option(help="Coupling blocks per flow.")]
-    = DEFAULTS.coupling_blocks,
-    condition_dim: Annotated[int, typer.Option(help="Positional-encoding channels.")]
-    = DEFAULTS.condition_dim,
-    clamp_alpha: Annotated[float, typer.Option(help="Soft clamping of coupling log-scales.")]
-    = DEFAULTS.clamp_alpha,
-    objective: Annotated[str, typer.Option(help="nll (paper eq. 7.2) or logsigmoid "
-                                                "(official code's variant).")]
-    = DEFAULTS.objective,
-    fiber_batch_size: Annotated[int, typer.Option(help="Feature vectors per step and scale.")]
-    = DEFAULTS.fiber_batch_size,
-    learning_rate: Annotated[float, typer.Option(help="Adam peak learning rate.")]
-    = DEFAULTS.learning_rate,
-    holdout_fraction: Annotated[float, typer.Option(help="Share of images held out to "
-                                                         "calibrate thresholds.")]
-    = DEFAULTS.holdout_fraction,
-    calibrate_on_train: Annotated[bool, typer.Option(help="Train on every image and calibrate "
-                                                          "on them too (optimistic).")] = False,
-    image_fpr: Annotated[float, typer.Option(help="Target false-positive rate of the image "
-                                                  "threshold.")] = DEFAULTS.image_fpr,
-    pixel_fpr: Annotated[float, typer.Option(help="Target false-positive rate of the pixel "
-                                                  "threshold.")] = DEFAULTS.pixel_fpr,
-    score_top_k: Annotated[float, typer.Option(help="Image score: mean of this top fraction "
-                                                    "of the map (0: maximum).")]
-    = DEFAULTS.score_top_k,
-    cache_budget_mb: Annotated[int, typer.Option(help="Feature cache above this goes to a "
-                                                      "memory-mapped file.")]
-    = DEFAULTS.feature_cache_budget_mb,
+    coupling_blocks: Annotated[
+        int, typer.Option(help="Coupling blocks per flow.")
+    ] = DEFAULTS.coupling_blocks,
+    condition_dim: Annotated[
+        int, typer.Option(help="Positional-encoding channels.")
+    ] = DEFAULTS.condition_dim,
+    clamp_alpha: Annotated[
+        float, typer.Option(help="Soft clamping of coupling log-scales.")
+    ] = DEFAULTS.clamp_alpha,
+    objective: Annotated[
+        str, typer.Option(help="nll (paper eq. 7.2) or logsigmoid (official code's variant).")
+    ] = DEFAULTS.objective,
+    fiber_batch_size: Annotated[
+        int, typer.Option(help="Feature vectors per step and scale.")
+    ] = DEFAULTS.fiber_batch_size,
+    learning_rate: Annotated[
+        float, typer.Option(help="Adam peak learning rate.")
+    ] = DEFAULTS.learning_rate,
+    holdout_fraction: Annotated[
+        float, typer.Option(help="Share of images held out to calibrate thresholds.")
+    ] = DEFAULTS.holdout_fraction,
+    calibrate_on_train: Annotated[
+        bool, typer.Option(help="Train on every image and calibrate on them too (optimistic).")
+    ] = False,
+    image_fpr: Annotated[
+        float, typer.Option(help="Target false-positive rate of the image threshold.")
+    ] = DEFAULTS.image_fpr,
+    pixel_fpr: Annotated[
+        float, typer.Option(help="Target false-positive rate of the pixel threshold.")
+    ] = DEFAULTS.pixel_fpr,
+    score_top_k: Annotated[
+        float, typer.Option(help="Image score: mean of this top fraction of the map (0: maximum).")
+    ] = DEFAULTS.score_top_k,
+    cache_budget_mb: Annotated[
+        int, typer.Option(help="Feature cache above this goes to a memory-mapped file.")
+    ] = DEFAULTS.feature_cache_budget_mb,
     quiet: Quiet = False,
 ) -> None:
     """Train a model on defect-free images; thresholds are calibrated on held-out ones."""
@@ -109,14 +138,25 @@ def train(
     except ValueError:
         raise UserError(f"option --strides={strides!r} must be integers, e.g. 8,16,32") from None
     config = Config(
-        backbone=backbone, encoder_weights="random" if random_weights else "pretrained",
+        backbone=backbone,
+        encoder_weights="random" if random_weights else "pretrained",
         weights_file=None if weights_file is None else str(weights_file),
-        image_size=image_size, strides=stride_values, coupling_blocks=coupling_blocks,
-        condition_dim=condition_dim, clamp_alpha=clamp_alpha, objective=objective,
-        fiber_batch_size=fiber_batch_size, steps=steps, learning_rate=learning_rate,
-        holdout_fraction=holdout_fraction, calibrate_on_train=calibrate_on_train,
-        image_fpr=image_fpr, pixel_fpr=pixel_fpr, score_top_k=score_top_k,
-        feature_cache_budget_mb=cache_budget_mb, seed=seed,
+        image_size=image_size,
+        strides=stride_values,
+        coupling_blocks=coupling_blocks,
+        condition_dim=condition_dim,
+        clamp_alpha=clamp_alpha,
+        objective=objective,
+        fiber_batch_size=fiber_batch_size,
+        steps=steps,
+        learning_rate=learning_rate,
+        holdout_fraction=holdout_fraction,
+        calibrate_on_train=calibrate_on_train,
+        image_fpr=image_fpr,
+        pixel_fpr=pixel_fpr,
+        score_top_k=score_top_k,
+        feature_cache_budget_mb=cache_budget_mb,
+        seed=seed,
     )
     jobs = [(data, out)]
     if data.is_dir() and not (data / "train").is_dir():
@@ -156,35 +196,49 @@ def predict(
         (staging / "maps").mkdir()
         records = []
         for i, (file, score, flag, anomaly_map) in enumerate(
-                zip(files, prediction.scores, prediction.anomalous, prediction.maps, strict=True)):
+            zip(files, prediction.scores, prediction.anomalous, prediction.maps, strict=True)
+        ):
             name = f"maps/{i:05d}_{file.stem}.npy"
             np.save(staging / name, anomaly_map.astype(np.float32))
-            records.append({"image": str(file), "score": float(score), "anomalous": bool(flag),
-                            "map": name})
+            records.append(
+                {"image": str(file), "score": float(score), "anomalous": bool(flag), "map": name}
+            )
         (staging / "predictions.json").write_text(json.dumps(records, indent=2))
     flagged = int(prediction.anomalous.sum())
-    _summary_table([("images", str(len(files))), ("anomalous", str(flagged)),
-                    ("image threshold", f"{model.image_threshold:.4g}"),
-                    ("written", str(out / "predictions.json"))], quiet)
+    _summary_table(
+        [
+            ("images", str(len(files))),
+            ("anomalous", str(flagged)),
+            ("image threshold", f"{model.image_threshold:.4g}"),
+            ("written", str(out / "predictions.json")),
+        ],
+        quiet,
+    )
 
 
 @app.command("test")
 def test_command(
     model_dir: Annotated[Path, typer.Argument(help="A model directory (or a root of them).")],
-    data: Annotated[Path | None, typer.Argument(help="MVTec category (its test split) or a "
-                                                     "root of categories.")] = None,
-    json_file: Annotated[Path, typer.Option("--json", help="Metrics file to write.")]
-    = Path("metrics.json"),
+    data: Annotated[
+        Path | None, typer.Argument(help="MVTec category (its test split) or a root of categories.")
+    ] = None,
+    json_file: Annotated[Path, typer.Option("--json", help="Metrics file to write.")] = Path(
+        "metrics.json"
+    ),
     out: Annotated[Path | None, typer.Option("--out", help="Folder for pictures.")] = None,
     good: Annotated[Path | None, typer.Option(help="Plain folder of good test images.")] = None,
-    defective: Annotated[list[Path] | None, typer.Option(help="Plain folder of defective "
-                                                              "images (repeatable).")] = None,
-    masks: Annotated[Path | None, typer.Option(help="Folder of masks for --defective images.")]
-    = None,
-    mask_suffix: Annotated[str, typer.Option(help="Mask file name: <stem><suffix>.<ext>.")]
-    = "_mask",
-    metric_resolution: Annotated[str, typer.Option(help="mask: ground truth's size (MVTec); "
-                                                        "model: model input size.")] = "mask",
+    defective: Annotated[
+        list[Path] | None, typer.Option(help="Plain folder of defective images (repeatable).")
+    ] = None,
+    masks: Annotated[
+        Path | None, typer.Option(help="Folder of masks for --defective images.")
+    ] = None,
+    mask_suffix: Annotated[
+        str, typer.Option(help="Mask file name: <stem><suffix>.<ext>.")
+    ] = "_mask",
+    metric_resolution: Annotated[
+        str, typer.Option(help="mask: ground truth's size (MVTec); model: model input size.")
+    ] = "mask",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
     quiet: Quiet = False,
 ) -> None:
@@ -202,8 +256,10 @@ def test_command(
     for name, model_path, source in jobs:
         test_set = find_test_set(source, good, defective or (), masks, mask_suffix)
         model = CFlowAD.load(model_path)
-        reporter.log(f"testing {model_path} on {len(test_set.images)} images"
-                     + (f" ({name})" if name else ""))
+        reporter.log(
+            f"testing {model_path} on {len(test_set.images)} images"
+            + (f" ({name})" if name else "")
+        )
         evaluation = evaluate(model, test_set, batch_size, metric_resolution, reporter)
         results[name] = evaluation.metrics
         print_metrics(evaluation.metrics, name, quiet)
@@ -218,8 +274,9 @@ def test_command(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", help="Folder for metrics.json and pictures.")]
-    = Path("cflowad-demo"),
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for metrics.json and pictures.")
+    ] = Path("cflowad-demo"),
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = DEFAULTS.steps,
     quiet: Quiet = False,
 ) -> None:
@@ -233,16 +290,19 @@ def demo(
 @app.command()
 def bench(
     model_dir: Annotated[Path, typer.Argument(help="A model directory.")],
-    images: Annotated[list[Path] | None, typer.Argument(help="Images to time on (default: "
-                                                             "generated at model size).")] = None,
-    json_file: Annotated[Path, typer.Option("--json", help="Results file to write.")]
-    = Path("bench.json"),
+    images: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Images to time on (default: generated at model size)."),
+    ] = None,
+    json_file: Annotated[Path, typer.Option("--json", help="Results file to write.")] = Path(
+        "bench.json"
+    ),
     batch_size: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,16",
-    threads: Annotated[int | None, typer.Option(help="Torch threads (default: all cores).")]
-    = None,
+    threads: Annotated[int | None, typer.Option(help="Torch threads (default: all cores).")] = None,
     repeats: Annotated[int, typer.Option(help="Timed repetitions per batch size.")] = 5,
-    train_data: Annotated[Path | None, typer.Option("--train", help="Also time training on "
-                                                                    "this data.")] = None,
+    train_data: Annotated[
+        Path | None, typer.Option("--train", help="Also time training on this data.")
+    ] = None,
     steps: Annotated[int, typer.Option(help="Training steps to time with --train.")] = 200,
     quiet: Quiet = False,
 ) -> None:
@@ -257,15 +317,28 @@ def bench(
         raise UserError("options --batch-size and --repeats must be at least 1")
     for image in images or []:
         load_image(image)
-    result = run_bench(model_dir, images or [], sizes, threads, repeats, train_data, steps,
-                       Reporter(enabled=not quiet))
+    result = run_bench(
+        model_dir,
+        images or [],
+        sizes,
+        threads,
+        repeats,
+        train_data,
+        steps,
+        Reporter(enabled=not quiet),
+    )
     json_file.parent.mkdir(parents=True, exist_ok=True)
     json_file.write_text(json.dumps(result, indent=2))
     rows = []
     for b in result["batches"]:
-        rows.append((f"batch {b['batch_size']}", f"{b['images_per_second']:.1f} img/s model, "
-                     f"{b['encoder_images_per_second']:.1f} img/s encoder, "
-                     f"ratio {b['ratio']:.2f}"))
+        rows.append(
+            (
+                f"batch {b['batch_size']}",
+                f"{b['images_per_second']:.1f} img/s model, "
+                f"{b['encoder_images_per_second']:.1f} img/s encoder, "
+                f"ratio {b['ratio']:.2f}",
+            )
+        )
     rows.append(("peak RSS", f"{result['peak_rss_mb']:.0f} MiB"))
     if "train_steps_per_second" in result:
         rows.append(("training", f"{result['train_steps_per_second']:.1f} steps/s"))
@@ -277,8 +350,11 @@ def _training_rows(model: CFlowAD) -> list[tuple[str, str]]:
     return [
         ("images", f"{t['n_train']} train, {t['n_calibration']} calibration"),
         ("encode", f"{t['encode_seconds']:.1f} s ({t['feature_cache_mb']} MiB cache)"),
-        ("train", f"{t['steps']} steps in {t['train_seconds']:.1f} s "
-                  f"({t['steps_per_second']:.1f} steps/s), loss {t['final_loss']:.4f}"),
+        (
+            "train",
+            f"{t['steps']} steps in {t['train_seconds']:.1f} s "
+            f"({t['steps_per_second']:.1f} steps/s), loss {t['final_loss']:.4f}",
+        ),
         ("image threshold", f"{model.image_threshold:.4g}"),
         ("pixel threshold", f"{model.pixel_threshold:.4g}"),
     ]
@@ -327,9 +403,13 @@ def main(argv: list[str] | None = None) -> int:
     except click.UsageError as error:
         if debug:
             traceback.print_exc()
-        print(f"cflowad: error: {error.format_message()}"
-              f" (see cflowad {error.ctx.info_name if error.ctx else ''} --help)".replace(
-                  "cflowad cflowad", "cflowad"), file=sys.stderr)
+        print(
+            f"cflowad: error: {error.format_message()}"
+            f" (see cflowad {error.ctx.info_name if error.ctx else ''} --help)".replace(
+                "cflowad cflowad", "cflowad"
+            ),
+            file=sys.stderr,
+        )
         return 2
     except UserError as error:
         if debug:
@@ -341,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception:
         traceback.print_exc()
-        print("cflowad: internal error (a bug: please report it with the traceback above)",
-              file=sys.stderr)
+        print(
+            "cflowad: internal error (a bug: please report it with the traceback above)",
+            file=sys.stderr,
+        )
         return 1

@@ -60,8 +60,11 @@ class Config:
                 f"one of {', '.join(ENCODER_WEIGHTS)}",
             ),
             (self.coupling_blocks >= 1, "coupling_blocks", "at least 1"),
-            (self.condition_dim >= 2 and self.condition_dim % 4 == 0, "condition_dim",
-             "a positive multiple of 4"),
+            (
+                self.condition_dim >= 2 and self.condition_dim % 4 == 0,
+                "condition_dim",
+                "a positive multiple of 4",
+            ),
             (self.clamp_alpha > 0, "clamp_alpha", "positive"),
             (self.fiber_batch_size >= 2, "fiber_batch_size", "at least 2"),
             (self.steps >= 1, "steps", "at least 1"),
@@ -73,8 +76,11 @@ class Config:
             (0 < self.pixel_fpr < 1, "pixel_fpr", "in (0, 1)"),
             (0 <= self.score_top_k < 1, "score_top_k", "in [0, 1) (0 means the maximum)"),
             (self.feature_cache_budget_mb >= 0, "feature_cache_budget_mb", "at least 0"),
-            (len(self.strides) >= 1 and all(s in (4, 8, 16, 32) for s in self.strides),
-             "strides", "a subset of 4, 8, 16, 32"),
+            (
+                len(self.strides) >= 1 and all(s in (4, 8, 16, 32) for s in self.strides),
+                "strides",
+                "a subset of 4, 8, 16, 32",
+            ),
         ]
         for ok, name, what in checks:
             if not ok:

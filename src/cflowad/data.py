@@ -90,8 +90,9 @@ def to_model_input(image: np.ndarray, size: tuple[int, int]) -> Tensor:
     """(H, W, 3) float image -> (3, height, width) tensor, antialiased bilinear resize."""
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
     if tuple(tensor.shape[-2:]) != tuple(size):
-        tensor = F.interpolate(tensor, size=size, mode="bilinear", antialias=True,
-                               align_corners=False)
+        tensor = F.interpolate(
+            tensor, size=size, mode="bilinear", antialias=True, align_corners=False
+        )
     return tensor[0].clamp_(0.0, 1.0)
 
 
@@ -124,7 +125,9 @@ def list_images(folder: Path) -> list[Path]:
     """Image files of a folder (not recursive), sorted; an error if there are none."""
     if not folder.is_dir():
         raise UserError(f"{folder}: folder not found")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
     if not files:
         raise UserError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
     return files
@@ -183,12 +186,16 @@ def find_test_set(
 
 def _find_mask(image: Path, mask_dir: Path, suffix: str) -> Path:
     for extension in IMAGE_SUFFIXES:
-        for candidate in (mask_dir / f"{image.stem}{suffix}{extension}",
-                          mask_dir / f"{image.stem}{extension}"):
+        for candidate in (
+            mask_dir / f"{image.stem}{suffix}{extension}",
+            mask_dir / f"{image.stem}{extension}",
+        ):
             if candidate.is_file():
                 return candidate
-    raise UserError(f"{image}: defective image without a mask in {mask_dir} "
-                    f"(looked for {image.stem}{suffix}.png)")
+    raise UserError(
+        f"{image}: defective image without a mask in {mask_dir} "
+        f"(looked for {image.stem}{suffix}.png)"
+    )
 
 
 def _open(path: Path) -> Image.Image:

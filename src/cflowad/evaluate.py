@@ -29,7 +29,10 @@ class Evaluation:
 
 
 def evaluate(
-    model: CFlowAD, test: TestSet, batch_size: int = 16, resolution: str = "mask",
+    model: CFlowAD,
+    test: TestSet,
+    batch_size: int = 16,
+    resolution: str = "mask",
     reporter: Reporter | None = None,
 ) -> Evaluation:
     """Predict every test image, then image AUROC, F1-max, pixel AUROC and AUPRO.
@@ -45,27 +48,32 @@ def evaluate(
     seconds = time.perf_counter() - start
     masks = None
     if test.has_masks:
-        masks = [np.zeros(m.shape, bool) if path is None else load_mask(path, m.shape)
-                 for m, path in zip(prediction.maps, test.masks, strict=True)]
+        masks = [
+            np.zeros(m.shape, bool) if path is None else load_mask(path, m.shape)
+            for m, path in zip(prediction.maps, test.masks, strict=True)
+        ]
     maps = prediction.maps
     if masks is not None and resolution == "model":
         maps = [_resize(m, model.config.image_size, "bilinear") for m in maps]
-        masks = [_resize(k.astype(np.float32), model.config.image_size, "nearest") > 0.5
-                 for k in masks]
+        masks = [
+            _resize(k.astype(np.float32), model.config.image_size, "nearest") > 0.5 for k in masks
+        ]
     labels = test.labels
     metrics: dict[str, Any] = _metrics(prediction.scores, labels, maps, masks, reporter)
     threshold = model.image_threshold
     flagged = prediction.anomalous
-    metrics.update({
-        "n_images": len(labels),
-        "n_defective": int(labels.sum()),
-        "seconds": round(seconds, 3),
-        "images_per_second": round(len(labels) / seconds, 2),
-        "image_threshold": threshold,
-        "true_positive_rate_at_threshold": _rate(flagged, labels == 1),
-        "false_positive_rate_at_threshold": _rate(flagged, labels == 0),
-        "metric_resolution": resolution,
-    })
+    metrics.update(
+        {
+            "n_images": len(labels),
+            "n_defective": int(labels.sum()),
+            "seconds": round(seconds, 3),
+            "images_per_second": round(len(labels) / seconds, 2),
+            "image_threshold": threshold,
+            "true_positive_rate_at_threshold": _rate(flagged, labels == 1),
+            "false_positive_rate_at_threshold": _rate(flagged, labels == 0),
+            "metric_resolution": resolution,
+        }
+    )
     types = np.asarray(test.defect_types)
     per_defect = {}
     for defect in sorted(set(test.defect_types) - {"good"}):
@@ -82,8 +90,13 @@ def evaluate(
     return Evaluation(metrics, prediction, masks)
 
 
-def _metrics(scores: np.ndarray, labels: np.ndarray, maps: list[np.ndarray],
-             masks: list[np.ndarray] | None, reporter: Reporter | None = None) -> dict[str, Any]:
+def _metrics(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    maps: list[np.ndarray],
+    masks: list[np.ndarray] | None,
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
     if labels.all() or not labels.any():
         raise UserError("the test set needs both good and defective images")
     f1, f1_threshold = f1_max(scores, labels)

@@ -41,9 +41,7 @@ def positional_encoding(condition_dim: int, height: int, width: int) -> Tensor:
     if condition_dim % 4:
         raise ValueError(f"condition_dim must be a multiple of 4, got {condition_dim}")
     half = condition_dim // 2
-    frequencies = torch.exp(
-        torch.arange(0, half, 2, dtype=torch.float64) * -(math.log(1e4) / half)
-    )
+    frequencies = torch.exp(torch.arange(0, half, 2, dtype=torch.float64) * -(math.log(1e4) / half))
     xs = torch.arange(width, dtype=torch.float64)[:, None] * frequencies  # (W, half/2)
     ys = torch.arange(height, dtype=torch.float64)[:, None] * frequencies  # (H, half/2)
     code = torch.zeros(condition_dim, height, width, dtype=torch.float64)

@@ -39,8 +39,12 @@ def f1_max(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     labels = np.asarray(labels).astype(bool)
     _check_both_classes(labels, "labels")
     precision, recall, thresholds = precision_recall_curve(labels, np.asarray(scores, np.float64))
-    f1 = np.divide(2 * precision * recall, precision + recall,
-                   out=np.zeros_like(precision), where=(precision + recall) > 0)[:-1]
+    f1 = np.divide(
+        2 * precision * recall,
+        precision + recall,
+        out=np.zeros_like(precision),
+        where=(precision + recall) > 0,
+    )[:-1]
     best = int(np.argmax(f1))
     return float(f1[best]), float(thresholds[best])
 
@@ -72,8 +76,7 @@ def pro_curve(maps: Maps, masks: Maps) -> tuple[np.ndarray, np.ndarray]:
     at_or_above = count - np.searchsorted(negatives, thresholds, side="left")
     fpr = np.stack([above, at_or_above], axis=1).ravel() / count
     pro_points = np.stack([np.concatenate([[0.0], pro[:-1]]), pro], axis=1).ravel()
-    return (np.concatenate([[0.0], fpr, [1.0]]),
-            np.concatenate([[0.0], pro_points, [pro[-1]]]))
+    return (np.concatenate([[0.0], fpr, [1.0]]), np.concatenate([[0.0], pro_points, [pro[-1]]]))
 
 
 def aupro(maps: Maps, masks: Maps, fpr_limit: float = 0.3) -> float:
@@ -109,7 +112,9 @@ def _sorted_pixels(maps: Maps, masks: Maps) -> tuple[np.ndarray, np.ndarray, np.
     regions = 0
     for i, (anomaly_map, mask) in enumerate(zip(map_list, mask_list, strict=True)):
         if np.shape(anomaly_map) != np.shape(mask):
-            raise ValueError(f"map {i} has shape {np.shape(anomaly_map)}, its mask {np.shape(mask)}")
+            raise ValueError(
+                f"map {i} has shape {np.shape(anomaly_map)}, its mask {np.shape(mask)}"
+            )
         scores = np.asarray(anomaly_map, dtype=np.float32)
         labelled, count = ndimage.label(np.asarray(mask) != 0, structure=_EIGHT_CONNECTED)
         inside = labelled > 0
@@ -136,8 +141,9 @@ def _as_list(arrays: Maps) -> list[np.ndarray]:
 
 def _group_ends(sorted_scores: np.ndarray) -> np.ndarray:
     """Last index of each run of equal scores in a sorted array (ties merged)."""
-    return np.append(np.flatnonzero(sorted_scores[1:] != sorted_scores[:-1]),
-                     len(sorted_scores) - 1)
+    return np.append(
+        np.flatnonzero(sorted_scores[1:] != sorted_scores[:-1]), len(sorted_scores) - 1
+    )
 
 
 def _check_both_classes(labels: np.ndarray, name: str) -> None:

@@ -1,4 +1,4 @@
-"""The façade: ``CFlowAD(...).fit(data)``, ``.predict(images)``, ``.save(dir)``, ``CFlowAD.load(dir)``.
+"""The façade: ``CFlowAD(...).fit(data)``, ``.predict(images)``, ``.save()``, ``.load()``.
 
 A model is a directory: ``model.safetensors`` (encoder and decoder weights, so a model
 directory runs on a machine without internet) and ``model.json`` (format version,
@@ -79,12 +79,16 @@ class CFlowAD:
         if config is not None and fields:
             raise TypeError("give either a Config or keyword fields, not both")
         self.config = config if config is not None else Config(**fields)
-        self.net = CFlowNet.build(self.config, pretrained=self.config.encoder_weights == "pretrained")
+        self.net = CFlowNet.build(
+            self.config, pretrained=self.config.encoder_weights == "pretrained"
+        )
         self.net.eval()
         self.calibration: dict[str, Any] | None = None
         self.training: dict[str, Any] = {}
 
-    def fit(self, data: str | Path | Sequence[ImageInput], reporter: Reporter | None = None) -> CFlowAD:
+    def fit(
+        self, data: str | Path | Sequence[ImageInput], reporter: Reporter | None = None
+    ) -> CFlowAD:
         """Train on defect-free images and calibrate thresholds on held-out ones.
 
         ``data`` is an MVTec category (its ``train/good`` is used), a folder of
@@ -97,11 +101,14 @@ class CFlowAD:
         reporter = reporter or Reporter(enabled=False)
         items = _as_items(data)
         train_items, calibration_items = self._split(items)
-        reporter.log(f"{len(train_items)} training images, {len(calibration_items)} for calibration"
-                     + (" (the same images)" if self.config.calibrate_on_train else ""))
+        reporter.log(
+            f"{len(train_items)} training images, {len(calibration_items)} for calibration"
+            + (" (the same images)" if self.config.calibrate_on_train else "")
+        )
         start = time.perf_counter()
-        cache = encode(self.net, train_items, budget_mb=self.config.feature_cache_budget_mb,
-                       reporter=reporter)
+        cache = encode(
+            self.net, train_items, budget_mb=self.config.feature_cache_budget_mb, reporter=reporter
+        )
         encode_seconds = time.perf_counter() - start
         summary = fit_decoders(self.net, cache, self.config, reporter)
         self.calibration = self._calibrate(calibration_items, reporter)
@@ -118,7 +125,9 @@ class CFlowAD:
 
     @torch.inference_mode()
     def predict(
-        self, images: str | Path | Sequence[ImageInput], batch_size: int = 16,
+        self,
+        images: str | Path | Sequence[ImageInput],
+        batch_size: int = 16,
         reporter: Reporter | None = None,
     ) -> Prediction:
         """Score images: decisions, maps and masks at each image's original size.
@@ -162,8 +171,11 @@ class CFlowAD:
         target = Path(directory)
         with staged_directory(target, _is_model_dir, "--out") as staging:
             weights = staging / WEIGHTS_FILE
-            save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(weights),
-                      metadata={"format": FORMAT})
+            save_file(
+                {k: v.contiguous() for k, v in self.net.state_dict().items()},
+                str(weights),
+                metadata={"format": FORMAT},
+            )
             meta = {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
@@ -193,14 +205,20 @@ class CFlowAD:
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise UserError(f"{meta_path}: not a cflowad model file")
         if meta.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"{meta_path}: format version {meta.get('format_version')} is not "
-                            f"supported (this cflowad reads {FORMAT_VERSION})")
+            raise UserError(
+                f"{meta_path}: format version {meta.get('format_version')} is not "
+                f"supported (this cflowad reads {FORMAT_VERSION})"
+            )
         if _sha256(weights_path) != meta.get("weights_sha256"):
             raise UserError(f"{weights_path}: checksum mismatch (truncated or modified file)")
         try:
-            config = Config.from_dict({**meta["config"],
-                                       "image_size": tuple(meta["config"]["image_size"]),
-                                       "strides": tuple(meta["config"]["strides"])})
+            config = Config.from_dict(
+                {
+                    **meta["config"],
+                    "image_size": tuple(meta["config"]["image_size"]),
+                    "strides": tuple(meta["config"]["strides"]),
+                }
+            )
             state = load_file(str(weights_path))
         except (KeyError, TypeError) as error:
             raise UserError(f"{meta_path}: incomplete model description ({error})") from None
@@ -212,8 +230,9 @@ class CFlowAD:
         try:
             model.net.load_state_dict(state, strict=True)
         except RuntimeError as error:
-            raise UserError(f"{weights_path}: weights do not match the model "
-                            f"({str(error).splitlines()[0]})") from None
+            raise UserError(
+                f"{weights_path}: weights do not match the model ({str(error).splitlines()[0]})"
+            ) from None
         model.net.eval()
         model.net.refresh_conditions()
         model.calibration = meta["calibration"]
@@ -226,7 +245,7 @@ class CFlowAD:
             if len(items) < 2:
                 raise UserError("need at least 2 training images")
             return items, items
-        holdout = max(config.min_holdout, int(round(config.holdout_fraction * len(items))))
+        holdout = max(config.min_holdout, round(config.holdout_fraction * len(items)))
         if len(items) < holdout + 2:
             raise UserError(
                 f"need at least {holdout + 2} training images ({holdout} are held out to "
@@ -234,8 +253,10 @@ class CFlowAD:
             )
         order = torch.randperm(len(items), generator=torch.Generator().manual_seed(config.seed))
         held = set(order[:holdout].tolist())
-        return ([x for i, x in enumerate(items) if i not in held],
-                [x for i, x in enumerate(items) if i in held])
+        return (
+            [x for i, x in enumerate(items) if i not in held],
+            [x for i, x in enumerate(items) if i in held],
+        )
 
     @torch.inference_mode()
     def _calibrate(self, items: list[ImageInput], reporter: Reporter) -> dict[str, Any]:
@@ -273,9 +294,11 @@ class CFlowAD:
         return self.calibration
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{f.name}={getattr(self.config, f.name)!r}"
-                           for f in dataclasses.fields(self.config)
-                           if getattr(self.config, f.name) != f.default)
+        fields = ", ".join(
+            f"{f.name}={getattr(self.config, f.name)!r}"
+            for f in dataclasses.fields(self.config)
+            if getattr(self.config, f.name) != f.default
+        )
         return f"CFlowAD({fields})"
 
 
@@ -290,8 +313,9 @@ def _as_items(data: str | Path | Sequence[ImageInput]) -> list[ImageInput]:
 
 def _resize(anomaly_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     if tuple(anomaly_map.shape) != tuple(size):
-        anomaly_map = F.interpolate(anomaly_map[None, None], size=size, mode="bilinear",
-                                    align_corners=False)[0, 0]
+        anomaly_map = F.interpolate(
+            anomaly_map[None, None], size=size, mode="bilinear", align_corners=False
+        )[0, 0]
     return anomaly_map.numpy().astype(np.float32, copy=False)
 
 

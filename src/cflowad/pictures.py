@@ -20,8 +20,14 @@ from cflowad.metrics import pro_curve
 __all__ = ["overlay", "save_curves", "save_histogram", "save_overlay"]
 
 
-def overlay(image: np.ndarray, anomaly_map: np.ndarray, low: float, high: float,
-            predicted: np.ndarray | None = None, truth: np.ndarray | None = None) -> np.ndarray:
+def overlay(
+    image: np.ndarray,
+    anomaly_map: np.ndarray,
+    low: float,
+    high: float,
+    predicted: np.ndarray | None = None,
+    truth: np.ndarray | None = None,
+) -> np.ndarray:
     """RGB uint8: the image beside its heat map (jet, ``low``..``high``) with outlines.
 
     Predicted mask outline in white, ground-truth outline in green.
@@ -41,8 +47,9 @@ def save_overlay(path: Path, *args: np.ndarray | float | None) -> None:
     Image.fromarray(overlay(*args)).save(path)
 
 
-def save_histogram(path: Path, scores: np.ndarray, labels: np.ndarray,
-                   threshold: float | None = None) -> None:
+def save_histogram(
+    path: Path, scores: np.ndarray, labels: np.ndarray, threshold: float | None = None
+) -> None:
     """Image scores of good vs defective images, with the calibrated threshold."""
     figure, axes = plt.subplots(figsize=(6, 3.5), dpi=100)
     bins = np.histogram_bin_edges(scores, bins=30)
@@ -59,9 +66,14 @@ def save_histogram(path: Path, scores: np.ndarray, labels: np.ndarray,
     plt.close(figure)
 
 
-def save_curves(directory: Path, scores: np.ndarray, labels: np.ndarray,
-                maps: Sequence[np.ndarray] | None, masks: Sequence[np.ndarray] | None,
-                fpr_limit: float = 0.3) -> list[Path]:
+def save_curves(
+    directory: Path,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    maps: Sequence[np.ndarray] | None,
+    masks: Sequence[np.ndarray] | None,
+    fpr_limit: float = 0.3,
+) -> list[Path]:
     """Image ROC curve, and the PRO curve when masks exist; returns the files written."""
     written = []
     fpr, tpr, _ = roc_curve(labels, scores)
@@ -78,8 +90,9 @@ def save_curves(directory: Path, scores: np.ndarray, labels: np.ndarray,
         figure, axes = plt.subplots(figsize=(4, 4), dpi=100)
         axes.plot(fpr, pro)
         axes.axvline(fpr_limit, color="grey", linestyle=":")
-        axes.set(xlabel="false positive rate (pixels)", ylabel="per-region overlap",
-                 title="PRO curve")
+        axes.set(
+            xlabel="false positive rate (pixels)", ylabel="per-region overlap", title="PRO curve"
+        )
         figure.tight_layout()
         figure.savefig(directory / "pro_curve.png")
         plt.close(figure)

@@ -1,4 +1,4 @@
-"""Progress reporting: rich bars with ETA on a terminal, plain lines elsewhere, nothing when quiet."""
+"""Progress reporting: rich bars with ETA on a terminal, plain lines elsewhere, or nothing."""
 
 from __future__ import annotations
 
@@ -49,8 +49,12 @@ class Reporter:
             self.log(f"{description}: done in {time.perf_counter() - start:.1f} s{status}")
             return
         columns = (
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
             TextColumn("{task.fields[status]}"),
         )
         with Progress(*columns, console=self.console, transient=False) as progress:

@@ -27,9 +27,12 @@ def print_metrics(metrics: dict, title: str = "", quiet: bool = False) -> None:
         table.add_column(column, justify="right" if column != "set" else "left")
 
     def row(name: str, m: dict) -> None:
-        table.add_row(name, str(m["n_images"]), str(m["n_defective"]),
-                      *(_percent(m[k]) for k in ("image_auroc", "pixel_auroc", "aupro",
-                                                 "image_f1_max")))
+        table.add_row(
+            name,
+            str(m["n_images"]),
+            str(m["n_defective"]),
+            *(_percent(m[k]) for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")),
+        )
 
     row("all", metrics)
     for defect, m in metrics["per_defect"].items():
@@ -38,21 +41,27 @@ def print_metrics(metrics: dict, title: str = "", quiet: bool = False) -> None:
     Console(highlight=False).print(
         f"{metrics['images_per_second']:.1f} images/s; at the calibrated threshold "
         f"{metrics['image_threshold']:.4g}: TPR {_percent(metrics['true_positive_rate_at_threshold'])}"
-        f", FPR {_percent(metrics['false_positive_rate_at_threshold'])}")
+        f", FPR {_percent(metrics['false_positive_rate_at_threshold'])}"
+    )
 
 
-def write_pictures(directory: Path, model: CFlowAD, test: TestSet, evaluation: Evaluation,
-                   reporter: Reporter) -> None:
+def write_pictures(
+    directory: Path, model: CFlowAD, test: TestSet, evaluation: Evaluation, reporter: Reporter
+) -> None:
     """Per image: the image beside its heat map, predicted (white) and true (green) outlines;
     plus the ROC curve, the PRO curve and the score histogram."""
     prediction = evaluation.prediction
-    good_pixels = np.concatenate([m.ravel() for m, label in zip(prediction.maps, test.labels,
-                                                                  strict=True) if label == 0])
-    low, high = float(np.quantile(good_pixels, 0.5)), float(np.quantile(
-        np.concatenate([m.ravel() for m in prediction.maps]), 0.999))
+    good_pixels = np.concatenate(
+        [m.ravel() for m, label in zip(prediction.maps, test.labels, strict=True) if label == 0]
+    )
+    low, high = (
+        float(np.quantile(good_pixels, 0.5)),
+        float(np.quantile(np.concatenate([m.ravel() for m in prediction.maps]), 0.999)),
+    )
     high = max(high, model.pixel_threshold)
-    with staged_directory(directory, lambda p: (p / "score_histogram.png").is_file(),
-                          "--out") as staging:
+    with staged_directory(
+        directory, lambda p: (p / "score_histogram.png").is_file(), "--out"
+    ) as staging:
         with reporter.task("pictures", len(test.images)) as task:
             for i, path in enumerate(test.images):
                 truth = None if evaluation.masks is None else evaluation.masks[i]
@@ -60,13 +69,26 @@ def write_pictures(directory: Path, model: CFlowAD, test: TestSet, evaluation: E
                     truth = None
                 folder = staging / test.defect_types[i]
                 folder.mkdir(exist_ok=True)
-                save_overlay(folder / f"{path.stem}.png", load_image(path), prediction.maps[i],
-                             low, high, prediction.masks[i], truth)
+                save_overlay(
+                    folder / f"{path.stem}.png",
+                    load_image(path),
+                    prediction.maps[i],
+                    low,
+                    high,
+                    prediction.masks[i],
+                    truth,
+                )
                 task.advance()
-        save_histogram(staging / "score_histogram.png", prediction.scores, test.labels,
-                       model.image_threshold)
-        save_curves(staging, prediction.scores, test.labels, evaluation.prediction.maps
-                    if evaluation.masks is not None else None, evaluation.masks)
+        save_histogram(
+            staging / "score_histogram.png", prediction.scores, test.labels, model.image_threshold
+        )
+        save_curves(
+            staging,
+            prediction.scores,
+            test.labels,
+            evaluation.prediction.maps if evaluation.masks is not None else None,
+            evaluation.masks,
+        )
 
 
 def _percent(value: float | None) -> str:

@@ -35,8 +35,13 @@ class CFlowNet(nn.Module):
         self.score_top_k = config.score_top_k
         self.encoder = encoder
         self.decoders = nn.ModuleList(
-            ConditionalFlow(dim, config.condition_dim, config.coupling_blocks,
-                            config.clamp_alpha, seed=config.seed + k)
+            ConditionalFlow(
+                dim,
+                config.condition_dim,
+                config.coupling_blocks,
+                config.clamp_alpha,
+                seed=config.seed + k,
+            )
             for k, dim in enumerate(encoder.channels)
         )
         self.feature_sizes = [
@@ -53,8 +58,11 @@ class CFlowNet(nn.Module):
     def build(cls, config: Config, pretrained: bool) -> CFlowNet:
         """The network for ``config``; the encoder gets ImageNet weights if ``pretrained``."""
         encoder = Encoder.create(
-            config.backbone, config.strides, "pretrained" if pretrained else "random",
-            config.weights_file, seed=config.seed,
+            config.backbone,
+            config.strides,
+            "pretrained" if pretrained else "random",
+            config.weights_file,
+            seed=config.seed,
         )
         return cls(config, encoder)
 
@@ -87,8 +95,9 @@ class CFlowNet(nn.Module):
         total = None
         for k, log_likelihood in enumerate(log_likelihoods):
             standardized = (-log_likelihood - self.nll_mean[k]) / self.nll_std[k]
-            upsampled = F.interpolate(standardized[:, None], size=self.image_size,
-                                      mode="bilinear", align_corners=False)
+            upsampled = F.interpolate(
+                standardized[:, None], size=self.image_size, mode="bilinear", align_corners=False
+            )
             total = upsampled if total is None else total + upsampled
         return total[:, 0]
 
@@ -97,7 +106,7 @@ class CFlowNet(nn.Module):
         flat = maps.flatten(1)
         if self.score_top_k <= 0:
             return flat.amax(dim=1)
-        count = max(1, int(round(self.score_top_k * flat.shape[1])))
+        count = max(1, round(self.score_top_k * flat.shape[1]))
         return flat.topk(count, dim=1).values.mean(dim=1)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:

@@ -60,8 +60,10 @@ def encode(
     total = sum(rows * dim * 2 for rows, dim in shapes)
     on_disk = total > budget_mb * 2**20
     if on_disk:
-        reporter.log(f"feature cache of {total / 2**20:.0f} MiB exceeds the budget of "
-                     f"{budget_mb} MiB: memory-mapping it to a temporary file")
+        reporter.log(
+            f"feature cache of {total / 2**20:.0f} MiB exceeds the budget of "
+            f"{budget_mb} MiB: memory-mapping it to a temporary file"
+        )
         scales = [_disk_array(s) for s in shapes]
     else:
         scales = [np.empty(s, dtype=np.float16) for s in shapes]
@@ -70,9 +72,9 @@ def encode(
         for images, _ in batches(items, net.image_size, batch_size):
             for k, features in enumerate(net.encoder(images)):
                 rows = features.flatten(2).transpose(1, 2).reshape(-1, features.shape[1])
-                scales[k][start * positions[k] : (start + len(images)) * positions[k]] = (
-                    rows.to(torch.float16).numpy()
-                )
+                scales[k][start * positions[k] : (start + len(images)) * positions[k]] = rows.to(
+                    torch.float16
+                ).numpy()
             start += len(images)
             task.advance(len(images))
     return FeatureCache(scales, positions, on_disk)
@@ -130,8 +132,9 @@ def fit_decoders(
         for step in range(config.steps):
             total = torch.zeros(())
             for k, flow in enumerate(net.decoders):
-                index = torch.randint(features[k].shape[0], (config.fiber_batch_size,),
-                                      generator=generator)
+                index = torch.randint(
+                    features[k].shape[0], (config.fiber_batch_size,), generator=generator
+                )
                 z = features[k][index].float()
                 c = codes[k][index % cache.positions[k]]
                 total = total + flow_loss(flow, z, c, config.objective)
