@@ -38,10 +38,11 @@ def print_metrics(metrics: dict, title: str = "", quiet: bool = False) -> None:
     for defect, m in metrics["per_defect"].items():
         row(defect, m)
     Console(highlight=False).print(table)
+    tpr = _percent(metrics["true_positive_rate_at_threshold"])
+    fpr = _percent(metrics["false_positive_rate_at_threshold"])
     Console(highlight=False).print(
         f"{metrics['images_per_second']:.1f} images/s; at the calibrated threshold "
-        f"{metrics['image_threshold']:.4g}: TPR {_percent(metrics['true_positive_rate_at_threshold'])}"
-        f", FPR {_percent(metrics['false_positive_rate_at_threshold'])}"
+        f"{metrics['image_threshold']:.4g}: TPR {tpr} %, FPR {fpr} %"
     )
 
 
