@@ -23,9 +23,11 @@ def model_dir(texture_dataset, tmp_path_factory) -> Path:
 
 
 def _error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("cflowad: error: ")]
+    assert len(errors) == 1, err
+    return errors[0]
 
 
 def test_predict_writes_the_documented_json(model_dir, texture_dataset, tmp_path):

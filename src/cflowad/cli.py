@@ -13,11 +13,11 @@ import traceback
 from pathlib import Path
 from typing import Annotated
 
-import click
 import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.exceptions import TyperException
 
 from cflowad import __version__
 from cflowad.config import Config
@@ -395,21 +395,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = command.main(args, prog_name="cflowad", standalone_mode=False)
         return result if isinstance(result, int) else 0
-    except click.exceptions.Exit as done:
+    except typer.Exit as done:
         return done.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("cflowad: aborted", file=sys.stderr)
         return 130
-    except click.UsageError as error:
+    except TyperException as error:  # bad command line: unknown option, missing argument
         if debug:
             traceback.print_exc()
-        print(
-            f"cflowad: error: {error.format_message()}"
-            f" (see cflowad {error.ctx.info_name if error.ctx else ''} --help)".replace(
-                "cflowad cflowad", "cflowad"
-            ),
-            file=sys.stderr,
+        message = error.format_message() if hasattr(error, "format_message") else str(error)
+        context = getattr(error, "ctx", None)
+        where = (
+            f"cflowad {context.info_name} --help"
+            if context and context.parent
+            else "cflowad --help"
         )
+        print(f"cflowad: error: {message} (see {where})", file=sys.stderr)
         return 2
     except UserError as error:
         if debug:
