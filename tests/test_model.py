@@ -62,7 +62,7 @@ def test_same_seed_same_model_and_scores():
 def test_fast_path_equals_plain_per_position_evaluation(small_model):
     """Precomputed conditions, all positions at once == one flow call per position."""
     net = small_model.net
-    images = torch.rand(2, 3, 64, 64)
+    images = torch.rand(2, 3, *net.image_size)
     with torch.no_grad():
         fast = net.log_likelihoods(images)
         features = net.encoder(images)
@@ -141,3 +141,15 @@ def test_end_to_end_on_real_textures_finds_pasted_defects(trained_model, texture
         np.concatenate([m.ravel() for m in prediction.maps]),
     )
     assert pixel >= 0.9
+
+
+def test_auto_aspect_keeps_the_training_images_shape():
+    assert Config(image_size=256).resolve_size(1.5).image_size == (256, 384)
+    assert Config(image_size=256).resolve_size(0.5).image_size == (512, 256)
+    assert Config(image_size=256).resolve_size(1.05).image_size == (256, 256)
+    assert Config(image_size=256, aspect="fixed").resolve_size(2.0).image_size == (256, 256)
+    assert Config(image_size="320x256").resolve_size(0.5).image_size == (256, 320)
+    wide = [RNG.random((40, 100, 3), dtype=np.float32) for _ in range(6)]
+    model = CFlowAD(encoder_weights="random", image_size=64, steps=2, min_holdout=2).fit(wide)
+    assert model.config.image_size == (64, 160)
+    assert model.predict(wide[:1]).maps[0].shape == (40, 100)

@@ -30,6 +30,7 @@ __all__ = [
     "list_images",
     "load_image",
     "load_mask",
+    "median_aspect_ratio",
     "to_model_input",
 ]
 
@@ -121,6 +122,21 @@ def batches(
             yield torch.stack([t for t, _ in batch]), [s for _, s in batch]
 
 
+def median_aspect_ratio(items: Sequence[ImageInput]) -> float:
+    """Median width / height of the images, read from file headers (no decoding)."""
+    ratios = []
+    for item in items:
+        if isinstance(item, np.ndarray):
+            ratios.append(item.shape[1] / item.shape[0])
+            continue
+        with _open(Path(item), decode=False) as image:
+            width, height = image.size
+            if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF says: rotate 90 degrees
+                width, height = height, width
+        ratios.append(width / height)
+    return float(np.median(ratios))
+
+
 def list_images(folder: Path) -> list[Path]:
     """Image files of a folder (not recursive), sorted; an error if there are none."""
     if not folder.is_dir():
@@ -198,7 +214,7 @@ def _find_mask(image: Path, mask_dir: Path, suffix: str) -> Path:
     )
 
 
-def _open(path: Path) -> Image.Image:
+def _open(path: Path, decode: bool = True) -> Image.Image:
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     if path.stat().st_size == 0:
@@ -208,7 +224,8 @@ def _open(path: Path) -> Image.Image:
         width, height = image.size
         if width * height > Image.MAX_IMAGE_PIXELS:
             raise UserError(f"{path}: {width}x{height} pixels is too large to decode safely")
-        image.load()
+        if decode:
+            image.load()
     except UserError:
         raise
     except Image.DecompressionBombError:

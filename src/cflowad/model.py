@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from cflowad import __version__
 from cflowad.config import Config
-from cflowad.data import ImageInput, batches, find_training_images
+from cflowad.data import ImageInput, batches, find_training_images, median_aspect_ratio
 from cflowad.errors import UserError
 from cflowad.files import staged_directory
 from cflowad.progress import Reporter
@@ -100,6 +100,12 @@ class CFlowAD:
         """
         reporter = reporter or Reporter(enabled=False)
         items = _as_items(data)
+        resolved = self.config.resolve_size(median_aspect_ratio(items))
+        if resolved != self.config:
+            reporter.log(f"input size {resolved.image_size[1]}x{resolved.image_size[0]} "
+                         "(width x height) keeps the training images' median aspect ratio")
+            self.config = resolved
+            self.net = CFlowNet(resolved, self.net.encoder).eval()
         train_items, calibration_items = self._split(items)
         reporter.log(
             f"{len(train_items)} training images, {len(calibration_items)} for calibration"

@@ -29,7 +29,7 @@ class Reporter:
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
-        self.console = Console(stderr=True, highlight=False)
+        self.console = Console(stderr=True, highlight=False, soft_wrap=True)
         self.interactive = enabled and self.console.is_terminal
 
     def log(self, message: str) -> None:

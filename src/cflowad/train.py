@@ -23,6 +23,7 @@ from torch.nn import functional as F
 
 from cflowad.config import Config
 from cflowad.data import ImageInput, batches
+from cflowad.errors import UserError
 from cflowad.flows import ConditionalFlow
 from cflowad.progress import Reporter
 from cflowad.scoring import CFlowNet
@@ -147,7 +148,10 @@ def fit_decoders(
             if step % 100 == 0 or step == config.steps - 1:
                 history.append(round(running, 5))
             if not math.isfinite(value):
-                raise RuntimeError(f"training diverged at step {step} (loss {value})")
+                raise UserError(
+                    f"training diverged at step {step} (loss {value}); "
+                    f"try a lower --learning-rate than {config.learning_rate}"
+                )
             task.advance(1, status=f"loss {running:.4f}")
     net.decoders.eval()
     net.refresh_conditions()

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Reproduces the README's benchmark table: default training, test metrics and speed
+# on both sets of ../shared/data, plus the ELPV demo. Writes under runs/ (git-ignored).
+set -euo pipefail
+data=${1:-../shared/data}
+mkdir -p runs
+for set in magnetic_tile visa_capsules; do
+  /usr/bin/time -v cflowad train "$data/$set" --out "runs/$set" 2> >(tee "runs/$set.train.log" >&2)
+  cflowad test "runs/$set" "$data/$set" --json "runs/$set.test.json"
+  cflowad bench "runs/$set" --json "runs/$set.bench.json"
+done
+cflowad demo --out runs/demo
