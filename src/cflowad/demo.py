@@ -9,6 +9,7 @@ defect-free ones train, the rest and every certainly defective cell (probability
 from __future__ import annotations
 
 import importlib.util
+import json
 import time
 from pathlib import Path
 
@@ -16,10 +17,11 @@ import numpy as np
 from matplotlib import pyplot as plt
 
 from cflowad.config import Config
+from cflowad.data import load_image
 from cflowad.errors import UserError
 from cflowad.files import staged_directory
 from cflowad.metrics import f1_max, image_auroc
-from cflowad.model import CFlowAD
+from cflowad.model import CFlowAD, Prediction
 from cflowad.pictures import overlay, save_histogram
 from cflowad.progress import Reporter
 
@@ -72,8 +74,6 @@ def run_demo(out: Path, steps: int, reporter: Reporter) -> dict:
             "train_seconds": model.training["total_seconds"],
             "seconds": round(time.perf_counter() - start, 1),
         }
-        import json
-
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
         save_histogram(
             staging / "score_histogram.png", prediction.scores, labels, model.image_threshold
@@ -85,23 +85,20 @@ def run_demo(out: Path, steps: int, reporter: Reporter) -> dict:
 
 
 def _save_extremes(
-    path: Path, images: list[Path], prediction: object, model: CFlowAD, count: int = 4
+    path: Path, images: list[Path], prediction: Prediction, model: CFlowAD, count: int = 4
 ) -> None:
-    from cflowad.data import load_image
-
     order = np.argsort(prediction.scores)
-    picks = [("most anomalous", i) for i in order[::-1][:count]] + [
-        ("least anomalous", i) for i in order[:count]
-    ]
+    picks = [("most anomalous", i) for i in order[::-1][:count]]
+    picks += [("least anomalous", i) for i in order[:count]]
     low = float(np.median(np.concatenate([m.ravel() for m in prediction.maps])))
-    high = max(model.pixel_threshold, low + 1e-6) * 1.5
-    figure, axes = plt.subplots(2, count, figsize=(3.2 * count, 3.6), dpi=90)
+    figure, axes = plt.subplots(2, count, figsize=(3.2 * count, 4.2), dpi=70)
     for axis, (title, index) in zip(axes.ravel(), picks, strict=True):
-        panel = overlay(
-            load_image(images[index]), prediction.maps[index], low, high, prediction.masks[index]
+        anomaly_map = prediction.maps[index]
+        image = load_image(images[index])
+        axis.imshow(
+            overlay(image, anomaly_map, low, model.pixel_threshold, prediction.masks[index])
         )
-        axis.imshow(panel)
-        axis.set_title(f"{title}\nscore {prediction.scores[index]:.2f}", fontsize=9)
+        axis.set_title(f"{title}\nscore {prediction.scores[index]:.3g}", fontsize=9)
         axis.axis("off")
     figure.tight_layout()
     figure.savefig(path)

@@ -102,8 +102,10 @@ class CFlowAD:
         items = _as_items(data)
         resolved = self.config.resolve_size(median_aspect_ratio(items))
         if resolved != self.config:
-            reporter.log(f"input size {resolved.image_size[1]}x{resolved.image_size[0]} "
-                         "(width x height) keeps the training images' median aspect ratio")
+            reporter.log(
+                f"input size {resolved.image_size[1]}x{resolved.image_size[0]} "
+                "(width x height) keeps the training images' median aspect ratio"
+            )
             self.config = resolved
             self.net = CFlowNet(resolved, self.net.encoder).eval()
         train_items, calibration_items = self._split(items)

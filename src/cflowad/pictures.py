@@ -24,14 +24,17 @@ def overlay(
     image: np.ndarray,
     anomaly_map: np.ndarray,
     low: float,
-    high: float,
+    threshold: float,
     predicted: np.ndarray | None = None,
     truth: np.ndarray | None = None,
 ) -> np.ndarray:
-    """RGB uint8: the image beside its heat map (jet, ``low``..``high``) with outlines.
+    """RGB uint8: the image beside its heat map, predicted outline white, true outline green.
 
-    Predicted mask outline in white, ground-truth outline in green.
+    The colour scale runs from ``low`` to the map's own 99.5th percentile (at least
+    ``threshold``): flow likelihoods span orders of magnitude, and one scale for all
+    images would saturate every defective one.
     """
+    high = max(threshold, float(np.quantile(anomaly_map, 0.995)))
     heat = colormaps["jet"](np.clip((anomaly_map - low) / max(high - low, 1e-9), 0, 1))[..., :3]
     blended = 0.55 * image + 0.45 * heat
     for mask, colour in ((truth, (0.0, 1.0, 0.0)), (predicted, (1.0, 1.0, 1.0))):

@@ -52,14 +52,7 @@ def write_pictures(
     """Per image: the image beside its heat map, predicted (white) and true (green) outlines;
     plus the ROC curve, the PRO curve and the score histogram."""
     prediction = evaluation.prediction
-    good_pixels = np.concatenate(
-        [m.ravel() for m, label in zip(prediction.maps, test.labels, strict=True) if label == 0]
-    )
-    low, high = (
-        float(np.quantile(good_pixels, 0.5)),
-        float(np.quantile(np.concatenate([m.ravel() for m in prediction.maps]), 0.999)),
-    )
-    high = max(high, model.pixel_threshold)
+    low = float(np.median(np.concatenate([m.ravel() for m in prediction.maps])))
     with staged_directory(
         directory, lambda p: (p / "score_histogram.png").is_file(), "--out"
     ) as staging:
@@ -75,7 +68,7 @@ def write_pictures(
                     load_image(path),
                     prediction.maps[i],
                     low,
-                    high,
+                    model.pixel_threshold,
                     prediction.masks[i],
                     truth,
                 )
