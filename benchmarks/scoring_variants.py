@@ -27,11 +27,17 @@ def main() -> None:
         for batch, _ in batches(test.images, size, 16):
             per_scale.append(model.net.log_likelihoods(batch))
     ll = [torch.cat([b[k] for b in per_scale]) for k in range(len(per_scale[0]))]
-    masks = np.stack([
-        np.zeros(size, bool) if p is None
-        else to_model_input(load_mask(p)[..., None].repeat(3, 2).astype(np.float32), size)[0].numpy() > 0.5
-        for p in test.masks
-    ])
+    masks = np.stack(
+        [
+            np.zeros(size, bool)
+            if p is None
+            else to_model_input(load_mask(p)[..., None].repeat(3, 2).astype(np.float32), size)[
+                0
+            ].numpy()
+            > 0.5
+            for p in test.masks
+        ]
+    )
     mean, std = model.net.nll_mean, model.net.nll_std
 
     def up(x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +57,9 @@ def main() -> None:
         for top in (0.001, 0.01, 0.05):
             count = max(1, round(top * flat.shape[1]))
             scores[f"top{top}"] = flat.topk(count, dim=1).values.mean(1)
-        image = " ".join(f"{s}={image_auroc(v.numpy(), test.labels):.3f}" for s, v in scores.items())
+        image = " ".join(
+            f"{s}={image_auroc(v.numpy(), test.labels):.3f}" for s, v in scores.items()
+        )
         print(f"{name:10s} pixel={pixel:.3f} {image}", flush=True)
 
 

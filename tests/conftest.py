@@ -47,7 +47,7 @@ def texture_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_model(texture_dataset: Path):
-    """A real model (Lite0 ImageNet weights) trained briefly on the texture set."""
+    """The default model (Lite0 ImageNet weights, 256 px), trained briefly on the texture set."""
     from cflowad import CFlowAD
 
-    return CFlowAD(image_size=128, steps=300, seed=0).fit(texture_dataset)
+    return CFlowAD(steps=300, seed=0).fit(texture_dataset)

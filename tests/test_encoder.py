@@ -67,7 +67,7 @@ def test_weights_from_a_local_file(tmp_path):
 
     source = Encoder.create("resnet18", (8, 16, 32), weights="random")
     path = tmp_path / "resnet18.safetensors"
-    save_file(source.model.state_dict(), str(path))
+    save_file({k: v.contiguous() for k, v in source.model.state_dict().items()}, str(path))
     loaded = Encoder.create("resnet18", (8, 16, 32), weights_file=str(path))
     torch.testing.assert_close(loaded.model.conv1.weight, source.model.conv1.weight)
     with pytest.raises(UserError, match="not found"):

@@ -153,3 +153,14 @@ def test_auto_aspect_keeps_the_training_images_shape():
     model = CFlowAD(encoder_weights="random", image_size=64, steps=2, min_holdout=2).fit(wide)
     assert model.config.image_size == (64, 160)
     assert model.predict(wide[:1]).maps[0].shape == (40, 100)
+
+
+def test_feature_cache_over_budget_is_memory_mapped_with_equal_content(small_model):
+    from cflowad.train import encode
+
+    in_memory = encode(small_model.net, IMAGES[:3], budget_mb=4096)
+    on_disk = encode(small_model.net, IMAGES[:3], budget_mb=0)
+    assert on_disk.on_disk and not in_memory.on_disk
+    assert isinstance(on_disk.scales[0], np.memmap)
+    for a, b in zip(in_memory.scales, on_disk.scales, strict=True):
+        assert np.array_equal(a, b)

@@ -39,7 +39,9 @@ class Encoder(nn.Module):
 
     def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
-        self.model = model.eval().requires_grad_(False)
+        # channels-last weights: oneDNN's fast depthwise kernels; measured 2-3x faster
+        # than NCHW for EfficientNet on 2 cores at batch 1 and 16 (README, bench).
+        self.model = model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
         self.channels: list[int] = list(model.feature_info.channels())
         self.strides: list[int] = list(model.feature_info.reduction())
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
