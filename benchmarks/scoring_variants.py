@@ -18,6 +18,13 @@ from cflowad.data import batches, find_test_set, load_mask, to_model_input
 from cflowad.metrics import image_auroc, pixel_auroc
 
 
+def _mask_at(path: Path | None, size: tuple[int, int]) -> np.ndarray:
+    if path is None:
+        return np.zeros(size, bool)
+    mask = load_mask(path)[..., None].repeat(3, 2).astype(np.float32)
+    return to_model_input(mask, size)[0].numpy() > 0.5
+
+
 def main() -> None:
     model = CFlowAD.load(sys.argv[1])
     test = find_test_set(Path(sys.argv[2]))
@@ -27,26 +34,16 @@ def main() -> None:
         for batch, _ in batches(test.images, size, 16):
             per_scale.append(model.net.log_likelihoods(batch))
     ll = [torch.cat([b[k] for b in per_scale]) for k in range(len(per_scale[0]))]
-    masks = np.stack(
-        [
-            np.zeros(size, bool)
-            if p is None
-            else to_model_input(load_mask(p)[..., None].repeat(3, 2).astype(np.float32), size)[
-                0
-            ].numpy()
-            > 0.5
-            for p in test.masks
-        ]
-    )
+    masks = np.stack([_mask_at(p, size) for p in test.masks])
     mean, std = model.net.nll_mean, model.net.nll_std
 
     def up(x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(x[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
     variants = {
-        "zscore": sum(up((-l - mean[k]) / std[k]) for k, l in enumerate(ll)),
-        "centered": sum(up(-l - mean[k]) for k, l in enumerate(ll)),
-        "exp": -sum(up(torch.exp(l + mean[k])) for k, l in enumerate(ll)),
+        "zscore": sum(up((-lk - mean[k]) / std[k]) for k, lk in enumerate(ll)),
+        "centered": sum(up(-lk - mean[k]) for k, lk in enumerate(ll)),
+        "exp": -sum(up(torch.exp(lk + mean[k])) for k, lk in enumerate(ll)),
     }
     for k in range(len(ll)):
         variants[f"scale{k}"] = up((-ll[k] - mean[k]) / std[k])
