@@ -17,20 +17,20 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-__all__ = ["Reporter", "stdout_is_terminal"]
+__all__ = ["Reporter"]
 
 
 class Reporter:
     """Where long-running steps report to; ``Reporter(enabled=False)`` is silent.
 
-    Bars go to stderr and only when stderr is a terminal; otherwise each step
-    prints one start line and one summary line, without colour codes.
+    Bars go to stderr, and only when both stdout and stderr are terminals;
+    otherwise each step prints one start line and one summary line, no colour codes.
     """
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self.console = Console(stderr=True, highlight=False, soft_wrap=True)
-        self.interactive = enabled and self.console.is_terminal
+        self.interactive = enabled and self.console.is_terminal and sys.stdout.isatty()
 
     def log(self, message: str) -> None:
         """One line of what is happening."""
@@ -73,8 +73,3 @@ class _Task:
             self.status = status
         if self.progress is not None:
             self.progress.update(self.task_id, advance=amount, status=self.status)
-
-
-def stdout_is_terminal() -> bool:
-    """Whether to print tables with colour."""
-    return sys.stdout.isatty()
