@@ -134,3 +134,28 @@ def test_module_entry_point_and_version():
         [sys.executable, "-m", "cflowad", "--version"], capture_output=True, text=True, check=False
     )
     assert done.returncode == 0 and done.stdout.startswith("cflowad ")
+
+
+def test_test_command_on_plain_folders(model_dir, texture_dataset, tmp_path):
+    report = tmp_path / "plain.json"
+    assert (
+        main(
+            [
+                "test",
+                str(model_dir),
+                "--good",
+                str(texture_dataset / "test" / "good"),
+                "--defective",
+                str(texture_dataset / "test" / "patch"),
+                "--masks",
+                str(texture_dataset / "ground_truth" / "patch"),
+                "--json",
+                str(report),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    plain = json.loads(report.read_text())
+    assert plain["n_images"] == 16 and plain["n_defective"] == 8
+    assert plain["pixel_auroc"] is not None and set(plain["per_defect"]) == {"patch"}

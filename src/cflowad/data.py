@@ -49,7 +49,7 @@ class TestSet:
 
     @property
     def has_masks(self) -> bool:
-        """True when every defective image has a ground-truth mask."""
+        """True when the set comes with ground-truth masks."""
         return any(m is not None for m in self.masks)
 
 

@@ -220,13 +220,7 @@ class CFlowAD:
         if _sha256(weights_path) != meta.get("weights_sha256"):
             raise UserError(f"{weights_path}: checksum mismatch (truncated or modified file)")
         try:
-            config = Config.from_dict(
-                {
-                    **meta["config"],
-                    "image_size": tuple(meta["config"]["image_size"]),
-                    "strides": tuple(meta["config"]["strides"]),
-                }
-            )
+            config = Config.from_dict(meta["config"])
             state = load_file(str(weights_path))
         except (KeyError, TypeError) as error:
             raise UserError(f"{meta_path}: incomplete model description ({error})") from None
