@@ -263,20 +263,20 @@ class CFlowAD:
     @torch.inference_mode()
     def _calibrate(self, items: list[ImageInput], reporter: Reporter) -> dict[str, Any]:
         """Fit per-scale normalization, then thresholds, on defect-free images."""
-        per_scale: list[list[torch.Tensor]] = [[] for _ in self.net.decoders]
+        per_batch: list[list[torch.Tensor]] = []
         with reporter.task("calibrating", len(items)) as task:
             for batch, _ in batches(items, self.config.image_size, 16):
-                for k, log_likelihood in enumerate(self.net.log_likelihoods(batch)):
-                    per_scale[k].append(log_likelihood.flatten())
+                per_batch.append(self.net.log_likelihoods(batch))
                 task.advance(len(batch))
-        nll = [-torch.cat(values).double() for values in per_scale]
+        nll = [
+            -torch.cat([b[k].flatten() for b in per_batch]).double()
+            for k in range(len(self.net.decoders))
+        ]
         self.net.nll_mean.copy_(torch.stack([v.mean() for v in nll]))
         self.net.nll_std.copy_(torch.stack([v.std().clamp_min(1e-6) for v in nll]))
-        scores, pixels = [], []
-        for batch, _ in batches(items, self.config.image_size, 16):
-            batch_scores, maps = self.net(batch)
-            scores.append(batch_scores)
-            pixels.append(maps.flatten())
+        maps = [self.net.anomaly_map(log_likelihoods) for log_likelihoods in per_batch]
+        scores = [self.net.image_score(m) for m in maps]
+        pixels = [m.flatten() for m in maps]
         all_scores = torch.cat(scores).double()
         all_pixels = torch.cat(pixels).double().numpy()
         return {
