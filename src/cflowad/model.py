@@ -32,7 +32,7 @@ from cflowad.progress import Reporter
 from cflowad.scoring import CFlowNet
 from cflowad.train import encode, fit_decoders
 
-__all__ = ["CFlowAD", "Prediction"]
+__all__ = ["CFlowAD", "Prediction", "is_model_dir"]
 
 FORMAT = "cflowad-model"
 FORMAT_VERSION = 1
@@ -177,7 +177,7 @@ class CFlowAD:
         """Write the model directory atomically; replaces only an earlier cflowad model."""
         self._require_fitted()
         target = Path(directory)
-        with staged_directory(target, _is_model_dir, "--out") as staging:
+        with staged_directory(target, is_model_dir, "--out") as staging:
             weights = staging / WEIGHTS_FILE
             save_file(
                 {k: v.contiguous() for k, v in self.net.state_dict().items()},
@@ -329,5 +329,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _is_model_dir(path: Path) -> bool:
+def is_model_dir(path: Path) -> bool:
+    """Whether ``path`` holds a cflowad model and nothing else (so saving may replace it)."""
     return path.is_dir() and {p.name for p in path.iterdir()} <= {WEIGHTS_FILE, META_FILE}
