@@ -102,15 +102,21 @@ class CouplingBlock(nn.Module):
         """The condition's share of the first subnet layer, bias included: (..., C) -> (..., 2d)."""
         return self.condition_layer(c)
 
-    def forward(self, x: Tensor, condition: Tensor) -> tuple[Tensor, Tensor]:
-        """(..., D), (..., 2d) from :meth:`condition` -> output (..., D), log|det J| (...)."""
+    def forward(self, x: Tensor, condition: Tensor, rotate: bool = True) -> tuple[Tensor, Tensor]:
+        """(..., D), (..., 2d) from :meth:`condition` -> output (..., D), log|det J| (...).
+
+        ``rotate=False`` leaves out the final rotation, which changes neither the
+        output's norm nor log|det J|.
+        """
         x1, x2 = x.split((self.passive, self.active), dim=-1)
         hidden = torch.relu(self.input_layer(x1) + condition)
         a = 0.1 * self.output_layer(hidden)
         log_scale = self.clamp_alpha * torch.tanh(a[..., : self.active])
         x2 = x2 * torch.exp(log_scale) + a[..., self.active :]
         scale = 0.1 * F.softplus(self.global_scale, beta=0.5)
-        out = F.linear(torch.cat((x1, x2), dim=-1) * scale + self.global_offset, self.rotation)
+        out = torch.cat((x1, x2), dim=-1) * scale + self.global_offset
+        if rotate:
+            out = F.linear(out, self.rotation)
         return out, log_scale.sum(dim=-1) + torch.log(scale).sum()
 
 
@@ -146,17 +152,24 @@ class ConditionalFlow(nn.Module):
         """Per-block first-layer condition terms, (..., C) -> (blocks, ..., 2d)."""
         return torch.stack([block.condition(c) for block in self.blocks])
 
-    def forward(self, z: Tensor, conditions: Tensor) -> tuple[Tensor, Tensor]:
-        """z (..., D) and :meth:`condition` output -> u (..., D), log|det J| (...)."""
+    def forward(
+        self, z: Tensor, conditions: Tensor, rotate_last: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        """z (..., D) and :meth:`condition` output -> u (..., D), log|det J| (...).
+
+        Likelihoods need only ||u|| and log|det J|, which the last block's rotation
+        leaves unchanged: ``rotate_last=False`` skips that D x D product per vector.
+        """
         log_det = torch.zeros(z.shape[:-1], dtype=z.dtype, device=z.device)
-        for block, condition in zip(self.blocks, conditions, strict=True):
-            z, block_log_det = block(z, condition)
+        last = len(self.blocks) - 1
+        for i, (block, condition) in enumerate(zip(self.blocks, conditions, strict=True)):
+            z, block_log_det = block(z, condition, rotate=rotate_last or i < last)
             log_det = log_det + block_log_det
         return z, log_det
 
     def log_prob_conditioned(self, z: Tensor, conditions: Tensor) -> Tensor:
         """log p(z | c) with precomputed :meth:`condition` terms; shape z.shape[:-1]."""
-        u, log_det = self(z, conditions)
+        u, log_det = self(z, conditions, rotate_last=False)
         return -0.5 * (u * u).sum(dim=-1) - 0.5 * self.dim * math.log(2 * math.pi) + log_det
 
     def log_prob(self, z: Tensor, c: Tensor) -> Tensor:

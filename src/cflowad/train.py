@@ -96,7 +96,7 @@ def flow_loss(flow: ConditionalFlow, z: Tensor, c: Tensor, objective: str = "nll
     ``"nll"`` is the paper's eq. (7.2) divided by D: mean(||u||^2 / 2 - log|det J|) / D.
     ``"logsigmoid"`` is the official code's variant, mean(-logsigmoid(log p / D)).
     """
-    u, log_det = flow(z, flow.condition(c))
+    u, log_det = flow(z, flow.condition(c), rotate_last=False)
     dim = z.shape[-1]
     if objective == "nll":
         return (0.5 * (u * u).sum(dim=-1) - log_det).mean() / dim
