@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cflowad import CFlowAD, Config, UserError
+from cflowad.model import FORMAT_VERSION
 
 RNG = np.random.default_rng(0)
 IMAGES = [RNG.random((70 + 3 * i, 50 + 5 * i, 3), dtype=np.float32) for i in range(10)]
@@ -44,7 +45,7 @@ def test_save_load_gives_identical_predictions(small_model, tmp_path):
     assert np.array_equal(before.scores, after.scores)
     assert all(np.array_equal(a, b) for a, b in zip(before.maps, after.maps, strict=True))
     meta = json.loads((tmp_path / "model" / "model.json").read_text())
-    assert meta["format_version"] == 1 and meta["calibration"]["n_images"] == 3
+    assert meta["format_version"] == FORMAT_VERSION and meta["calibration"]["n_images"] == 3
 
 
 def test_same_seed_same_model_and_scores():

@@ -35,7 +35,7 @@ from cflowad.train import encode, fit_decoders
 __all__ = ["CFlowAD", "Prediction", "is_model_dir"]
 
 FORMAT = "cflowad-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
 
@@ -272,16 +272,18 @@ class CFlowAD:
             -torch.cat([b[k].flatten() for b in per_batch]).double()
             for k in range(len(self.net.decoders))
         ]
-        self.net.nll_mean.copy_(torch.stack([v.mean() for v in nll]))
-        self.net.nll_std.copy_(torch.stack([v.std().clamp_min(1e-6) for v in nll]))
+        medians = torch.stack([v.median() for v in nll])
+        deviations = torch.stack([(v - m).abs().median() for v, m in zip(nll, medians, strict=True)])
+        self.net.nll_median.copy_(medians)
+        self.net.nll_scale.copy_((1.4826 * deviations).clamp_min(1e-6))
         maps = [self.net.anomaly_map(log_likelihoods) for log_likelihoods in per_batch]
         scores = [self.net.image_score(m) for m in maps]
         pixels = [m.flatten() for m in maps]
         all_scores = torch.cat(scores).double()
         all_pixels = torch.cat(pixels).double().numpy()
         return {
-            "nll_mean": self.net.nll_mean.tolist(),
-            "nll_std": self.net.nll_std.tolist(),
+            "nll_median": self.net.nll_median.tolist(),
+            "nll_scale": self.net.nll_scale.tolist(),
             "image_threshold": float(torch.quantile(all_scores, 1 - self.config.image_fpr)),
             "pixel_threshold": float(np.quantile(all_pixels, 1 - self.config.pixel_fpr)),
             "image_fpr": self.config.image_fpr,

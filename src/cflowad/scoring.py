@@ -22,9 +22,22 @@ __all__ = ["CFlowNet"]
 class CFlowNet(nn.Module):
     """Frozen encoder plus one conditional flow per scale, with fitted score normalization.
 
-    The anomaly map of scale k is the standardized negative log-likelihood per
-    dimension, ``(-log p_k / D_k - mean_k) / std_k``, with mean and std fitted on
-    defect-free images; maps are upsampled bilinearly and summed over scales.
+    The anomaly map of scale k is the robustly standardized negative log-likelihood
+    per dimension, ``(-log p_k / D_k - median_k) / (1.4826 MAD_k)``, with median and
+    median absolute deviation fitted on held-out defect-free images; maps are
+    upsampled bilinearly and summed over scales. The held-out values of the coarsest
+    scale are heavy-tailed (its flow fits the training images closely), so the
+    standard deviation over-weights their rare high values and mutes that scale;
+    measured with the same trained models, image / pixel AUROC:
+
+    ================  ===============  ===============  ========================
+    scale unit        magnetic_tile    visa_capsules    bricks, 20 train images
+    ================  ===============  ===============  ========================
+    std               0.893 / 0.772    0.844 / 0.987    1.0 / 0.946
+    MAD (this)        0.911 / 0.790    0.838 / 0.985    1.0 / 0.903
+    none (nats/dim)   0.926 / 0.803    0.841 / 0.986    1.0 / 0.836
+    ================  ===============  ===============  ========================
+
     The image score is the map's maximum, or the mean of its top fraction
     ``score_top_k`` of pixels when that is above 0.
     """
@@ -51,8 +64,8 @@ class CFlowNet(nn.Module):
             code = positional_encoding(config.condition_dim, height, width)
             self.register_buffer(f"code_{k}", code.flatten(1).T.contiguous(), persistent=False)
             self.register_buffer(f"conditions_{k}", torch.empty(0), persistent=False)
-        self.register_buffer("nll_mean", torch.zeros(len(self.decoders)))
-        self.register_buffer("nll_std", torch.ones(len(self.decoders)))
+        self.register_buffer("nll_median", torch.zeros(len(self.decoders)))
+        self.register_buffer("nll_scale", torch.ones(len(self.decoders)))
 
     @classmethod
     def build(cls, config: Config, pretrained: bool) -> CFlowNet:
@@ -94,7 +107,7 @@ class CFlowNet(nn.Module):
         """Per-scale log-likelihood maps -> summed standardized map (B, H, W)."""
         total = None
         for k, log_likelihood in enumerate(log_likelihoods):
-            standardized = (-log_likelihood - self.nll_mean[k]) / self.nll_std[k]
+            standardized = (-log_likelihood - self.nll_median[k]) / self.nll_scale[k]
             upsampled = F.interpolate(
                 standardized[:, None], size=self.image_size, mode="bilinear", align_corners=False
             )
