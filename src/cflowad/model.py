@@ -273,7 +273,9 @@ class CFlowAD:
             for k in range(len(self.net.decoders))
         ]
         medians = torch.stack([v.median() for v in nll])
-        deviations = torch.stack([(v - m).abs().median() for v, m in zip(nll, medians, strict=True)])
+        deviations = torch.stack(
+            [(v - m).abs().median() for v, m in zip(nll, medians, strict=True)]
+        )
         self.net.nll_median.copy_(medians)
         self.net.nll_scale.copy_((1.4826 * deviations).clamp_min(1e-6))
         maps = [self.net.anomaly_map(log_likelihoods) for log_likelihoods in per_batch]
