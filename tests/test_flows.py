@@ -131,3 +131,30 @@ def test_positional_encoding_closed_form():
         assert code[i + 1, y, x] == pytest.approx(math.cos(x * frequency), abs=1e-6)
         assert code[half + i, y, x] == pytest.approx(math.sin(y * frequency), abs=1e-6)
         assert code[half + i + 1, y, x] == pytest.approx(math.cos(y * frequency), abs=1e-6)
+
+
+def test_loss_gradients_match_finite_differences():
+    torch.manual_seed(4)
+    flow = _flow(dim=6, condition_dim=4, blocks=2)
+    z, c = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    params = list(flow.parameters())
+
+    def loss(*values: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            for p, v in zip(params, values, strict=True):
+                p.copy_(v)
+        return flow_loss(flow, z, c)
+
+    analytic = torch.autograd.grad(flow_loss(flow, z, c), params)
+    start = [p.detach().clone() for p in params]
+    for i, (p, g) in enumerate(zip(params, analytic, strict=True)):
+        for index in torch.randperm(p.numel())[:4].tolist():
+            shifted = [s.clone() for s in start]
+            target = shifted[i].view(-1)
+            target[index] += 1e-6
+            plus = loss(*shifted)
+            target[index] -= 2e-6
+            minus = loss(*shifted)
+            numeric = (plus - minus) / 2e-6
+            torch.testing.assert_close(g.view(-1)[index], numeric, rtol=1e-5, atol=1e-8)
+    loss(*start)

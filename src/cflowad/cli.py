@@ -20,6 +20,7 @@ from rich.table import Table
 from typer.exceptions import TyperException
 
 from cflowad import __version__
+from cflowad.allocator import keep_freed_memory
 from cflowad.config import Config
 from cflowad.data import find_test_set, load_image
 from cflowad.errors import UserError
@@ -391,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point with the error contract: user errors exit 2 in one line, bugs exit 1."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    keep_freed_memory()
     command = typer.main.get_command(app)
     try:
         result = command.main(args, prog_name="cflowad", standalone_mode=False)

@@ -108,13 +108,16 @@ class CouplingBlock(nn.Module):
         ``rotate=False`` leaves out the final rotation, which changes neither the
         output's norm nor log|det J|.
         """
+        # In-place ops and addcmul save allocations: measured 10 to 40 % faster at
+        # inference (noisy host), training unchanged; folding the global affine into
+        # the rotation was no faster at inference and slower in training.
         x1, x2 = x.split((self.passive, self.active), dim=-1)
-        hidden = torch.relu(self.input_layer(x1) + condition)
-        a = 0.1 * self.output_layer(hidden)
+        hidden = self.input_layer(x1).add_(condition).relu_()
+        a = self.output_layer(hidden).mul_(0.1)
         log_scale = self.clamp_alpha * torch.tanh(a[..., : self.active])
-        x2 = x2 * torch.exp(log_scale) + a[..., self.active :]
+        x2 = torch.addcmul(a[..., self.active :], x2, torch.exp(log_scale))
         scale = 0.1 * F.softplus(self.global_scale, beta=0.5)
-        out = torch.cat((x1, x2), dim=-1) * scale + self.global_offset
+        out = torch.cat((x1, x2), dim=-1).mul_(scale).add_(self.global_offset)
         if rotate:
             out = F.linear(out, self.rotation)
         return out, log_scale.sum(dim=-1) + torch.log(scale).sum()

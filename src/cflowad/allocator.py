@@ -1,0 +1,34 @@
+"""Keep freed memory in the process instead of returning it to the OS after every image.
+
+glibc serves allocations above a threshold (128 KiB at first) with fresh ``mmap``
+pages and unmaps them on free, so every image's activations fault in and zero
+their pages again. Raising the thresholds keeps those pages for reuse: measured
+with ``cflowad bench`` on magnetic_tile (2 cores), batch 1 went from 20.1 to 24.0
+images/s and the encoder alone from 35 to 46 images/s, for about 70 MiB more
+resident memory. The command line calls this at start; library users may set
+``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` themselves.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+__all__ = ["keep_freed_memory"]
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
+    """Raise glibc's mmap and trim thresholds; False where the C library has no ``mallopt``."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, trim_threshold)
+    )
