@@ -77,6 +77,19 @@ def test_fast_path_equals_plain_per_position_evaluation(small_model):
                         assert fast[k][b, y, x].item() == pytest.approx(reference.item(), rel=1e-5)
 
 
+def test_network_exports_whole_with_a_dynamic_batch(small_model):
+    """The predict path has no data-dependent Python control flow: torch.export traces it."""
+    net = small_model.net
+    batch = torch.export.Dim("batch", min=1, max=64)
+    exported = torch.export.export(
+        net, (torch.rand(2, 3, *net.image_size),), dynamic_shapes=({0: batch},)
+    )
+    images = torch.rand(3, 3, *net.image_size)
+    with torch.inference_mode():
+        for eager, traced in zip(net(images), exported.module()(images), strict=True):
+            torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
+
+
 def test_holdout_never_trains_and_is_seeded():
     model = CFlowAD(encoder_weights="random", image_size=64, steps=1, min_holdout=3, seed=1)
     train, held = model._split(list(range(10)))
