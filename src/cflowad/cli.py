@@ -24,7 +24,7 @@ from cflowad.allocator import keep_freed_memory
 from cflowad.config import Config
 from cflowad.data import find_test_set, load_image
 from cflowad.errors import UserError
-from cflowad.files import staged_directory
+from cflowad.files import refuse_foreign, staged_directory
 from cflowad.model import CFlowAD, is_model_dir
 from cflowad.progress import Reporter
 
@@ -165,8 +165,7 @@ def train(
         if categories:
             jobs = [(c, out / c.name) for c in categories]
     for source, target in jobs:
-        if target.exists() and not is_model_dir(target):  # refuse before training, not after
-            raise UserError(f"{target}: exists and is not a cflowad model; choose another --out")
+        refuse_foreign(target, is_model_dir, "--out")  # before training, not after
         reporter.log(f"training {source} -> {target}")
         model = CFlowAD(config).fit(source, reporter=reporter)
         model.save(target)
