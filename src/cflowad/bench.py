@@ -3,16 +3,20 @@
 Reports medians over repetitions after a warm-up. The "fiber loop" figure runs
 the same decoders the way public implementations do (64 feature vectors per call,
 a Python loop over chunks, the condition recomputed each time): the baseline the
-fast path is measured against.
+fast path is measured against. With ``onnx`` the exported model (and the encoder
+alone, exported the same way) are timed in ONNX Runtime too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 import platform
 import resource
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +25,7 @@ from typing import Any
 import torch
 
 from cflowad.data import batches
+from cflowad.errors import UserError
 from cflowad.model import CFlowAD
 from cflowad.progress import Reporter
 from cflowad.scoring import CFlowNet
@@ -52,6 +57,7 @@ def run_bench(
     train_data: Path | None,
     steps: int,
     reporter: Reporter,
+    onnx: bool = False,
 ) -> dict[str, Any]:
     """Measure and return the figures written to the bench JSON."""
     if threads is not None:
@@ -63,6 +69,7 @@ def run_bench(
         pool = torch.cat([b for b, _ in batches(images, size, 16)])
     else:
         pool = torch.rand(max(batch_sizes), 3, *size, generator=torch.Generator().manual_seed(0))
+    sessions = _onnx_sessions(model, threads, reporter) if onnx else None
     results = []
     with reporter.task("timing", len(batch_sizes)) as task:
         for batch_size in batch_sizes:
@@ -82,6 +89,17 @@ def run_bench(
                     "ms_per_image": round(1000 * whole / batch_size, 2),
                 }
             )
+            if sessions is not None:
+                feed = {"images": batch.numpy()}
+                ort_whole = _median_seconds(lambda f=feed: sessions[0].run(None, f), repeats)
+                ort_encoder = _median_seconds(lambda f=feed: sessions[1].run(None, f), repeats)
+                results[-1]["onnxruntime"] = {
+                    "images_per_second": round(batch_size / ort_whole, 2),
+                    "encoder_images_per_second": round(batch_size / ort_encoder, 2),
+                    "ratio": round(ort_encoder / ort_whole, 3),
+                    "speedup_over_fiber_loop": round(loop / ort_whole, 2),
+                    "ms_per_image": round(1000 * ort_whole / batch_size, 2),
+                }
             task.advance()
     result: dict[str, Any] = {
         "model": str(model_dir),
@@ -109,6 +127,45 @@ def run_bench(
         result["train_images"] = trained.training["n_train"]
         result["train_peak_rss_mb"] = _peak_rss_mb()
     return result
+
+
+class _EncoderOnly(torch.nn.Module):
+    def __init__(self, net: CFlowNet) -> None:
+        super().__init__()
+        self.encoder = net.encoder
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.encoder(images))
+
+
+def _onnx_sessions(model: CFlowAD, threads: int | None, reporter: Reporter) -> tuple[Any, Any]:
+    """ONNX Runtime sessions of the exported model and of its encoder alone."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError("--onnx needs onnxruntime: pip install 'cflowad[onnx]'") from None
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    height, width = model.config.image_size
+    with tempfile.TemporaryDirectory() as folder, reporter.task("exporting to ONNX", 2) as task:
+        whole = Path(folder) / "model.onnx"
+        model.export_onnx(whole)
+        task.advance()
+        encoder = Path(folder) / "encoder.onnx"
+        with contextlib.redirect_stdout(io.StringIO()):
+            torch.onnx.export(
+                _EncoderOnly(model.net).eval(),
+                (torch.rand(2, 3, height, width),),
+                str(encoder),
+                dynamo=True,
+                input_names=["images"],
+                dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
+            )
+        task.advance()
+        return tuple(
+            onnxruntime.InferenceSession(str(f), options, providers=["CPUExecutionProvider"])
+            for f in (whole, encoder)
+        )
 
 
 @torch.inference_mode()

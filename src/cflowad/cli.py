@@ -216,6 +216,36 @@ def predict(
     )
 
 
+@app.command()
+def export(
+    model_dir: Annotated[Path, typer.Argument(help="A model directory from cflowad train.")],
+    onnx: Annotated[Path, typer.Option("--onnx", help="ONNX file to write.")],
+    quiet: Quiet = False,
+) -> None:
+    """Write the model as one ONNX file: images -> scores, decisions, maps, masks."""
+    model = CFlowAD.load(model_dir)
+    reporter = Reporter(enabled=not quiet)
+    with reporter.task("exporting", 1) as task:
+        result = model.export_onnx(onnx)
+        task.advance()
+    difference = result["max_relative_difference"]
+    height, width = model.config.image_size
+    _summary_table(
+        [
+            ("written", f"{result['onnx']} ({result['megabytes']} MiB, {result['seconds']} s)"),
+            ("input", f"images: float32 (N, 3, {height}, {width}), RGB in [0, 1]"),
+            ("outputs", "scores, anomalous, maps, masks (at the input size)"),
+            (
+                "checked",
+                "onnxruntime not installed: not checked"
+                if difference is None
+                else f"onnxruntime equals PyTorch (max relative difference {difference:.1e})",
+            ),
+        ],
+        quiet,
+    )
+
+
 @app.command("test")
 def test_command(
     model_dir: Annotated[Path, typer.Argument(help="A model directory (or a root of them).")],
@@ -304,6 +334,9 @@ def bench(
         Path | None, typer.Option("--train", help="Also time training on this data.")
     ] = None,
     steps: Annotated[int, typer.Option(help="Training steps to time with --train.")] = 200,
+    onnx: Annotated[
+        bool, typer.Option("--onnx", help="Also time the ONNX export in ONNX Runtime.")
+    ] = False,
     quiet: Quiet = False,
 ) -> None:
     """Time the whole predict path against the encoder alone; optionally training."""
@@ -326,6 +359,7 @@ def bench(
         train_data,
         steps,
         Reporter(enabled=not quiet),
+        onnx=onnx,
     )
     json_file.parent.mkdir(parents=True, exist_ok=True)
     json_file.write_text(json.dumps(result, indent=2))
@@ -339,6 +373,15 @@ def bench(
                 f"ratio {b['ratio']:.2f}",
             )
         )
+        if "onnxruntime" in b:
+            o = b["onnxruntime"]
+            rows.append(
+                (
+                    "  onnxruntime",
+                    f"{o['images_per_second']:.1f} img/s model, "
+                    f"{o['encoder_images_per_second']:.1f} img/s encoder, ratio {o['ratio']:.2f}",
+                )
+            )
     rows.append(("peak RSS", f"{result['peak_rss_mb']:.0f} MiB"))
     if "train_steps_per_second" in result:
         rows.append(("training", f"{result['train_steps_per_second']:.1f} steps/s"))

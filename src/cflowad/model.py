@@ -196,6 +196,12 @@ class CFlowAD:
             (staging / META_FILE).write_text(json.dumps(meta, indent=2))
         return target
 
+    def export_onnx(self, path: str | Path) -> dict[str, Any]:
+        """Write the scoring network with its thresholds as ONNX (see :mod:`cflowad.export`)."""
+        from cflowad.export import export_onnx
+
+        return export_onnx(self, Path(path))
+
     @classmethod
     def load(cls, directory: str | Path) -> CFlowAD:
         """Rebuild a saved model; errors name the file that is missing or broken."""

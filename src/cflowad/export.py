@@ -1,0 +1,152 @@
+"""ONNX export: the whole scoring network and its thresholds in one file.
+
+Production lines often run models in ONNX Runtime or another engine, without
+Python or PyTorch. The exported graph takes images already resized to the model's
+input size and returns, per image, the score, the decision, the anomaly map and
+the mask, exactly as :meth:`CFlowAD.predict` computes them before maps are resized
+back to each image's own size. Thresholds and normalization constants are in the
+graph; the input contract is in the file's metadata. When ONNX Runtime is
+installed the file is checked against PyTorch before it replaces anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from cflowad import __version__
+from cflowad.errors import UserError
+from cflowad.scoring import CFlowNet
+
+if TYPE_CHECKING:
+    from cflowad.model import CFlowAD
+
+__all__ = ["INPUT_NAME", "OUTPUT_NAMES", "export_onnx", "is_cflowad_onnx"]
+
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("scores", "anomalous", "maps", "masks")
+_MARK = "cflowad_version"
+
+
+class _Decisions(nn.Module):
+    """CFlowNet plus the calibrated thresholds: images -> scores, decisions, maps, masks."""
+
+    def __init__(self, net: CFlowNet, image_threshold: float, pixel_threshold: float) -> None:
+        super().__init__()
+        self.net = net
+        self.image_threshold = image_threshold
+        self.pixel_threshold = pixel_threshold
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        scores, maps = self.net(images)
+        return scores, scores > self.image_threshold, maps, maps > self.pixel_threshold
+
+
+def is_cflowad_onnx(path: Path) -> bool:
+    """Whether ``path`` is an ONNX file that cflowad wrote (so exporting may replace it)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # any unreadable or foreign file is simply not ours
+        return False
+    return any(p.key == _MARK for p in model.metadata_props)
+
+
+def export_onnx(model: CFlowAD, path: Path) -> dict[str, Any]:
+    """Write ``model`` as an ONNX file with a dynamic batch; returns what was checked.
+
+    The file is written next to ``path`` and moved into place only after the check,
+    so a failed export leaves an existing file untouched.
+    """
+    calibration = model._require_fitted()
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+    except ImportError:
+        raise UserError(
+            "ONNX export needs the onnx and onnxscript packages: pip install 'cflowad[onnx]'"
+        ) from None
+    path = Path(path)
+    if path.exists() and not (path.is_file() and is_cflowad_onnx(path)):
+        raise UserError(f"{path}: exists and was not written by cflowad; choose another --onnx")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    height, width = model.config.image_size
+    wrapper = _Decisions(
+        model.net, calibration["image_threshold"], calibration["pixel_threshold"]
+    ).eval()
+    example = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(0))
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    start = time.perf_counter()
+    try:
+        # torch.onnx prints its stages to stdout; progress is the caller's to show.
+        with contextlib.redirect_stdout(io.StringIO()):
+            program = torch.onnx.export(
+                wrapper,
+                (example,),
+                dynamo=True,
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
+            )
+        program.save(str(staging))
+        onnx_model = onnx.load(str(staging))
+        metadata = {
+            _MARK: __version__,
+            "backbone": model.config.backbone,
+            "input": (
+                f"{INPUT_NAME}: float32 (N, 3, {height}, {width}), RGB in [0, 1], each image "
+                "resized to that size by antialiased bilinear interpolation"
+            ),
+            "outputs": "scores (N,), anomalous (N,), maps (N, H, W), masks (N, H, W)",
+            "image_size": f"{height},{width}",
+            "image_threshold": repr(calibration["image_threshold"]),
+            "pixel_threshold": repr(calibration["pixel_threshold"]),
+        }
+        for key, value in metadata.items():
+            onnx_model.metadata_props.add(key=key, value=value)
+        onnx.save(onnx_model, str(staging))
+        difference = _check_with_onnxruntime(staging, wrapper, example)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+    return {
+        "onnx": str(path),
+        "megabytes": round(path.stat().st_size / 2**20, 1),
+        "seconds": round(time.perf_counter() - start, 1),
+        "max_relative_difference": difference,
+    }
+
+
+@torch.inference_mode()
+def _check_with_onnxruntime(file: Path, wrapper: _Decisions, example: Tensor) -> float | None:
+    """Max relative difference of ONNX Runtime's maps and scores from PyTorch's, or None.
+
+    Runs batches of 2 and 1, which also proves the batch dimension dynamic.
+    """
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    session = onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for images in (example, example[:1]):
+        expected = wrapper(images)
+        got = session.run(None, {INPUT_NAME: images.numpy()})
+        for name, eager, ours in zip(OUTPUT_NAMES, expected, got, strict=True):
+            if eager.dtype == torch.bool:
+                continue
+            eager_np = eager.numpy()
+            scale = max(float(np.abs(eager_np).max()), 1e-12)
+            worst = max(worst, float(np.abs(ours - eager_np).max()) / scale)
+            if worst > 1e-4:
+                raise RuntimeError(f"ONNX Runtime's {name} differ from PyTorch's by {worst:.2e}")
+    return worst

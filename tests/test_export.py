@@ -1,0 +1,102 @@
+"""ONNX export and bench: ONNX Runtime reproduces PyTorch on real images; the bench keys."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+
+from cflowad import CFlowAD
+from cflowad.cli import main
+from cflowad.data import batches, find_test_set
+
+FAST = ["--image-size", "64", "--steps", "20", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(texture_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "model"
+    assert main(["train", str(texture_dataset), "--out", str(out), *FAST]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(model_dir):
+    file = model_dir.parent / "model.onnx"
+    assert main(["export", str(model_dir), "--onnx", str(file), "--quiet"]) == 0
+    return file
+
+
+def test_onnx_runtime_gives_pytorchs_scores_maps_and_decisions(
+    model_dir, exported, texture_dataset
+):
+    file = exported
+    model = CFlowAD.load(model_dir)
+    test = find_test_set(texture_dataset)
+    images = torch.cat([b for b, _ in batches(test.images, model.config.image_size, 64)])
+    with torch.inference_mode():
+        scores, maps = model.net(images)
+    session = onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    got = dict(
+        zip(
+            ("scores", "anomalous", "maps", "masks"),
+            session.run(None, {"images": images.numpy()}),
+            strict=True,
+        )
+    )
+    np.testing.assert_allclose(
+        got["maps"], maps.numpy(), rtol=0, atol=1e-5 * maps.abs().max().item()
+    )
+    np.testing.assert_allclose(got["scores"], scores.numpy(), rtol=1e-5)
+    clear = np.abs(scores.numpy() - model.image_threshold) > 1e-4 * np.abs(scores.numpy()).max()
+    assert np.array_equal(got["anomalous"][clear], (scores.numpy() > model.image_threshold)[clear])
+    assert got["anomalous"].any() and not got["anomalous"].all()
+    assert np.array_equal(got["masks"], got["maps"] > np.float32(model.pixel_threshold))
+    metadata = {
+        p.key: p.value for p in onnx.load(str(file), load_external_data=False).metadata_props
+    }
+    assert float(metadata["image_threshold"]) == model.image_threshold
+    assert metadata["image_size"] == "64,64"
+
+
+def test_export_replaces_its_own_file_but_never_a_users(model_dir, exported, tmp_path, capsys):
+    own = tmp_path / "model.onnx"
+    shutil.copy(exported, own)
+    assert main(["export", str(model_dir), "--onnx", str(own), "--quiet"]) == 0
+    users = tmp_path / "notes.onnx"
+    users.write_text("my notes")
+    assert main(["export", str(model_dir), "--onnx", str(users), "--quiet"]) == 2
+    assert "notes.onnx" in capsys.readouterr().err
+    assert users.read_text() == "my notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "notes.onnx"]
+
+
+def test_export_without_the_onnx_packages_says_what_to_install(
+    model_dir, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    assert main(["export", str(model_dir), "--onnx", str(tmp_path / "m.onnx"), "--quiet"]) == 2
+    assert "pip install 'cflowad[onnx]'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_bench_writes_the_documented_keys_with_onnxruntime(model_dir, tmp_path):
+    file = tmp_path / "bench.json"
+    arguments = ["bench", str(model_dir), "--json", str(file), "--batch-size", "1,2"]
+    assert main([*arguments, "--repeats", "1", "--onnx", "--quiet"]) == 0
+    result = json.loads(file.read_text())
+    assert [b["batch_size"] for b in result["batches"]] == [1, 2]
+    for batch in result["batches"]:
+        for key in ("images_per_second", "encoder_images_per_second", "ratio", "ms_per_image"):
+            assert batch[key] > 0
+            assert batch["onnxruntime"][key] > 0
+        assert batch["ratio"] == pytest.approx(
+            batch["images_per_second"] / batch["encoder_images_per_second"], rel=0.01
+        )
+    assert result["peak_rss_mb"] > 0 and result["machine"]["threads"] >= 1
