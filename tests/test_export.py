@@ -86,9 +86,10 @@ def test_export_without_the_onnx_packages_says_what_to_install(
     assert not list(tmp_path.iterdir())
 
 
-def test_bench_writes_the_documented_keys_with_onnxruntime(model_dir, tmp_path):
+def test_bench_writes_the_documented_keys_with_onnxruntime(model_dir, texture_dataset, tmp_path):
     file = tmp_path / "bench.json"
-    arguments = ["bench", str(model_dir), "--json", str(file), "--batch-size", "1,2"]
+    good = texture_dataset / "test" / "good"
+    arguments = ["bench", str(model_dir), str(good), "--json", str(file), "--batch-size", "1,2"]
     assert main([*arguments, "--repeats", "1", "--onnx", "--quiet"]) == 0
     result = json.loads(file.read_text())
     assert [b["batch_size"] for b in result["batches"]] == [1, 2]
@@ -99,4 +100,5 @@ def test_bench_writes_the_documented_keys_with_onnxruntime(model_dir, tmp_path):
         assert batch["ratio"] == pytest.approx(
             batch["images_per_second"] / batch["encoder_images_per_second"], rel=0.01
         )
-    assert result["peak_rss_mb"] > 0 and result["machine"]["threads"] >= 1
+    assert result["inputs"] == "files" and result["machine"]["threads"] >= 1
+    assert result["peak_rss_mb"] > 0

@@ -181,15 +181,8 @@ def predict(
     quiet: Quiet = False,
 ) -> None:
     """Score images: writes OUT/predictions.json and one float32 .npy map per image."""
-    from cflowad.data import list_images
-
     reporter = Reporter(enabled=not quiet)
-    files: list[Path] = []
-    for item in images:
-        files.extend(list_images(item) if item.is_dir() else [item])
-    for file in files:
-        if not file.is_file():
-            raise UserError(f"{file}: file not found")
+    files = _image_files(images)
     model = CFlowAD.load(model_dir)
     prediction = model.predict(files, batch_size=batch_size, reporter=reporter)
     with staged_directory(out, lambda p: (p / "predictions.json").is_file(), "--out") as staging:
@@ -322,7 +315,10 @@ def bench(
     model_dir: Annotated[Path, typer.Argument(help="A model directory.")],
     images: Annotated[
         list[Path] | None,
-        typer.Argument(help="Images to time on (default: generated at model size)."),
+        typer.Argument(
+            help="Images or folders to time on, as many as the largest batch (default: "
+            "uniform noise at model size; real images are more representative)."
+        ),
     ] = None,
     json_file: Annotated[Path, typer.Option("--json", help="Results file to write.")] = Path(
         "bench.json"
@@ -348,11 +344,12 @@ def bench(
         raise UserError(f"option --batch-size={batch_size!r} must be integers, e.g. 1,16") from None
     if any(s < 1 for s in sizes) or repeats < 1:
         raise UserError("options --batch-size and --repeats must be at least 1")
-    for image in images or []:
+    files = _image_files(images or [])[: max(sizes)]
+    for image in files:
         load_image(image)
     result = run_bench(
         model_dir,
-        images or [],
+        files,
         sizes,
         threads,
         repeats,
@@ -386,6 +383,19 @@ def bench(
     if "train_steps_per_second" in result:
         rows.append(("training", f"{result['train_steps_per_second']:.1f} steps/s"))
     _summary_table(rows, quiet)
+
+
+def _image_files(items: list[Path]) -> list[Path]:
+    """Files given, with folders expanded to their images; missing files are user errors."""
+    from cflowad.data import list_images
+
+    files: list[Path] = []
+    for item in items:
+        files.extend(list_images(item) if item.is_dir() else [item])
+    for file in files:
+        if not file.is_file():
+            raise UserError(f"{file}: file not found")
+    return files
 
 
 def _training_rows(model: CFlowAD) -> list[tuple[str, str]]:
