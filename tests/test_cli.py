@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -159,3 +160,38 @@ def test_test_command_on_plain_folders(model_dir, texture_dataset, tmp_path):
     plain = json.loads(report.read_text())
     assert plain["n_images"] == 16 and plain["n_defective"] == 8
     assert plain["pixel_auroc"] is not None and set(plain["per_defect"]) == {"patch"}
+
+
+def test_skip_bad_turns_unreadable_files_into_warnings_with_a_count(
+    model_dir, texture_dataset, tmp_path, capsys
+):
+    data = tmp_path / "data"
+    shutil.copytree(texture_dataset, data)
+    n_test = sum(1 for _ in (data / "test").rglob("*.png"))
+    n_train = sum(1 for _ in (data / "train" / "good").iterdir())
+    for folder in (data / "test" / "good", data / "train" / "good"):
+        (folder / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"x" * 50)
+        (folder / "empty.jpg").write_bytes(b"")
+    good = data / "test" / "good"
+    out = tmp_path / "predictions"
+    assert main(["predict", str(model_dir), str(good), "--out", str(out), "--quiet"]) == 2
+    assert "cflowad: error: " in capsys.readouterr().err and not out.exists()
+    assert main(["predict", str(model_dir), str(good), "--out", str(out), "--skip-bad", "-q"]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "truncated.png" in err
+        and "empty.jpg" in err
+        and err.strip().endswith("skipped 2 unreadable image files (--skip-bad)")
+    )
+    records = json.loads((out / "predictions.json").read_text())
+    assert len(records) == len(list(good.iterdir())) - 2
+    metrics = tmp_path / "metrics.json"
+    assert (
+        main(["test", str(model_dir), str(data), "--json", str(metrics), "--skip-bad", "-q"]) == 0
+    )
+    assert json.loads(metrics.read_text())["n_images"] == n_test
+    model = tmp_path / "model"
+    assert main(["train", str(data), "--out", str(model), *FAST, "--skip-bad"]) == 0
+    training = json.loads((model / "model.json").read_text())["training"]
+    assert training["n_train"] + training["n_calibration"] == n_train
+    assert "skipped 2 unreadable image files" in capsys.readouterr().err

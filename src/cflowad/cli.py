@@ -22,7 +22,7 @@ from typer.exceptions import TyperException
 from cflowad import __version__
 from cflowad.allocator import keep_freed_memory
 from cflowad.config import Config
-from cflowad.data import find_test_set, load_image
+from cflowad.data import TestSet, find_test_set, find_training_images, load_image, readable
 from cflowad.errors import UserError
 from cflowad.files import refuse_foreign, staged_directory
 from cflowad.model import CFlowAD, is_model_dir
@@ -39,6 +39,10 @@ app = typer.Typer(
 )
 DEFAULTS = Config()
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+SkipBad = Annotated[
+    bool,
+    typer.Option("--skip-bad", help="Warn about unreadable image files and go on without them."),
+]
 
 
 def _version(value: bool) -> None:
@@ -130,6 +134,7 @@ def train(
     cache_budget_mb: Annotated[
         int, typer.Option(help="Feature cache above this goes to a memory-mapped file.")
     ] = DEFAULTS.feature_cache_budget_mb,
+    skip_bad: SkipBad = False,
     quiet: Quiet = False,
 ) -> None:
     """Train a model on defect-free images; thresholds are calibrated on held-out ones."""
@@ -167,7 +172,10 @@ def train(
     for source, target in jobs:
         refuse_foreign(target, is_model_dir, "--out")  # before training, not after
         reporter.log(f"training {source} -> {target}")
-        model = CFlowAD(config).fit(source, reporter=reporter)
+        images = find_training_images(source)
+        if skip_bad:
+            images = [images[i] for i in _readable(images)]
+        model = CFlowAD(config).fit(images, reporter=reporter)
         model.save(target)
         _summary_table([("model", str(target)), *_training_rows(model)], quiet)
 
@@ -178,11 +186,14 @@ def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for predictions.json and maps.")],
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    skip_bad: SkipBad = False,
     quiet: Quiet = False,
 ) -> None:
     """Score images: writes OUT/predictions.json and one float32 .npy map per image."""
     reporter = Reporter(enabled=not quiet)
     files = _image_files(images)
+    if skip_bad:
+        files = [files[i] for i in _readable(files)]
     model = CFlowAD.load(model_dir)
     prediction = model.predict(files, batch_size=batch_size, reporter=reporter)
     with staged_directory(out, lambda p: (p / "predictions.json").is_file(), "--out") as staging:
@@ -263,6 +274,7 @@ def test_command(
         str, typer.Option(help="mask: ground truth's size (MVTec); model: model input size.")
     ] = "mask",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    skip_bad: SkipBad = False,
     quiet: Quiet = False,
 ) -> None:
     """Evaluate on a test split: image/pixel AUROC, AUPRO, F1-max, per defect type."""
@@ -278,6 +290,14 @@ def test_command(
     results = {}
     for name, model_path, source in jobs:
         test_set = find_test_set(source, good, defective or (), masks, mask_suffix)
+        if skip_bad:
+            keep = _readable(test_set.images)
+            test_set = TestSet(
+                [test_set.images[i] for i in keep],
+                test_set.labels[keep],
+                [test_set.defect_types[i] for i in keep],
+                [test_set.masks[i] for i in keep],
+            )
         model = CFlowAD.load(model_path)
         reporter.log(
             f"testing {model_path} on {len(test_set.images)} images"
@@ -385,6 +405,20 @@ def bench(
     _summary_table(rows, quiet)
 
 
+_skipped: list[str] = []  # files skipped by --skip-bad in this run; main() counts them at the end
+
+
+def _readable(files: list[Path]) -> list[int]:
+    """Indices of the files that decode; a warning per other file and a count (--skip-bad)."""
+    keep, errors = readable(files)
+    for error in errors:
+        print(f"cflowad: warning: skipped {error}", file=sys.stderr)
+    _skipped.extend(errors)
+    if not keep:
+        raise UserError(f"none of the {len(files)} image files could be read")
+    return keep
+
+
 def _image_files(items: list[Path]) -> list[Path]:
     """Files given, with folders expanded to their images; missing files are user errors."""
     from cflowad.data import list_images
@@ -446,8 +480,14 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in args
     keep_freed_memory()
     command = typer.main.get_command(app)
+    _skipped.clear()
     try:
         result = command.main(args, prog_name="cflowad", standalone_mode=False)
+        if _skipped:
+            print(
+                f"cflowad: warning: skipped {len(_skipped)} unreadable image files (--skip-bad)",
+                file=sys.stderr,
+            )
         return result if isinstance(result, int) else 0
     except typer.Exit as done:
         return done.exit_code

@@ -31,6 +31,7 @@ __all__ = [
     "load_image",
     "load_mask",
     "median_aspect_ratio",
+    "readable",
     "to_model_input",
 ]
 
@@ -120,6 +121,25 @@ def batches(
                 batch = []
         if batch:
             yield torch.stack([t for t, _ in batch]), [s for _, s in batch]
+
+
+def readable(files: Sequence[Path], workers: int = 2) -> tuple[list[int], list[str]]:
+    """Indices of the files that decode, and one message per file that does not.
+
+    The ``--skip-bad`` check: it decodes every file once before the run, so that
+    an unreadable file becomes a warning instead of stopping the run midway.
+    """
+
+    def error(file: Path) -> str | None:
+        try:
+            load_image(file)
+        except UserError as problem:
+            return str(problem)
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        errors = list(pool.map(error, files))
+    return [i for i, e in enumerate(errors) if e is None], [e for e in errors if e is not None]
 
 
 def median_aspect_ratio(items: Sequence[ImageInput]) -> float:
