@@ -158,3 +158,23 @@ def test_loss_gradients_match_finite_differences():
             numeric = (plus - minus) / 2e-6
             torch.testing.assert_close(g.view(-1)[index], numeric, rtol=1e-5, atol=1e-8)
     loss(*start)
+
+
+@pytest.mark.parametrize("dim", [40, 320])
+def test_bfloat16_training_step_approximates_float32(dim):
+    """Under bfloat16 autocast the loss (7.2) and its gradient stay close to float32's."""
+    torch.manual_seed(0)
+    flow = ConditionalFlow(dim, 128, 8, seed=0)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    z, c = 2 * torch.randn(256, dim), torch.randn(256, 128)
+    params = list(flow.parameters())
+    exact = flow_loss(flow, z, c)
+    exact_grad = torch.cat([g.flatten() for g in torch.autograd.grad(exact, params)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = flow_loss(flow, z, c).float()
+    mixed_grad = torch.cat([g.flatten() for g in torch.autograd.grad(mixed, params)])
+    assert 0 < abs(mixed.item() - exact.item()) < 5e-3 * exact.item()
+    assert torch.nn.functional.cosine_similarity(mixed_grad, exact_grad, dim=0) > 0.999
+    assert mixed_grad.norm() == pytest.approx(exact_grad.norm().item(), rel=0.01)

@@ -178,3 +178,21 @@ def test_feature_cache_over_budget_is_memory_mapped_with_equal_content(small_mod
     assert isinstance(on_disk.scales[0], np.memmap)
     for a, b in zip(in_memory.scales, on_disk.scales, strict=True):
         assert np.array_equal(a, b)
+
+
+def test_training_precision_is_applied_and_recorded():
+    losses = {}
+    for precision in ("float32", "bfloat16"):
+        model = CFlowAD(
+            encoder_weights="random",
+            image_size=64,
+            steps=20,
+            min_holdout=3,
+            training_precision=precision,
+        ).fit(IMAGES)
+        assert model.training["precision"] == precision
+        losses[precision] = model.training["final_loss"]
+    assert losses["float32"] != losses["bfloat16"]
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.02)
+    with pytest.raises(UserError, match="training_precision"):
+        Config(training_precision="float16")

@@ -110,6 +110,14 @@ def train(
     objective: Annotated[
         str, typer.Option(help="nll (paper eq. 7.2) or logsigmoid (official code's variant).")
     ] = DEFAULTS.objective,
+    training_precision: Annotated[
+        str,
+        typer.Option(
+            "--precision",
+            help="Decoder training: auto (bfloat16 where the CPU has it natively), "
+            "float32 or bfloat16. Scoring is always float32.",
+        ),
+    ] = DEFAULTS.training_precision,
     fiber_batch_size: Annotated[
         int, typer.Option(help="Feature vectors per step and scale.")
     ] = DEFAULTS.fiber_batch_size,
@@ -153,6 +161,7 @@ def train(
         condition_dim=condition_dim,
         clamp_alpha=clamp_alpha,
         objective=objective,
+        training_precision=training_precision,
         fiber_batch_size=fiber_batch_size,
         steps=steps,
         learning_rate=learning_rate,
@@ -440,7 +449,8 @@ def _training_rows(model: CFlowAD) -> list[tuple[str, str]]:
         (
             "train",
             f"{t['steps']} steps in {t['train_seconds']:.1f} s "
-            f"({t['steps_per_second']:.1f} steps/s), loss {t['final_loss']:.4f}",
+            f"({t['steps_per_second']:.1f} steps/s, {t['precision']}), "
+            f"loss {t['final_loss']:.4f}",
         ),
         ("image threshold", f"{model.image_threshold:.4g}"),
         ("pixel threshold", f"{model.pixel_threshold:.4g}"),

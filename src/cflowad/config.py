@@ -11,6 +11,7 @@ from cflowad.errors import UserError
 __all__ = ["Config", "parse_image_size"]
 
 OBJECTIVES = ("nll", "logsigmoid")
+PRECISIONS = ("auto", "float32", "bfloat16")
 ENCODER_WEIGHTS = ("pretrained", "random")
 ASPECTS = ("auto", "fixed")
 
@@ -25,7 +26,9 @@ class Config:
     for far more steps). ``image_size`` is (height, width), multiples of 32. With
     ``aspect="auto"`` and a square ``image_size`` N, ``fit`` keeps the training
     images' median aspect ratio: the shorter side is N, the longer one a multiple
-    of 32 (``"fixed"`` uses ``image_size`` as given).
+    of 32 (``"fixed"`` uses ``image_size`` as given). ``training_precision="auto"``
+    trains the decoders with bfloat16 matrix products where the CPU multiplies
+    bfloat16 natively (scoring is always float32).
 
     Example:
         >>> Config(image_size=(256, 384)).image_size
@@ -42,6 +45,7 @@ class Config:
     condition_dim: int = 128
     clamp_alpha: float = 1.9
     objective: str = "nll"
+    training_precision: str = "auto"
     fiber_batch_size: int = 256
     steps: int = 3000
     learning_rate: float = 8e-3
@@ -60,6 +64,11 @@ class Config:
         object.__setattr__(self, "strides", tuple(int(s) for s in self.strides))
         checks = [
             (self.objective in OBJECTIVES, "objective", f"one of {', '.join(OBJECTIVES)}"),
+            (
+                self.training_precision in PRECISIONS,
+                "training_precision",
+                f"one of {', '.join(PRECISIONS)}",
+            ),
             (self.aspect in ASPECTS, "aspect", f"one of {', '.join(ASPECTS)}"),
             (
                 self.encoder_weights in ENCODER_WEIGHTS,

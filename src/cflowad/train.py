@@ -28,7 +28,7 @@ from cflowad.flows import ConditionalFlow
 from cflowad.progress import Reporter
 from cflowad.scoring import CFlowNet
 
-__all__ = ["FeatureCache", "encode", "fit_decoders", "flow_loss"]
+__all__ = ["FeatureCache", "encode", "fit_decoders", "flow_loss", "resolve_precision"]
 
 
 @dataclass
@@ -104,6 +104,25 @@ def flow_loss(flow: ConditionalFlow, z: Tensor, c: Tensor, objective: str = "nll
     return -F.logsigmoid(log_prob / dim).mean()
 
 
+def native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX tiles)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(precision: str) -> str:
+    """``"auto"`` -> bfloat16 where :func:`native_bfloat16`, else float32.
+
+    Training under bfloat16 autocast (matrix products in bfloat16, the rest as
+    PyTorch's autocast chooses) measured 15.3 -> 19.3 steps/s on an AVX512-BF16
+    CPU with the same magnetic_tile AUROC (README); without native support it
+    would be emulated and slower.
+    """
+    if precision == "auto":
+        return "bfloat16" if native_bfloat16() else "float32"
+    return precision
+
+
 def fit_decoders(
     net: CFlowNet, cache: FeatureCache, config: Config, reporter: Reporter | None = None
 ) -> dict[str, float | int | list[float]]:
@@ -127,19 +146,21 @@ def fit_decoders(
         return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, config.steps - warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    precision = resolve_precision(config.training_precision)
     history: list[float] = []
     running = None
     start = time.perf_counter()
     with reporter.task("training", config.steps) as task:
         for step in range(config.steps):
             total = torch.zeros(())
-            for k, flow in enumerate(net.decoders):
-                index = torch.randint(
-                    features[k].shape[0], (config.fiber_batch_size,), generator=generator
-                )
-                z = features[k][index].float()
-                c = codes[k][index % cache.positions[k]]
-                total = total + flow_loss(flow, z, c, config.objective)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+                for k, flow in enumerate(net.decoders):
+                    index = torch.randint(
+                        features[k].shape[0], (config.fiber_batch_size,), generator=generator
+                    )
+                    z = features[k][index].float()
+                    c = codes[k][index % cache.positions[k]]
+                    total = total + flow_loss(flow, z, c, config.objective).float()
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
@@ -159,6 +180,7 @@ def fit_decoders(
     seconds = time.perf_counter() - start
     return {
         "steps": config.steps,
+        "precision": precision,
         "train_seconds": round(seconds, 2),
         "steps_per_second": round(config.steps / seconds, 2),
         "final_loss": round(running, 5),
