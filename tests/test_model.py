@@ -10,6 +10,8 @@ import torch
 
 from cflowad import CFlowAD, Config, UserError
 from cflowad.model import FORMAT_VERSION
+from cflowad.scoring import CFlowNet
+from cflowad.train import training_step_loss
 
 RNG = np.random.default_rng(0)
 IMAGES = [RNG.random((70 + 3 * i, 50 + 5 * i, 3), dtype=np.float32) for i in range(10)]
@@ -196,3 +198,43 @@ def test_training_precision_is_applied_and_recorded():
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.02)
     with pytest.raises(UserError, match="training_precision"):
         Config(training_precision="float16")
+
+
+def test_training_falls_back_to_eager_when_compiling_fails(monkeypatch):
+    def broken_compile(function, **options):
+        def fail(*args, **kwargs):
+            raise RuntimeError("no C++ compiler")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = CFlowAD(encoder_weights="random", image_size=64, steps=5, min_holdout=3)
+    model.fit(IMAGES)
+    assert model.training["compiled"] is False
+    eager = CFlowAD(
+        encoder_weights="random", image_size=64, steps=5, min_holdout=3, compile_training=False
+    ).fit(IMAGES)
+    assert model.training["final_loss"] == eager.training["final_loss"]
+
+
+def test_compiled_training_step_matches_float32_loss_and_gradients():
+    """The fused bfloat16 step (the default) against the plain float32 step."""
+    net = CFlowNet.build(Config(encoder_weights="random"), pretrained=False)
+    generator = torch.Generator().manual_seed(0)
+    zs = [2 * torch.randn(256, d, generator=generator) for d in net.encoder.channels]
+    cs = [
+        net.codes(k)[torch.randint(len(net.codes(k)), (256,), generator=generator)]
+        for k in range(3)
+    ]
+    params = list(net.decoders.parameters())
+
+    def loss_and_gradient(step_loss, precision):
+        total = step_loss(net.decoders, zs, cs, "nll", precision)
+        return total, torch.cat([g.flatten() for g in torch.autograd.grad(total, params)])
+
+    exact, exact_grad = loss_and_gradient(training_step_loss, "float32")
+    fused, fused_grad = loss_and_gradient(
+        torch.compile(training_step_loss, dynamic=False), "bfloat16"
+    )
+    assert fused.item() == pytest.approx(exact.item(), rel=5e-3)
+    assert torch.nn.functional.cosine_similarity(fused_grad, exact_grad, dim=0) > 0.999

@@ -28,7 +28,8 @@ class Config:
     images' median aspect ratio: the shorter side is N, the longer one a multiple
     of 32 (``"fixed"`` uses ``image_size`` as given). ``training_precision="auto"``
     trains the decoders with bfloat16 matrix products where the CPU multiplies
-    bfloat16 natively (scoring is always float32).
+    bfloat16 natively (scoring is always float32); ``compile_training`` fuses the
+    training step with torch.compile (falls back to eager if compiling fails).
 
     Example:
         >>> Config(image_size=(256, 384)).image_size
@@ -46,6 +47,7 @@ class Config:
     clamp_alpha: float = 1.9
     objective: str = "nll"
     training_precision: str = "auto"
+    compile_training: bool = True
     fiber_batch_size: int = 256
     steps: int = 3000
     learning_rate: float = 8e-3

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from cflowad.config import Config
@@ -28,7 +28,14 @@ from cflowad.flows import ConditionalFlow
 from cflowad.progress import Reporter
 from cflowad.scoring import CFlowNet
 
-__all__ = ["FeatureCache", "encode", "fit_decoders", "flow_loss", "resolve_precision"]
+__all__ = [
+    "FeatureCache",
+    "encode",
+    "fit_decoders",
+    "flow_loss",
+    "resolve_precision",
+    "training_step_loss",
+]
 
 
 @dataclass
@@ -123,6 +130,17 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
+def training_step_loss(
+    decoders: nn.ModuleList, zs: list[Tensor], cs: list[Tensor], objective: str, precision: str
+) -> Tensor:
+    """Summed loss of one training step over the scales: the part torch.compile fuses."""
+    total = torch.zeros(())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+        for flow, z, c in zip(decoders, zs, cs, strict=True):
+            total = total + flow_loss(flow, z, c, objective).float()
+    return total
+
+
 def fit_decoders(
     net: CFlowNet, cache: FeatureCache, config: Config, reporter: Reporter | None = None
 ) -> dict[str, float | int | list[float]]:
@@ -146,25 +164,41 @@ def fit_decoders(
         return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, config.steps - warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    def _gradients(total: Tensor) -> Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()  # the compiled backward is built here on the first step
+        return total
+
     precision = resolve_precision(config.training_precision)
+    loss_fn = training_step_loss
+    if config.compile_training:
+        reporter.log("compiling the training step (a minute the first time, then cached)")
+        loss_fn = torch.compile(training_step_loss, dynamic=False)
     history: list[float] = []
     running = None
     start = time.perf_counter()
     with reporter.task("training", config.steps) as task:
         for step in range(config.steps):
-            total = torch.zeros(())
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
-                for k, flow in enumerate(net.decoders):
-                    index = torch.randint(
-                        features[k].shape[0], (config.fiber_batch_size,), generator=generator
-                    )
-                    z = features[k][index].float()
-                    c = codes[k][index % cache.positions[k]]
-                    total = total + flow_loss(flow, z, c, config.objective).float()
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            zs, cs = [], []
+            for k in range(len(features)):
+                index = torch.randint(
+                    features[k].shape[0], (config.fiber_batch_size,), generator=generator
+                )
+                zs.append(features[k][index].float())
+                cs.append(codes[k][index % cache.positions[k]])
+            try:
+                total = _gradients(loss_fn(net.decoders, zs, cs, config.objective, precision))
+            except Exception as error:  # a compiler missing or failing: train without it
+                if step > 0 or loss_fn is training_step_loss:
+                    raise
+                reporter.log(f"torch.compile failed ({type(error).__name__}); training without it")
+                loss_fn = training_step_loss
+                total = _gradients(loss_fn(net.decoders, zs, cs, config.objective, precision))
             optimizer.step()
             scheduler.step()
+            if step == 0:
+                first_step = time.perf_counter() - start
             value = total.item() / len(features)
             running = value if running is None else 0.98 * running + 0.02 * value
             if step % 100 == 0 or step == config.steps - 1:
@@ -181,6 +215,8 @@ def fit_decoders(
     return {
         "steps": config.steps,
         "precision": precision,
+        "compiled": loss_fn is not training_step_loss,
+        "first_step_seconds": round(first_step, 2),
         "train_seconds": round(seconds, 2),
         "steps_per_second": round(config.steps / seconds, 2),
         "final_loss": round(running, 5),
