@@ -9,6 +9,7 @@ budget live in a memory-mapped temporary file instead of RAM.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -174,6 +175,8 @@ def fit_decoders(
     loss_fn = training_step_loss
     if config.compile_training:
         reporter.log("compiling the training step (a minute the first time, then cached)")
+        # Inductor's C++ build warns that no CUDA runtime exists: true and irrelevant here.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         loss_fn = torch.compile(training_step_loss, dynamic=False)
     history: list[float] = []
     running = None
