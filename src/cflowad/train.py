@@ -4,7 +4,9 @@ The encoder is frozen, so each training image is encoded once; decoders then tra
 on fiber batches drawn uniformly over (image, y, x) of every scale. Features are
 cached as float16: about 176 KiB per 256 x 256 image with EfficientNet-Lite0
 (40 x 32 x 32 + 112 x 16 x 16 + 320 x 8 x 8 values). Caches above the configured
-budget live in a memory-mapped temporary file instead of RAM.
+budget live in a memory-mapped temporary file instead of RAM. Where the CPU has
+native bfloat16, a step's matrix products run in bfloat16, and torch.compile fuses
+the step; scoring always runs in float32.
 """
 
 from __future__ import annotations
@@ -122,9 +124,9 @@ def resolve_precision(precision: str) -> str:
     """``"auto"`` -> bfloat16 where :func:`native_bfloat16`, else float32.
 
     Training under bfloat16 autocast (matrix products in bfloat16, the rest as
-    PyTorch's autocast chooses) measured 15.3 -> 19.3 steps/s on an AVX512-BF16
-    CPU with the same magnetic_tile AUROC (README); without native support it
-    would be emulated and slower.
+    PyTorch's autocast chooses) measured 14.5 -> 17.7 steps/s eager and 18.0 ->
+    25.4 compiled on an AVX512-BF16 CPU (benchmarks/training_speed.py), with the
+    same AUROC (README); without native support it would be emulated and slower.
     """
     if precision == "auto":
         return "bfloat16" if native_bfloat16() else "float32"
@@ -166,7 +168,7 @@ def fit_decoders(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
-    def _gradients(total: Tensor) -> Tensor:
+    def gradients(total: Tensor) -> Tensor:
         optimizer.zero_grad(set_to_none=True)
         total.backward()  # the compiled backward is built here on the first step
         return total
@@ -191,13 +193,13 @@ def fit_decoders(
                 zs.append(features[k][index].float())
                 cs.append(codes[k][index % cache.positions[k]])
             try:
-                total = _gradients(loss_fn(net.decoders, zs, cs, config.objective, precision))
+                total = gradients(loss_fn(net.decoders, zs, cs, config.objective, precision))
             except Exception as error:  # a compiler missing or failing: train without it
                 if step > 0 or loss_fn is training_step_loss:
                     raise
                 reporter.log(f"torch.compile failed ({type(error).__name__}); training without it")
                 loss_fn = training_step_loss
-                total = _gradients(loss_fn(net.decoders, zs, cs, config.objective, precision))
+                total = gradients(loss_fn(net.decoders, zs, cs, config.objective, precision))
             optimizer.step()
             scheduler.step()
             if step == 0:
