@@ -9,9 +9,7 @@ alone, exported the same way) are timed in ONNX Runtime too.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import os
 import platform
 import resource
@@ -26,6 +24,7 @@ import torch
 
 from cflowad.data import batches
 from cflowad.errors import UserError
+from cflowad.export import INPUT_NAME, write_onnx
 from cflowad.model import CFlowAD
 from cflowad.progress import Reporter
 from cflowad.scoring import CFlowNet
@@ -90,7 +89,7 @@ def run_bench(
                 }
             )
             if sessions is not None:
-                feed = {"images": batch.numpy()}
+                feed = {INPUT_NAME: batch.numpy()}
                 ort_whole = _median_seconds(lambda f=feed: sessions[0].run(None, f), repeats)
                 ort_encoder = _median_seconds(lambda f=feed: sessions[1].run(None, f), repeats)
                 results[-1]["onnxruntime"] = {
@@ -152,15 +151,7 @@ def _onnx_sessions(model: CFlowAD, threads: int | None, reporter: Reporter) -> t
         model.export_onnx(whole)
         task.advance()
         encoder = Path(folder) / "encoder.onnx"
-        with contextlib.redirect_stdout(io.StringIO()):
-            torch.onnx.export(
-                _EncoderOnly(model.net).eval(),
-                (torch.rand(2, 3, height, width),),
-                str(encoder),
-                dynamo=True,
-                input_names=["images"],
-                dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
-            )
+        write_onnx(_EncoderOnly(model.net).eval(), torch.rand(2, 3, height, width), encoder)
         task.advance()
         return tuple(
             onnxruntime.InferenceSession(str(f), options, providers=["CPUExecutionProvider"])

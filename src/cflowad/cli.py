@@ -22,7 +22,14 @@ from typer.exceptions import TyperException
 from cflowad import __version__
 from cflowad.allocator import keep_freed_memory
 from cflowad.config import Config
-from cflowad.data import TestSet, find_test_set, find_training_images, load_image, readable
+from cflowad.data import (
+    TestSet,
+    find_test_set,
+    find_training_images,
+    list_images,
+    load_image,
+    readable,
+)
 from cflowad.errors import UserError
 from cflowad.files import refuse_foreign, staged_directory
 from cflowad.model import CFlowAD, is_model_dir
@@ -439,8 +446,6 @@ def _readable(files: list[Path]) -> list[int]:
 
 def _image_files(items: list[Path]) -> list[Path]:
     """Files given, with folders expanded to their images; missing files are user errors."""
-    from cflowad.data import list_images
-
     files: list[Path] = []
     for item in items:
         files.extend(list_images(item) if item.is_dir() else [item])

@@ -15,6 +15,7 @@ import contextlib
 import io
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,7 @@ from cflowad.scoring import CFlowNet
 if TYPE_CHECKING:
     from cflowad.model import CFlowAD
 
-__all__ = ["INPUT_NAME", "OUTPUT_NAMES", "export_onnx", "is_cflowad_onnx"]
+__all__ = ["INPUT_NAME", "OUTPUT_NAMES", "export_onnx", "is_cflowad_onnx", "write_onnx"]
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("scores", "anomalous", "maps", "masks")
@@ -48,6 +49,23 @@ class _Decisions(nn.Module):
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         scores, maps = self.net(images)
         return scores, scores > self.image_threshold, maps, maps > self.pixel_threshold
+
+
+def write_onnx(
+    module: nn.Module, example: Tensor, path: Path, output_names: Sequence[str] | None = None
+) -> None:
+    """Export ``module`` (images -> outputs) to ``path`` with a dynamic batch dimension."""
+    # torch.onnx prints its stages to stdout; progress is the caller's to show.
+    with contextlib.redirect_stdout(io.StringIO()):
+        program = torch.onnx.export(
+            module,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=None if output_names is None else list(output_names),
+            dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
+        )
+    program.save(str(path))
 
 
 def is_cflowad_onnx(path: Path) -> bool:
@@ -87,17 +105,7 @@ def export_onnx(model: CFlowAD, path: Path) -> dict[str, Any]:
     staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     start = time.perf_counter()
     try:
-        # torch.onnx prints its stages to stdout; progress is the caller's to show.
-        with contextlib.redirect_stdout(io.StringIO()):
-            program = torch.onnx.export(
-                wrapper,
-                (example,),
-                dynamo=True,
-                input_names=[INPUT_NAME],
-                output_names=list(OUTPUT_NAMES),
-                dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
-            )
-        program.save(str(staging))
+        write_onnx(wrapper, example, staging, OUTPUT_NAMES)
         onnx_model = onnx.load(str(staging))
         metadata = {
             _MARK: __version__,
