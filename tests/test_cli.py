@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from cflowad.cli import main
 
@@ -119,6 +120,28 @@ def test_user_errors_are_one_line_and_exit_2(model_dir, tmp_path, capsys):
     assert "model.json" in _error_line(capsys)
     assert main(["train", "--bogus"]) == 2
     assert "--bogus" in _error_line(capsys)
+
+
+def test_threads_option_sets_torch_threads_without_changing_maps(
+    model_dir, texture_dataset, tmp_path, capsys
+):
+    images = [str(p) for p in sorted((texture_dataset / "test" / "patch").glob("*.png"))[:2]]
+    before = torch.get_num_threads()
+    try:
+        assert main(["predict", str(model_dir), *images, "--out", str(tmp_path / "o"), "-q"]) == 0
+        one = ["--out", str(tmp_path / "one"), "--threads", "1", "-q"]
+        assert main(["predict", str(model_dir), *images, *one]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    for name in json.loads((tmp_path / "o" / "predictions.json").read_text()):
+        default = np.load(tmp_path / "o" / name["map"])
+        single = np.load(tmp_path / "one" / name["map"])
+        np.testing.assert_allclose(single, default, rtol=0, atol=1e-5 * np.abs(default).max())
+    zero = ["--out", str(tmp_path / "z"), "--threads", "0"]
+    assert main(["predict", str(model_dir), *images, *zero]) == 2
+    assert "--threads" in _error_line(capsys)
+    assert not (tmp_path / "z").exists()
 
 
 def test_failed_train_leaves_existing_model_untouched(model_dir, tmp_path, capsys):

@@ -51,16 +51,13 @@ def run_bench(
     model_dir: Path,
     images: list[Path],
     batch_sizes: list[int],
-    threads: int | None,
     repeats: int,
     train_data: Path | None,
     steps: int,
     reporter: Reporter,
     onnx: bool = False,
 ) -> dict[str, Any]:
-    """Measure and return the figures written to the bench JSON."""
-    if threads is not None:
-        torch.set_num_threads(threads)
+    """Measure and return the figures written to the bench JSON, in torch's current threads."""
     model = CFlowAD.load(model_dir)
     net = model.net
     size = model.config.image_size
@@ -68,7 +65,7 @@ def run_bench(
         pool = torch.cat([b for b, _ in batches(images, size, 16)])
     else:
         pool = torch.rand(max(batch_sizes), 3, *size, generator=torch.Generator().manual_seed(0))
-    sessions = _onnx_sessions(model, threads, reporter) if onnx else None
+    sessions = _onnx_sessions(model, reporter) if onnx else None
     results = []
     with reporter.task("timing", len(batch_sizes)) as task:
         for batch_size in batch_sizes:
@@ -137,14 +134,14 @@ class _EncoderOnly(torch.nn.Module):
         return tuple(self.encoder(images))
 
 
-def _onnx_sessions(model: CFlowAD, threads: int | None, reporter: Reporter) -> tuple[Any, Any]:
+def _onnx_sessions(model: CFlowAD, reporter: Reporter) -> tuple[Any, Any]:
     """ONNX Runtime sessions of the exported model and of its encoder alone."""
     try:
         import onnxruntime
     except ImportError:
         raise UserError("--onnx needs onnxruntime: pip install 'cflowad[onnx]'") from None
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.intra_op_num_threads = torch.get_num_threads()
     height, width = model.config.image_size
     with tempfile.TemporaryDirectory() as folder, reporter.task("exporting to ONNX", 2) as task:
         whole = Path(folder) / "model.onnx"

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
+import torch
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -49,6 +50,13 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output."
 SkipBad = Annotated[
     bool,
     typer.Option("--skip-bad", help="Warn about unreadable image files and go on without them."),
+]
+Threads = Annotated[
+    int | None,
+    typer.Option(
+        help="Torch threads (default: all cores). For throughput, run one process per "
+        "core with --threads 1."
+    ),
 ]
 
 
@@ -211,10 +219,12 @@ def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for predictions.json and maps.")],
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    threads: Threads = None,
     skip_bad: SkipBad = False,
     quiet: Quiet = False,
 ) -> None:
     """Score images: writes OUT/predictions.json and one float32 .npy map per image."""
+    _use_threads(threads)
     reporter = Reporter(enabled=not quiet)
     files = _image_files(images)
     if skip_bad:
@@ -299,10 +309,12 @@ def test_command(
         str, typer.Option(help="mask: ground truth's size (MVTec); model: model input size.")
     ] = "mask",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    threads: Threads = None,
     skip_bad: SkipBad = False,
     quiet: Quiet = False,
 ) -> None:
     """Evaluate on a test split: image/pixel AUROC, AUPRO, F1-max, per defect type."""
+    _use_threads(threads)
     from cflowad.evaluate import evaluate
     from cflowad.report import print_metrics, write_pictures
 
@@ -369,7 +381,7 @@ def bench(
         "bench.json"
     ),
     batch_size: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,16",
-    threads: Annotated[int | None, typer.Option(help="Torch threads (default: all cores).")] = None,
+    threads: Threads = None,
     repeats: Annotated[int, typer.Option(help="Timed repetitions per batch size.")] = 5,
     train_data: Annotated[
         Path | None, typer.Option("--train", help="Also time training on this data.")
@@ -389,6 +401,7 @@ def bench(
         raise UserError(f"option --batch-size={batch_size!r} must be integers, e.g. 1,16") from None
     if any(s < 1 for s in sizes) or repeats < 1:
         raise UserError("options --batch-size and --repeats must be at least 1")
+    _use_threads(threads)
     files = _image_files(images or [])[: max(sizes)]
     for image in files:
         load_image(image)
@@ -396,7 +409,6 @@ def bench(
         model_dir,
         files,
         sizes,
-        threads,
         repeats,
         train_data,
         steps,
@@ -431,6 +443,15 @@ def bench(
 
 
 _skipped: list[str] = []  # files skipped by --skip-bad in this run; main() counts them at the end
+
+
+def _use_threads(threads: int | None) -> None:
+    """Set torch's intra-op threads; the default leaves torch's choice (all cores)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise UserError(f"option --threads={threads} must be at least 1")
+    torch.set_num_threads(threads)
 
 
 def _readable(files: list[Path]) -> list[int]:
