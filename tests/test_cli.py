@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cflowad.cli import main
 
@@ -120,6 +121,25 @@ def test_user_errors_are_one_line_and_exit_2(model_dir, tmp_path, capsys):
     assert "model.json" in _error_line(capsys)
     assert main(["train", "--bogus"]) == 2
     assert "--bogus" in _error_line(capsys)
+
+
+def test_predict_pictures_show_each_image_beside_its_heat_map(model_dir, texture_dataset, tmp_path):
+    images = sorted((texture_dataset / "test" / "patch").glob("*.png"))[:2]
+    out = tmp_path / "pred"
+    assert (
+        main(["predict", str(model_dir), *map(str, images), "--out", str(out), "--pictures", "-q"])
+        == 0
+    )
+    for path, record in zip(
+        images, json.loads((out / "predictions.json").read_text()), strict=True
+    ):
+        assert set(record) == {"image", "score", "anomalous", "map", "picture"}
+        picture = np.asarray(Image.open(out / record["picture"]).convert("RGB"))
+        original = np.asarray(Image.open(path).convert("RGB"))
+        height, width = original.shape[:2]
+        assert picture.shape[0] == height and picture.shape[1] > 2 * width
+        np.testing.assert_allclose(picture[:, :width], original, atol=1)
+        assert np.abs(picture[:, -width:].astype(int) - original).mean() > 10
 
 
 def test_threads_option_sets_torch_threads_without_changing_maps(

@@ -33,7 +33,7 @@ from cflowad.data import (
 )
 from cflowad.errors import UserError
 from cflowad.files import refuse_foreign, staged_directory
-from cflowad.model import CFlowAD, is_model_dir
+from cflowad.model import CFlowAD, Prediction, is_model_dir
 from cflowad.progress import Reporter
 
 __all__ = ["app", "main"]
@@ -219,6 +219,12 @@ def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for predictions.json and maps.")],
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    pictures: Annotated[
+        bool,
+        typer.Option(
+            "--pictures", help="Also write a PNG per image: the image beside its heat map."
+        ),
+    ] = False,
     threads: Threads = None,
     skip_bad: SkipBad = False,
     quiet: Quiet = False,
@@ -242,6 +248,8 @@ def predict(
             records.append(
                 {"image": str(file), "score": float(score), "anomalous": bool(flag), "map": name}
             )
+        if pictures:
+            _write_prediction_pictures(staging, model, files, prediction, records, reporter)
         (staging / "predictions.json").write_text(json.dumps(records, indent=2))
     flagged = int(prediction.anomalous.sum())
     _summary_table(
@@ -443,6 +451,33 @@ def bench(
 
 
 _skipped: list[str] = []  # files skipped by --skip-bad in this run; main() counts them at the end
+
+
+def _write_prediction_pictures(
+    staging: Path,
+    model: CFlowAD,
+    files: list[Path],
+    prediction: Prediction,
+    records: list[dict],
+    reporter: Reporter,
+) -> None:
+    """One overlay PNG per image, named in its record under ``picture``."""
+    from cflowad.pictures import GOOD_LEVEL, save_overlay
+
+    (staging / "pictures").mkdir()
+    with reporter.task("pictures", len(files)) as task:
+        for i, (file, record) in enumerate(zip(files, records, strict=True)):
+            name = f"pictures/{i:05d}_{file.stem}.png"
+            save_overlay(
+                staging / name,
+                load_image(file),
+                prediction.maps[i],
+                GOOD_LEVEL,
+                model.pixel_threshold,
+                prediction.masks[i],
+            )
+            record["picture"] = name
+            task.advance()
 
 
 def _use_threads(threads: int | None) -> None:

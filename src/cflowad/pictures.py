@@ -17,7 +17,12 @@ from sklearn.metrics import roc_curve
 
 from cflowad.metrics import pro_curve
 
-__all__ = ["overlay", "save_curves", "save_histogram", "save_overlay"]
+__all__ = ["GOOD_LEVEL", "overlay", "save_curves", "save_histogram", "save_overlay"]
+
+# Where the heat map's colour scale starts: every scale of a map is centred on the
+# median of held-out good images, so good pixels sit near 0 in every model, and a
+# picture's colours never depend on the other images scored with it.
+GOOD_LEVEL = 0.0
 
 
 def overlay(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -12,7 +11,7 @@ from cflowad.data import TestSet, load_image
 from cflowad.evaluate import Evaluation
 from cflowad.files import staged_directory
 from cflowad.model import CFlowAD
-from cflowad.pictures import save_curves, save_histogram, save_overlay
+from cflowad.pictures import GOOD_LEVEL, save_curves, save_histogram, save_overlay
 from cflowad.progress import Reporter
 
 __all__ = ["print_metrics", "write_pictures"]
@@ -52,7 +51,6 @@ def write_pictures(
     """Per image: the image beside its heat map, predicted (white) and true (green) outlines;
     plus the ROC curve, the PRO curve and the score histogram."""
     prediction = evaluation.prediction
-    low = float(np.median(np.concatenate([m.ravel() for m in prediction.maps])))
     with staged_directory(
         directory, lambda p: (p / "score_histogram.png").is_file(), "--out"
     ) as staging:
@@ -67,7 +65,7 @@ def write_pictures(
                     folder / f"{path.stem}.png",
                     load_image(path),
                     prediction.maps[i],
-                    low,
+                    GOOD_LEVEL,
                     model.pixel_threshold,
                     prediction.masks[i],
                     truth,
