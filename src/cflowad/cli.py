@@ -462,7 +462,7 @@ def _write_prediction_pictures(
     reporter: Reporter,
 ) -> None:
     """One overlay PNG per image, named in its record under ``picture``."""
-    from cflowad.pictures import GOOD_LEVEL, save_overlay
+    from cflowad.pictures import save_overlay
 
     (staging / "pictures").mkdir()
     with reporter.task("pictures", len(files)) as task:
@@ -472,7 +472,6 @@ def _write_prediction_pictures(
                 staging / name,
                 load_image(file),
                 prediction.maps[i],
-                GOOD_LEVEL,
                 model.pixel_threshold,
                 prediction.masks[i],
             )

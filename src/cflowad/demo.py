@@ -90,14 +90,11 @@ def _save_extremes(
     order = np.argsort(prediction.scores)
     picks = [("most anomalous", i) for i in order[::-1][:count]]
     picks += [("least anomalous", i) for i in order[:count]]
-    low = float(np.median(np.concatenate([m.ravel() for m in prediction.maps])))
     figure, axes = plt.subplots(2, count, figsize=(3.2 * count, 4.2), dpi=70)
     for axis, (title, index) in zip(axes.ravel(), picks, strict=True):
         anomaly_map = prediction.maps[index]
         image = load_image(images[index])
-        axis.imshow(
-            overlay(image, anomaly_map, low, model.pixel_threshold, prediction.masks[index])
-        )
+        axis.imshow(overlay(image, anomaly_map, model.pixel_threshold, prediction.masks[index]))
         axis.set_title(f"{title}\nscore {prediction.scores[index]:.3g}", fontsize=9)
         axis.axis("off")
     figure.tight_layout()

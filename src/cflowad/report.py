@@ -11,7 +11,7 @@ from cflowad.data import TestSet, load_image
 from cflowad.evaluate import Evaluation
 from cflowad.files import staged_directory
 from cflowad.model import CFlowAD
-from cflowad.pictures import GOOD_LEVEL, save_curves, save_histogram, save_overlay
+from cflowad.pictures import save_curves, save_histogram, save_overlay
 from cflowad.progress import Reporter
 
 __all__ = ["print_metrics", "write_pictures"]
@@ -65,7 +65,6 @@ def write_pictures(
                     folder / f"{path.stem}.png",
                     load_image(path),
                     prediction.maps[i],
-                    GOOD_LEVEL,
                     model.pixel_threshold,
                     prediction.masks[i],
                     truth,
