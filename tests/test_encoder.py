@@ -8,7 +8,7 @@ import torch
 from skimage import data as skdata
 
 from cflowad.data import to_model_input
-from cflowad.encoder import Encoder, load_lite_classifier
+from cflowad.encoder import Encoder, fold_batch_norms, load_lite_classifier
 from cflowad.errors import UserError
 
 LITES = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]
@@ -72,3 +72,48 @@ def test_weights_from_a_local_file(tmp_path):
     torch.testing.assert_close(loaded.model.conv1.weight, source.model.conv1.weight)
     with pytest.raises(UserError, match="not found"):
         Encoder.create("resnet18", (8, 16, 32), weights_file=str(tmp_path / "missing.pth"))
+
+
+def test_folded_batch_norms_give_the_timm_features_on_a_real_photo():
+    encoder = Encoder.create("tf_efficientnet_lite0", (8, 16, 32))
+    image = to_model_input(skdata.chelsea().astype(np.float32) / 255, (256, 288))[None]
+    with torch.no_grad():
+        reference = encoder.model((image - encoder.mean) / encoder.std)
+        folded = encoder(image)
+    folded_modules = fold_batch_norms(encoder.model).modules()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded_modules)
+    for ours, theirs in zip(folded, reference, strict=True):
+        assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+
+
+def test_folding_is_refused_where_a_conv_output_is_also_used_elsewhere():
+    class Residual(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 1)
+            self.norm = torch.nn.BatchNorm2d(3).eval()
+            self.norm.running_var.fill_(4.0)
+
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+            y = self.conv(x)
+            return [self.norm(y) + y]
+
+    model = Residual()
+    assert fold_batch_norms(model) is model
+
+
+def test_loading_weights_refolds_the_encoder():
+    first = Encoder.create("resnet18", (8, 16), weights="random", seed=0)
+    second = Encoder.create("resnet18", (8, 16), weights="random", seed=1)
+    for module in second.model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    second.load_state_dict(second.state_dict())
+    first.load_state_dict(second.state_dict())
+    image = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        for ours, theirs in zip(first(image), second(image), strict=True):
+            torch.testing.assert_close(ours, theirs)
+    timm_keys = set(second.model.state_dict(prefix="model."))
+    assert set(first.state_dict()) == timm_keys | {"mean", "std"}
