@@ -101,20 +101,4 @@ def test_bench_writes_the_documented_keys_with_onnxruntime(model_dir, texture_da
             batch["images_per_second"] / batch["encoder_images_per_second"], rel=0.01
         )
     assert result["inputs"] == "files" and result["machine"]["threads"] >= 1
-    assert result["peak_rss_mb"] > 0 and result["compiled"] is False
-
-
-def test_bench_compile_failure_is_a_one_line_error(model_dir, tmp_path, monkeypatch, capsys):
-    def broken_compile(function, **options):
-        def fail(*args, **kwargs):
-            raise RuntimeError("no C++ compiler")
-
-        return fail
-
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    file = tmp_path / "bench.json"
-    arguments = ["bench", str(model_dir), "--json", str(file), "--batch-size", "1", "--compile"]
-    assert main([*arguments, "--repeats", "1", "--quiet"]) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
-    assert len(errors) == 1 and "--compile" in errors[0] and "no C++ compiler" in errors[0]
-    assert not file.exists()
+    assert result["peak_rss_mb"] > 0

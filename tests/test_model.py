@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import cflowad.model
 from cflowad import CFlowAD, Config, UserError
 from cflowad.model import FORMAT_VERSION
 from cflowad.scoring import CFlowNet
@@ -239,46 +238,3 @@ def test_compiled_training_step_matches_float32_loss_and_gradients():
     )
     assert fused.item() == pytest.approx(exact.item(), rel=5e-3)
     assert torch.nn.functional.cosine_similarity(fused_grad, exact_grad, dim=0) > 0.999
-
-
-def test_compiled_scoring_equals_eager_and_pads_the_last_batch(small_model, tmp_path, monkeypatch):
-    model = CFlowAD.load(small_model.save(tmp_path / "model"))
-    shapes = []
-    compile_static = cflowad.model.compile_static
-
-    def recording(net):
-        compiled = compile_static(net)
-
-        def call(batch):
-            shapes.append(tuple(batch.shape))
-            return compiled(batch)
-
-        return call
-
-    monkeypatch.setattr(cflowad.model, "compile_static", recording)
-    eager = model.predict(IMAGES[:5], batch_size=2)
-    compiled = model.compile().predict(IMAGES[:5], batch_size=2)
-    assert set(shapes) == {(2, 3, *model.config.image_size)}
-    np.testing.assert_allclose(compiled.scores, eager.scores, rtol=1e-4)
-    for ours, theirs in zip(compiled.maps, eager.maps, strict=True):
-        assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
-
-
-def test_scoring_falls_back_to_eager_when_compiling_fails(small_model, tmp_path, monkeypatch):
-    calls = []
-
-    def broken_compile(function, **options):
-        def fail(*args, **kwargs):
-            calls.append(args)
-            raise RuntimeError("no C++ compiler")
-
-        return fail
-
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    model = CFlowAD.load(small_model.save(tmp_path / "model")).compile()
-    first = model.predict(IMAGES[:3], batch_size=2)
-    second = model.predict(IMAGES[:3], batch_size=2)
-    assert len(calls) == 1
-    eager = small_model.predict(IMAGES[:3], batch_size=2)
-    np.testing.assert_array_equal(first.scores, eager.scores)
-    np.testing.assert_array_equal(second.scores, first.scores)

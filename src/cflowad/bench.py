@@ -4,9 +4,7 @@ Reports medians over repetitions after a warm-up. The "fiber loop" figure runs
 the same decoders the way public implementations do (64 feature vectors per call,
 a Python loop over chunks, the condition recomputed each time): the baseline the
 fast path is measured against. With ``onnx`` the exported model (and the encoder
-alone, exported the same way) are timed in ONNX Runtime too. With
-``compile_scoring`` the model and the encoder alone both run through torch.compile,
-as ``predict --compile`` does; the fiber loop stays the public code's eager way.
+alone, exported the same way) are timed in ONNX Runtime too.
 """
 
 from __future__ import annotations
@@ -29,7 +27,7 @@ from cflowad.errors import UserError
 from cflowad.export import INPUT_NAME, write_onnx
 from cflowad.model import CFlowAD
 from cflowad.progress import Reporter
-from cflowad.scoring import CFlowNet, compile_static
+from cflowad.scoring import CFlowNet
 
 __all__ = ["fiber_loop_forward", "run_bench"]
 
@@ -58,16 +56,10 @@ def run_bench(
     steps: int,
     reporter: Reporter,
     onnx: bool = False,
-    compile_scoring: bool = False,
 ) -> dict[str, Any]:
     """Measure and return the figures written to the bench JSON, in torch's current threads."""
     model = CFlowAD.load(model_dir)
     net = model.net
-    whole_fn: Callable = net
-    encoder_fn: Callable = net.encoder
-    if compile_scoring:
-        whole_fn, encoder_fn = compile_static(net), compile_static(net.encoder)
-    compile_seconds = 0.0
     size = model.config.image_size
     if images:
         pool = torch.cat([b for b, _ in batches(images, size, 16)])
@@ -79,10 +71,8 @@ def run_bench(
         for batch_size in batch_sizes:
             index = torch.arange(batch_size) % len(pool)
             batch = pool[index].contiguous()
-            if compile_scoring:
-                compile_seconds += _compile_seconds((whole_fn, encoder_fn), batch)
-            whole = _median_seconds(lambda b=batch: whole_fn(b), repeats)
-            encoder = _median_seconds(lambda b=batch: encoder_fn(b), repeats)
+            whole = _median_seconds(lambda b=batch: net(b), repeats)
+            encoder = _median_seconds(lambda b=batch: net.encoder(b), repeats)
             loop = _median_seconds(lambda b=batch: fiber_loop_forward(net, b), max(1, repeats // 2))
             results.append(
                 {
@@ -113,7 +103,6 @@ def run_bench(
         "backbone": model.config.backbone,
         "inputs": "files" if images else "generated",
         "repeats": repeats,
-        "compiled": compile_scoring,
         "batches": results,
         "machine": {
             "cpu": _cpu_name(),
@@ -123,8 +112,6 @@ def run_bench(
             "python": platform.python_version(),
         },
     }
-    if compile_scoring:
-        result["compile_seconds"] = round(compile_seconds, 2)
     result["peak_rss_mb"] = _peak_rss_mb()
     if train_data is not None:
         config = dataclasses.replace(model.config, steps=steps)
@@ -167,21 +154,6 @@ def _onnx_sessions(model: CFlowAD, reporter: Reporter) -> tuple[Any, Any]:
             onnxruntime.InferenceSession(str(f), options, providers=["CPUExecutionProvider"])
             for f in (whole, encoder)
         )
-
-
-@torch.inference_mode()
-def _compile_seconds(functions: tuple[Callable, ...], batch: torch.Tensor) -> float:
-    """First calls of compiled functions: the time torch.compile takes for this shape."""
-    start = time.perf_counter()
-    try:
-        for function in functions:
-            function(batch)
-    except Exception as error:
-        raise UserError(
-            f"--compile: torch.compile failed on this machine ({type(error).__name__}: "
-            f"{str(error).splitlines()[0][:120] if str(error) else ''}); run without --compile"
-        ) from None
-    return time.perf_counter() - start
 
 
 @torch.inference_mode()

@@ -51,14 +51,6 @@ SkipBad = Annotated[
     bool,
     typer.Option("--skip-bad", help="Warn about unreadable image files and go on without them."),
 ]
-CompileScoring = Annotated[
-    bool,
-    typer.Option(
-        "--compile",
-        help="Score through torch.compile: about 1.25x the images/s after compiling "
-        "for about 5 s (a minute the first time on a machine); for large runs.",
-    ),
-]
 Threads = Annotated[
     int | None,
     typer.Option(
@@ -233,7 +225,6 @@ def predict(
             "--pictures", help="Also write a PNG per image: the image beside its heat map."
         ),
     ] = False,
-    compile_scoring: CompileScoring = False,
     threads: Threads = None,
     skip_bad: SkipBad = False,
     quiet: Quiet = False,
@@ -245,8 +236,6 @@ def predict(
     if skip_bad:
         files = [files[i] for i in _readable(files)]
     model = CFlowAD.load(model_dir)
-    if compile_scoring:
-        model.compile()
     prediction = model.predict(files, batch_size=batch_size, reporter=reporter)
     with staged_directory(out, lambda p: (p / "predictions.json").is_file(), "--out") as staging:
         (staging / "maps").mkdir()
@@ -328,7 +317,6 @@ def test_command(
         str, typer.Option(help="mask: ground truth's size (MVTec); model: model input size.")
     ] = "mask",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
-    compile_scoring: CompileScoring = False,
     threads: Threads = None,
     skip_bad: SkipBad = False,
     quiet: Quiet = False,
@@ -356,8 +344,6 @@ def test_command(
                 [test_set.masks[i] for i in keep],
             )
         model = CFlowAD.load(model_path)
-        if compile_scoring:
-            model.compile()
         reporter.log(
             f"testing {model_path} on {len(test_set.images)} images"
             + (f" ({name})" if name else "")
@@ -412,12 +398,6 @@ def bench(
     onnx: Annotated[
         bool, typer.Option("--onnx", help="Also time the ONNX export in ONNX Runtime.")
     ] = False,
-    compile_scoring: Annotated[
-        bool,
-        typer.Option(
-            "--compile", help="Time the model and the encoder through torch.compile (as predict)."
-        ),
-    ] = False,
     quiet: Quiet = False,
 ) -> None:
     """Time the whole predict path against the encoder alone; optionally training."""
@@ -442,7 +422,6 @@ def bench(
         steps,
         Reporter(enabled=not quiet),
         onnx=onnx,
-        compile_scoring=compile_scoring,
     )
     json_file.parent.mkdir(parents=True, exist_ok=True)
     json_file.write_text(json.dumps(result, indent=2))
@@ -465,8 +444,6 @@ def bench(
                     f"{o['encoder_images_per_second']:.1f} img/s encoder, ratio {o['ratio']:.2f}",
                 )
             )
-    if "compile_seconds" in result:
-        rows.append(("compiling", f"{result['compile_seconds']:.1f} s (torch.compile)"))
     rows.append(("peak RSS", f"{result['peak_rss_mb']:.0f} MiB"))
     if "train_steps_per_second" in result:
         rows.append(("training", f"{result['train_steps_per_second']:.1f} steps/s"))

@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from cflowad.data import ImageInput, batches, find_training_images, median_aspec
 from cflowad.errors import UserError
 from cflowad.files import staged_directory
 from cflowad.progress import Reporter
-from cflowad.scoring import CFlowNet, compile_static
+from cflowad.scoring import CFlowNet
 from cflowad.train import encode, fit_decoders
 
 __all__ = ["CFlowAD", "Prediction", "is_model_dir"]
@@ -85,7 +85,6 @@ class CFlowAD:
         self.net.eval()
         self.calibration: dict[str, Any] | None = None
         self.training: dict[str, Any] = {}
-        self._compiled: Callable | None = None
 
     def fit(
         self, data: str | Path | Sequence[ImageInput], reporter: Reporter | None = None
@@ -100,7 +99,6 @@ class CFlowAD:
         calibrate (optimistic thresholds).
         """
         reporter = reporter or Reporter(enabled=False)
-        self._compiled = None  # compiled for the weights before this fit
         items = _as_items(data)
         resolved = self.config.resolve_size(median_aspect_ratio(items))
         if resolved != self.config:
@@ -143,7 +141,7 @@ class CFlowAD:
         """Score images: decisions, maps and masks at each image's original size.
 
         A pure function of each image and the saved model: batch size and batch
-        companions do not change any result (beyond float rounding).
+        companions do not change any result.
         """
         calibration = self._require_fitted()
         items = _as_items(images) if isinstance(images, (str, Path)) else list(images)
@@ -151,10 +149,9 @@ class CFlowAD:
             raise UserError(f"option batch_size={batch_size} must be at least 1")
         reporter = reporter or Reporter(enabled=False)
         scores, maps = [], []
-        run_batch = min(batch_size, len(items))
         with reporter.task("scoring", len(items)) as task:
             for batch, sizes in batches(items, self.config.image_size, batch_size):
-                batch_scores, batch_maps = self._score(batch, run_batch, reporter)
+                batch_scores, batch_maps = self.net(batch)
                 scores.append(batch_scores.numpy())
                 maps.extend(_resize(m, size) for m, size in zip(batch_maps, sizes, strict=True))
                 task.advance(len(batch))
@@ -165,35 +162,6 @@ class CFlowAD:
             maps=maps,
             masks=[m > calibration["pixel_threshold"] for m in maps],
         )
-
-    def compile(self) -> CFlowAD:
-        """Score through torch.compile from now on: for long runs and serving processes.
-
-        Measured at batch 1 (magnetic_tile model, 2 cores): 38.2 -> 30.3 ms per image,
-        maps within 2e-5 relative. The first batch of each size compiles (about 5 s
-        with torch's cache warm, about a minute cold); ``predict`` pads a run's last
-        partial batch to the run's batch size, so a run compiles once. Without a
-        working C++ compiler ``predict`` logs the failure and scores uncompiled.
-        """
-        self._compiled = compile_static(self.net)
-        return self
-
-    def _score(
-        self, batch: torch.Tensor, run_batch: int, reporter: Reporter
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores and maps of a batch, compiled (at ``run_batch`` images) if asked for."""
-        if self._compiled is None:
-            return self.net(batch)
-        count = len(batch)
-        if count < run_batch:
-            batch = torch.cat([batch, batch[-1:].expand(run_batch - count, -1, -1, -1)])
-        try:
-            scores, maps = self._compiled(batch)
-        except Exception as error:  # no compiler, or torch.compile failing on this machine
-            reporter.log(f"torch.compile failed ({type(error).__name__}); scoring without it")
-            self._compiled = None
-            return self.net(batch[:count])
-        return scores[:count], maps[:count]
 
     @property
     def image_threshold(self) -> float:
@@ -266,7 +234,6 @@ class CFlowAD:
             raise UserError(f"{weights_path}: unreadable weights ({error})") from None
         model = cls.__new__(cls)
         model.config = config
-        model._compiled = None
         model.net = CFlowNet.build(config, pretrained=False)
         try:
             model.net.load_state_dict(state, strict=True)

@@ -8,9 +8,6 @@ to the model, so an image's map never depends on the other images in its batch.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -19,17 +16,7 @@ from cflowad.config import Config
 from cflowad.encoder import Encoder
 from cflowad.flows import ConditionalFlow, positional_encoding
 
-__all__ = ["CFlowNet", "compile_static"]
-
-
-def compile_static(function: Callable) -> Callable:
-    """``function`` (a module or a function) fused by torch.compile for fixed shapes.
-
-    Each new input shape compiles once; compiling needs a C++ compiler.
-    """
-    # Inductor's C++ build warns that no CUDA runtime exists: true and irrelevant here.
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    return torch.compile(function, dynamic=False)
+__all__ = ["CFlowNet"]
 
 
 class CFlowNet(nn.Module):

@@ -11,6 +11,7 @@ the step; scoring always runs in float32.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -28,7 +29,7 @@ from cflowad.data import ImageInput, batches
 from cflowad.errors import UserError
 from cflowad.flows import ConditionalFlow
 from cflowad.progress import Reporter
-from cflowad.scoring import CFlowNet, compile_static
+from cflowad.scoring import CFlowNet
 
 __all__ = [
     "FeatureCache",
@@ -176,7 +177,9 @@ def fit_decoders(
     loss_fn = training_step_loss
     if config.compile_training:
         reporter.log("compiling the training step (a minute the first time, then cached)")
-        loss_fn = compile_static(training_step_loss)
+        # Inductor's C++ build warns that no CUDA runtime exists: true and irrelevant here.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        loss_fn = torch.compile(training_step_loss, dynamic=False)
     history: list[float] = []
     running = None
     start = time.perf_counter()
