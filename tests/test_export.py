@@ -86,6 +86,56 @@ def test_export_without_the_onnx_packages_says_what_to_install(
     assert not list(tmp_path.iterdir())
 
 
+def test_predict_and_test_on_the_onnx_file_equal_the_model_directory(
+    model_dir, exported, texture_dataset, tmp_path
+):
+    images = [str(p) for p in sorted((texture_dataset / "test").glob("*/*.png"))]
+    for name, model in (("torch", model_dir), ("onnx", exported)):
+        out = tmp_path / name
+        assert (
+            main(["predict", str(model), *images, "--out", str(out), "--batch-size", "3", "-q"])
+            == 0
+        )
+        assert (
+            main(["test", str(model), str(texture_dataset), "--json", str(out / "m.json"), "-q"])
+            == 0
+        )
+    torch_records = json.loads((tmp_path / "torch" / "predictions.json").read_text())
+    onnx_records = json.loads((tmp_path / "onnx" / "predictions.json").read_text())
+    for ours, theirs in zip(onnx_records, torch_records, strict=True):
+        assert ours["score"] == pytest.approx(theirs["score"], rel=1e-4)
+        expected = np.load(tmp_path / "torch" / theirs["map"])
+        got = np.load(tmp_path / "onnx" / ours["map"])
+        assert got.shape == expected.shape
+        assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    assert [r["anomalous"] for r in onnx_records] == [r["anomalous"] for r in torch_records]
+    torch_metrics = json.loads((tmp_path / "torch" / "m.json").read_text())
+    onnx_metrics = json.loads((tmp_path / "onnx" / "m.json").read_text())
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert onnx_metrics[key] == pytest.approx(torch_metrics[key], abs=1e-3)
+
+
+def test_scoring_an_onnx_file_that_is_not_ours_is_a_one_line_error(
+    exported, texture_dataset, tmp_path, monkeypatch, capsys
+):
+    image = str(next((texture_dataset / "test" / "good").glob("*.png")))
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a model")
+    values = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1]) for n in "xy"]
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])], "other", values[:1], values[1:]
+    )
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(onnx.helper.make_model(graph), str(foreign))
+    for model in (garbage, foreign, tmp_path / "missing.onnx"):
+        assert main(["predict", str(model), image, "--out", str(tmp_path / "o")]) == 2
+        assert model.name in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert main(["predict", str(exported), image, "--out", str(tmp_path / "o")]) == 2
+    assert "pip install 'cflowad[onnx]'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_bench_writes_the_documented_keys_with_onnxruntime(model_dir, texture_dataset, tmp_path):
     file = tmp_path / "bench.json"
     good = texture_dataset / "test" / "good"

@@ -35,6 +35,7 @@ from cflowad.errors import UserError
 from cflowad.files import refuse_foreign, staged_directory
 from cflowad.model import CFlowAD, Prediction, is_model_dir
 from cflowad.progress import Reporter
+from cflowad.runtime import OnnxModel, load_model
 
 __all__ = ["app", "main"]
 
@@ -215,7 +216,10 @@ def train(
 
 @app.command()
 def predict(
-    model_dir: Annotated[Path, typer.Argument(help="A model directory from cflowad train.")],
+    model_dir: Annotated[
+        Path,
+        typer.Argument(help="A model directory from cflowad train, or an ONNX file from export."),
+    ],
     images: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for predictions.json and maps.")],
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
@@ -235,7 +239,7 @@ def predict(
     files = _image_files(images)
     if skip_bad:
         files = [files[i] for i in _readable(files)]
-    model = CFlowAD.load(model_dir)
+    model = load_model(model_dir)
     prediction = model.predict(files, batch_size=batch_size, reporter=reporter)
     with staged_directory(out, lambda p: (p / "predictions.json").is_file(), "--out") as staging:
         (staging / "maps").mkdir()
@@ -295,7 +299,10 @@ def export(
 
 @app.command("test")
 def test_command(
-    model_dir: Annotated[Path, typer.Argument(help="A model directory (or a root of them).")],
+    model_dir: Annotated[
+        Path,
+        typer.Argument(help="A model directory (or a root of them), or an ONNX file from export."),
+    ],
     data: Annotated[
         Path | None, typer.Argument(help="MVTec category (its test split) or a root of categories.")
     ] = None,
@@ -343,7 +350,7 @@ def test_command(
                 [test_set.defect_types[i] for i in keep],
                 [test_set.masks[i] for i in keep],
             )
-        model = CFlowAD.load(model_path)
+        model = load_model(model_path)
         reporter.log(
             f"testing {model_path} on {len(test_set.images)} images"
             + (f" ({name})" if name else "")
@@ -455,7 +462,7 @@ _skipped: list[str] = []  # files skipped by --skip-bad in this run; main() coun
 
 def _write_prediction_pictures(
     staging: Path,
-    model: CFlowAD,
+    model: CFlowAD | OnnxModel,
     files: list[Path],
     prediction: Prediction,
     records: list[dict],

@@ -15,6 +15,7 @@ from cflowad.errors import UserError
 from cflowad.metrics import aupro, f1_max, image_auroc, pixel_auroc
 from cflowad.model import CFlowAD, Prediction
 from cflowad.progress import Reporter
+from cflowad.runtime import OnnxModel
 
 __all__ = ["Evaluation", "evaluate"]
 
@@ -29,7 +30,7 @@ class Evaluation:
 
 
 def evaluate(
-    model: CFlowAD,
+    model: CFlowAD | OnnxModel,
     test: TestSet,
     batch_size: int = 16,
     resolution: str = "mask",
@@ -54,10 +55,8 @@ def evaluate(
         ]
     maps = prediction.maps
     if masks is not None and resolution == "model":
-        maps = [_resize(m, model.config.image_size, "bilinear") for m in maps]
-        masks = [
-            _resize(k.astype(np.float32), model.config.image_size, "nearest") > 0.5 for k in masks
-        ]
+        maps = [_resize(m, model.image_size, "bilinear") for m in maps]
+        masks = [_resize(k.astype(np.float32), model.image_size, "nearest") > 0.5 for k in masks]
     labels = test.labels
     metrics: dict[str, Any] = _metrics(prediction.scores, labels, maps, masks)
     threshold = model.image_threshold

@@ -34,7 +34,7 @@ __all__ = ["INPUT_NAME", "OUTPUT_NAMES", "export_onnx", "is_cflowad_onnx", "writ
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("scores", "anomalous", "maps", "masks")
-_MARK = "cflowad_version"
+MARK = "cflowad_version"
 
 
 class _Decisions(nn.Module):
@@ -76,7 +76,7 @@ def is_cflowad_onnx(path: Path) -> bool:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # any unreadable or foreign file is simply not ours
         return False
-    return any(p.key == _MARK for p in model.metadata_props)
+    return any(p.key == MARK for p in model.metadata_props)
 
 
 def export_onnx(model: CFlowAD, path: Path) -> dict[str, Any]:
@@ -108,7 +108,7 @@ def export_onnx(model: CFlowAD, path: Path) -> dict[str, Any]:
         write_onnx(wrapper, example, staging, OUTPUT_NAMES)
         onnx_model = onnx.load(str(staging))
         metadata = {
-            _MARK: __version__,
+            MARK: __version__,
             "backbone": model.config.backbone,
             "input": (
                 f"{INPUT_NAME}: float32 (N, 3, {height}, {width}), RGB in [0, 1], each image "

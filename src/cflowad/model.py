@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from cflowad.progress import Reporter
 from cflowad.scoring import CFlowNet
 from cflowad.train import encode, fit_decoders
 
-__all__ = ["CFlowAD", "Prediction", "is_model_dir"]
+__all__ = ["CFlowAD", "Prediction", "is_model_dir", "predict_batches"]
 
 FORMAT = "cflowad-model"
 FORMAT_VERSION = 2
@@ -148,20 +148,19 @@ class CFlowAD:
         if batch_size < 1:
             raise UserError(f"option batch_size={batch_size} must be at least 1")
         reporter = reporter or Reporter(enabled=False)
-        scores, maps = [], []
-        with reporter.task("scoring", len(items)) as task:
-            for batch, sizes in batches(items, self.config.image_size, batch_size):
-                batch_scores, batch_maps = self.net(batch)
-                scores.append(batch_scores.numpy())
-                maps.extend(_resize(m, size) for m, size in zip(batch_maps, sizes, strict=True))
-                task.advance(len(batch))
-        score_array = np.concatenate(scores) if scores else np.zeros(0, np.float32)
-        return Prediction(
-            scores=score_array,
-            anomalous=score_array > calibration["image_threshold"],
-            maps=maps,
-            masks=[m > calibration["pixel_threshold"] for m in maps],
+        return predict_batches(
+            self.net,
+            items,
+            self.config.image_size,
+            batch_size,
+            (calibration["image_threshold"], calibration["pixel_threshold"]),
+            reporter,
         )
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """Model input (height, width): every image is resized to it for scoring."""
+        return self.config.image_size
 
     @property
     def image_threshold(self) -> float:
@@ -312,6 +311,36 @@ class CFlowAD:
             if getattr(self.config, f.name) != f.default
         )
         return f"CFlowAD({fields})"
+
+
+def predict_batches(
+    score: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    items: Sequence[ImageInput],
+    image_size: tuple[int, int],
+    batch_size: int,
+    thresholds: tuple[float, float],
+    reporter: Reporter,
+) -> Prediction:
+    """Score ``items`` in batches with ``score`` (images -> scores, maps at ``image_size``).
+
+    Maps go back to each image's own size before the pixel threshold applies, so
+    every runtime behind ``score`` (PyTorch, ONNX Runtime) gives the same Prediction.
+    """
+    image_threshold, pixel_threshold = thresholds
+    scores, maps = [], []
+    with reporter.task("scoring", len(items)) as task:
+        for batch, sizes in batches(items, image_size, batch_size):
+            batch_scores, batch_maps = score(batch)
+            scores.append(batch_scores.numpy())
+            maps.extend(_resize(m, size) for m, size in zip(batch_maps, sizes, strict=True))
+            task.advance(len(batch))
+    score_array = np.concatenate(scores) if scores else np.zeros(0, np.float32)
+    return Prediction(
+        scores=score_array,
+        anomalous=score_array > image_threshold,
+        maps=maps,
+        masks=[m > pixel_threshold for m in maps],
+    )
 
 
 def _as_items(data: str | Path | Sequence[ImageInput]) -> list[ImageInput]:

@@ -13,6 +13,7 @@ from cflowad.files import staged_directory
 from cflowad.model import CFlowAD
 from cflowad.pictures import save_curves, save_histogram, save_overlay
 from cflowad.progress import Reporter
+from cflowad.runtime import OnnxModel
 
 __all__ = ["print_metrics", "write_pictures"]
 
@@ -46,7 +47,11 @@ def print_metrics(metrics: dict, title: str = "", quiet: bool = False) -> None:
 
 
 def write_pictures(
-    directory: Path, model: CFlowAD, test: TestSet, evaluation: Evaluation, reporter: Reporter
+    directory: Path,
+    model: CFlowAD | OnnxModel,
+    test: TestSet,
+    evaluation: Evaluation,
+    reporter: Reporter,
 ) -> None:
     """Per image: the image beside its heat map, predicted (white) and true (green) outlines;
     plus the ROC curve, the PRO curve and the score histogram."""
