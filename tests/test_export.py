@@ -15,6 +15,7 @@ import torch
 from cflowad import CFlowAD
 from cflowad.cli import main
 from cflowad.data import batches, find_test_set
+from cflowad.runtime import OnnxModel
 
 FAST = ["--image-size", "64", "--steps", "20", "--quiet"]
 
@@ -113,6 +114,9 @@ def test_predict_and_test_on_the_onnx_file_equal_the_model_directory(
     onnx_metrics = json.loads((tmp_path / "onnx" / "m.json").read_text())
     for key in ("image_auroc", "pixel_auroc", "aupro"):
         assert onnx_metrics[key] == pytest.approx(torch_metrics[key], abs=1e-3)
+    in_python = OnnxModel(exported).predict(str(texture_dataset / "test" / "patch"))
+    patch_scores = [r["score"] for r in onnx_records if "/patch/" in r["image"]]
+    np.testing.assert_allclose(in_python.scores, patch_scores, rtol=1e-5)
 
 
 def test_scoring_an_onnx_file_that_is_not_ours_is_a_one_line_error(

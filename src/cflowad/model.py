@@ -144,13 +144,9 @@ class CFlowAD:
         companions do not change any result.
         """
         calibration = self._require_fitted()
-        items = _as_items(images) if isinstance(images, (str, Path)) else list(images)
-        if batch_size < 1:
-            raise UserError(f"option batch_size={batch_size} must be at least 1")
-        reporter = reporter or Reporter(enabled=False)
         return predict_batches(
             self.net,
-            items,
+            images,
             self.config.image_size,
             batch_size,
             (calibration["image_threshold"], calibration["pixel_threshold"]),
@@ -315,17 +311,22 @@ class CFlowAD:
 
 def predict_batches(
     score: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-    items: Sequence[ImageInput],
+    images: str | Path | Sequence[ImageInput],
     image_size: tuple[int, int],
     batch_size: int,
     thresholds: tuple[float, float],
-    reporter: Reporter,
+    reporter: Reporter | None = None,
 ) -> Prediction:
-    """Score ``items`` in batches with ``score`` (images -> scores, maps at ``image_size``).
+    """Score images (a folder, or a list of paths or arrays) with ``score`` in batches.
 
-    Maps go back to each image's own size before the pixel threshold applies, so
-    every runtime behind ``score`` (PyTorch, ONNX Runtime) gives the same Prediction.
+    ``score`` maps a batch resized to ``image_size`` to scores and maps; maps go
+    back to each image's own size before the pixel threshold applies, so every
+    runtime behind ``score`` (PyTorch, ONNX Runtime) gives the same Prediction.
     """
+    items = _as_items(images) if isinstance(images, (str, Path)) else list(images)
+    if batch_size < 1:
+        raise UserError(f"option batch_size={batch_size} must be at least 1")
+    reporter = reporter or Reporter(enabled=False)
     image_threshold, pixel_threshold = thresholds
     scores, maps = [], []
     with reporter.task("scoring", len(items)) as task:

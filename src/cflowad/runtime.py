@@ -69,20 +69,13 @@ class OnnxModel:
 
     def predict(
         self,
-        images: Sequence[ImageInput],
+        images: str | Path | Sequence[ImageInput],
         batch_size: int = 16,
         reporter: Reporter | None = None,
     ) -> Prediction:
-        """Score images: decisions, maps and masks at each image's original size."""
-        if batch_size < 1:
-            raise UserError(f"option batch_size={batch_size} must be at least 1")
+        """Score images as :meth:`CFlowAD.predict` does: a folder, or paths or arrays."""
         return predict_batches(
-            self._score,
-            list(images),
-            self._image_size,
-            batch_size,
-            self._thresholds,
-            reporter or Reporter(enabled=False),
+            self._score, images, self._image_size, batch_size, self._thresholds, reporter
         )
 
     def _score(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
