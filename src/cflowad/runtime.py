@@ -24,7 +24,13 @@ __all__ = ["OnnxModel", "load_model"]
 
 
 class OnnxModel:
-    """A file written by ``cflowad export``, run by ONNX Runtime in torch's thread count."""
+    """A file written by ``cflowad export``, run by ONNX Runtime in torch's thread count.
+
+    Attributes (from the file's metadata):
+        image_size: model input (height, width).
+        image_threshold: image score above which an image is flagged anomalous.
+        pixel_threshold: map value above which a pixel is flagged anomalous.
+    """
 
     def __init__(self, path: str | Path) -> None:
         try:
@@ -49,23 +55,9 @@ class OnnxModel:
         if MARK not in meta:
             raise UserError(f"{self.path}: not written by cflowad export")
         height, width = (int(v) for v in meta["image_size"].split(","))
-        self._image_size = (height, width)
-        self._thresholds = (float(meta["image_threshold"]), float(meta["pixel_threshold"]))
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        """Model input (height, width), from the file's metadata."""
-        return self._image_size
-
-    @property
-    def image_threshold(self) -> float:
-        """Image score above which an image is flagged anomalous."""
-        return self._thresholds[0]
-
-    @property
-    def pixel_threshold(self) -> float:
-        """Map value above which a pixel is flagged anomalous."""
-        return self._thresholds[1]
+        self.image_size = (height, width)
+        self.image_threshold = float(meta["image_threshold"])
+        self.pixel_threshold = float(meta["pixel_threshold"])
 
     def predict(
         self,
@@ -74,8 +66,9 @@ class OnnxModel:
         reporter: Reporter | None = None,
     ) -> Prediction:
         """Score images as :meth:`CFlowAD.predict` does: a folder, or paths or arrays."""
+        thresholds = (self.image_threshold, self.pixel_threshold)
         return predict_batches(
-            self._score, images, self._image_size, batch_size, self._thresholds, reporter
+            self._score, images, self.image_size, batch_size, thresholds, reporter
         )
 
     def _score(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
