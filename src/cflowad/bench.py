@@ -23,10 +23,10 @@ from typing import Any
 import torch
 
 from cflowad.data import batches
-from cflowad.errors import UserError
 from cflowad.export import INPUT_NAME, write_onnx
 from cflowad.model import CFlowAD
 from cflowad.progress import Reporter
+from cflowad.runtime import cpu_session, require_onnxruntime
 from cflowad.scoring import CFlowNet
 
 __all__ = ["fiber_loop_forward", "run_bench"]
@@ -136,12 +136,7 @@ class _EncoderOnly(torch.nn.Module):
 
 def _onnx_sessions(model: CFlowAD, reporter: Reporter) -> tuple[Any, Any]:
     """ONNX Runtime sessions of the exported model and of its encoder alone."""
-    try:
-        import onnxruntime
-    except ImportError:
-        raise UserError("--onnx needs onnxruntime: pip install 'cflowad[onnx]'") from None
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
+    require_onnxruntime("--onnx")
     height, width = model.config.image_size
     with tempfile.TemporaryDirectory() as folder, reporter.task("exporting to ONNX", 2) as task:
         whole = Path(folder) / "model.onnx"
@@ -150,10 +145,7 @@ def _onnx_sessions(model: CFlowAD, reporter: Reporter) -> tuple[Any, Any]:
         encoder = Path(folder) / "encoder.onnx"
         write_onnx(_EncoderOnly(model.net).eval(), torch.rand(2, 3, height, width), encoder)
         task.advance()
-        return tuple(
-            onnxruntime.InferenceSession(str(f), options, providers=["CPUExecutionProvider"])
-            for f in (whole, encoder)
-        )
+        return cpu_session(whole), cpu_session(encoder)
 
 
 @torch.inference_mode()

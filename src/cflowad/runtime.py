@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,7 +21,24 @@ from cflowad.export import INPUT_NAME, MARK
 from cflowad.model import CFlowAD, Prediction, predict_batches
 from cflowad.progress import Reporter
 
-__all__ = ["OnnxModel", "load_model"]
+__all__ = ["OnnxModel", "cpu_session", "load_model", "require_onnxruntime"]
+
+
+def require_onnxruntime(purpose: str) -> None:
+    """A one-line user error naming ``purpose`` and the extra to install, if it is missing."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise UserError(f"{purpose} needs onnxruntime: pip install 'cflowad[onnx]'") from None
+
+
+def cpu_session(path: Path) -> Any:
+    """An ONNX Runtime CPU session on ``path`` in torch's thread count (as --threads sets it)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 class OnnxModel:
@@ -33,21 +51,12 @@ class OnnxModel:
     """
 
     def __init__(self, path: str | Path) -> None:
-        try:
-            import onnxruntime
-        except ImportError:
-            raise UserError(
-                f"{path}: scoring an ONNX file needs onnxruntime: pip install 'cflowad[onnx]'"
-            ) from None
+        require_onnxruntime(f"{path}: scoring an ONNX file")
         self.path = Path(path)
         if not self.path.is_file():
             raise UserError(f"{self.path}: ONNX file not found")
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
         try:
-            self._session = onnxruntime.InferenceSession(
-                str(self.path), options, providers=["CPUExecutionProvider"]
-            )
+            self._session = cpu_session(self.path)
         except Exception as error:  # ONNX Runtime's own errors for a broken or foreign file
             first = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
             raise UserError(f"{self.path}: not a readable ONNX model ({first})") from None
