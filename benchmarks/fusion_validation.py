@@ -1,0 +1,180 @@
+"""Compare scale fusions and image scores on synthetic defects, never on test labels.
+
+Usage: python benchmarks/fusion_validation.py MODEL_DIR DATA [--test]
+
+The model's held-out good images (never trained on) are split in two: half A fits
+each fusion's statistics, half B is scored clean and with synthetic defects pasted
+in (cflowad.synthetic, two per image). Metrics at model resolution. ``--test``
+also prints the same variants on DATA's test set, for reporting only.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+from torch.nn import functional as F
+
+from cflowad import CFlowAD, Config
+from cflowad.data import batches, find_test_set, find_training_images, load_image, load_mask
+from cflowad.metrics import aupro, image_auroc, pixel_auroc
+from cflowad.scoring import CFlowNet
+from cflowad.synthetic import paste_defects
+
+
+class Loaded:
+    """A model's config and network, whatever its calibration format (flows are what count)."""
+
+    def __init__(self, directory: str) -> None:
+        meta = json.loads((Path(directory) / "model.json").read_text())
+        self.config = Config.from_dict(meta["config"])
+        self.net = CFlowNet.build(self.config, pretrained=False)
+        state = load_file(str(Path(directory) / "model.safetensors"))
+        own = self.net.state_dict()
+        self.net.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+        self.net.eval().refresh_conditions()
+
+    def _split(self, items: list) -> tuple[list, list]:
+        return CFlowAD._split(self, items)  # type: ignore[arg-type]
+
+
+def log_likelihoods(model: Loaded, items: list) -> list[Tensor]:
+    """Per scale, (N, H_k, W_k) log p / D."""
+    out = []
+    with torch.inference_mode():
+        for batch, _ in batches(items, model.config.image_size, 16):
+            out.append(model.net.log_likelihoods(batch))
+    return [torch.cat(s).double() for s in zip(*out, strict=True)]
+
+
+def up(x: Tensor, size: tuple[int, int]) -> Tensor:
+    return F.interpolate(x[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def fusions(fit: list[Tensor]) -> dict[str, Callable[[list[Tensor]], list[Tensor]]]:
+    """Per-scale terms (before upsampling and summing), each fitted on good images ``fit``."""
+    flat = [f.flatten() for f in fit]
+    med = [f.median() for f in flat]
+    mad = [1.4826 * (f - m).abs().median() for f, m in zip(flat, med, strict=True)]
+    top = [f.max() for f in flat]
+    q99 = [
+        torch.quantile(f[torch.randperm(len(f))[:1_000_000]].float(), 0.99).double() for f in flat
+    ]
+    q999 = [
+        torch.quantile(f[torch.randperm(len(f))[:1_000_000]].float(), 0.999).double() for f in flat
+    ]
+    sorted_nll = [torch.sort(-f).values for f in flat]
+
+    def survival(k: int, nll: Tensor) -> Tensor:
+        n = len(sorted_nll[k])
+        above = n - torch.searchsorted(sorted_nll[k], nll.contiguous(), right=False)
+        return -torch.log((above + 1.0) / (n + 1.0))
+
+    out: dict[str, Callable[[list[Tensor]], list[Tensor]]] = {
+        "robust_z": lambda ls: [(m - ll) / s for ll, m, s in zip(ls, med, mad, strict=True)],
+        "lik_max": lambda ls: [1 - torch.exp(ll - t) for ll, t in zip(ls, top, strict=True)],
+        "lik_q99": lambda ls: [
+            1 - torch.exp((ll - t).clamp(max=0)) for ll, t in zip(ls, q99, strict=True)
+        ],
+        "lik_q999": lambda ls: [
+            1 - torch.exp((ll - t).clamp(max=0)) for ll, t in zip(ls, q999, strict=True)
+        ],
+        "lik_median": lambda ls: [
+            1 - torch.exp((ll - m).clamp(max=0)) for ll, m in zip(ls, med, strict=True)
+        ],
+        "lik_mad": lambda ls: [
+            1 - torch.exp(((ll - m) / s).clamp(max=0))
+            for ll, m, s in zip(ls, med, mad, strict=True)
+        ],
+        "neg_log_pvalue": lambda ls: [survival(k, -ll) for k, ll in enumerate(ls)],
+        "nll": lambda ls: [-ll for ll in ls],
+    }
+    for k in range(len(fit)):
+        out[f"only_{k}"] = lambda ls, k=k: [
+            (m - ll) / s * (j == k) for j, (ll, m, s) in enumerate(zip(ls, med, mad, strict=True))
+        ]
+    return out
+
+
+def fused(terms: list[Tensor], size: tuple[int, int]) -> Tensor:
+    return sum(up(t, size) for t in terms)
+
+
+def image_scores(maps: Tensor, nll_sum: Tensor) -> dict[str, Tensor]:
+    flat = maps.flatten(1)
+    count = max(1, round(0.01 * flat.shape[1]))
+    raw = nll_sum.flatten(1)
+    return {
+        "max": flat.amax(1),
+        "top1%": flat.topk(count, 1).values.mean(1),
+        "nll_top1%": raw.topk(count, 1).values.mean(1),
+    }
+
+
+def report(
+    name: str,
+    variants: dict,
+    ls: list[Tensor],
+    labels: np.ndarray,
+    masks: list[np.ndarray] | None,
+    size: tuple[int, int],
+) -> None:
+    nll_sum = fused([-ll for ll in ls], size)
+    print(f"== {name}: {len(labels)} images, {int(labels.sum())} defective", flush=True)
+    for vname, fn in variants.items():
+        maps = fused(fn(ls), size)
+        scores = image_scores(maps, nll_sum)
+        line = " ".join(f"{k}={image_auroc(v.numpy(), labels):.3f}" for k, v in scores.items())
+        if masks is not None:
+            m = [x.float().numpy() for x in maps]
+            line = f"pix={pixel_auroc(m, masks):.3f} pro={aupro(m, masks):.3f} " + line
+        print(f"{vname:15s} {line}", flush=True)
+
+
+def main() -> None:
+    model = Loaded(sys.argv[1])
+    data = Path(sys.argv[2])
+    size = model.config.image_size
+    _, held = model._split(find_training_images(data))
+    half_a, half_b = held[: len(held) // 2], held[len(held) // 2 :]
+    if "--swap" in sys.argv:
+        half_a, half_b = half_b, half_a
+    variants = fusions(log_likelihoods(model, half_a))
+    clean = [load_image(p) for p in half_b]
+    defective, masks, kinds = [], [], []
+    for seed in (1, 2, 3):
+        d, m, k = paste_defects(clean, seed=seed)
+        defective += d
+        masks += m
+        kinds += k
+    items = clean + defective
+    labels = np.array([0] * len(clean) + [1] * len(defective))
+    all_masks = [np.zeros(c.shape[:2], bool) for c in clean] + masks
+    small = [
+        F.interpolate(torch.from_numpy(m[None, None].astype(np.float32)), size=size)[0, 0].numpy()
+        > 0.5
+        for m in all_masks
+    ]
+    report("synthetic", variants, log_likelihoods(model, items), labels, small, size)
+    if "--test" in sys.argv:
+        test = find_test_set(data)
+        gts = []
+        for p in test.masks:
+            if p is None:
+                gts.append(np.zeros(size, bool))
+                continue
+            m = load_mask(p).astype(np.float32)
+            gts.append(
+                F.interpolate(torch.from_numpy(m[None, None]), size=size)[0, 0].numpy() > 0.5
+            )
+        report("test", variants, log_likelihoods(model, test.images), test.labels, gts, size)
+
+
+if __name__ == "__main__":
+    main()
