@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Reproduces the README's benchmark table: default training, test metrics and speed
-# on both sets of ../shared/data, plus the ELPV demo. Writes under runs/ (git-ignored).
-# Needs the ONNX extra for the ONNX Runtime figures: pip install ".[onnx]"
+# Reproduces the README's results: default training, test metrics (with pictures) and speed
+# on both sets of ../shared/data, the ELPV demo, and predict's memory on 200 and 5,000 images.
+# Writes under runs/ (git-ignored). Needs the ONNX extra: pip install ".[onnx]"
 set -euo pipefail
 data=${1:-../shared/data}
 mkdir -p runs
 for set in magnetic_tile visa_capsules; do
+  rm -rf "runs/$set" "runs/$set.pictures"
   /usr/bin/time -v cflowad train "$data/$set" --out "runs/$set" 2> >(tee "runs/$set.train.log" >&2)
-  cflowad test "runs/$set" "$data/$set" --json "runs/$set.test.json"
+  cflowad test "runs/$set" "$data/$set" --json "runs/$set.test.json" --out "runs/$set.pictures"
   cflowad bench "runs/$set" "$data/$set/test/good" --json "runs/$set.bench.json" --repeats 9 --onnx
 done
 cflowad demo --out runs/demo
-# the default 256 x 256 model: predict memory at batch 1
-cflowad bench runs/demo/model --json runs/demo.bench.json --batch-size 1 --repeats 9
+python benchmarks/predict_memory.py runs/magnetic_tile "$data/magnetic_tile" | tee runs/predict_memory.txt

@@ -54,4 +54,4 @@ def trained_model(texture_dataset: Path):
     """The default model (Lite0 ImageNet weights, 256 px), trained briefly on the texture set."""
     from cflowad import CFlowAD
 
-    return CFlowAD(steps=300, seed=0).fit(texture_dataset)
+    return CFlowAD(steps=300, seed=0, compile_training=False).fit(texture_dataset)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from cflowad.cli import main
 
-FAST = ["--image-size", "64", "--steps", "20", "--quiet"]
+FAST = ["--image-size", "64", "--steps", "20", "--no-compile", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +54,14 @@ def test_predict_writes_the_documented_json(model_dir, texture_dataset, tmp_path
     records = json.loads((out / "predictions.json").read_text())
     assert [r["image"] for r in records] == [str(p) for p in images]
     for record in records:
-        assert set(record) == {"image", "score", "anomalous", "map"}
+        assert set(record) == {"image", "score", "anomalous", "raw_score", "map"}
         anomaly_map = np.load(out / record["map"])
         assert anomaly_map.dtype == np.float32 and anomaly_map.shape == (128, 128)
         assert isinstance(record["anomalous"], bool) and isinstance(record["score"], float)
+        assert 0 <= record["score"] <= 1 and record["anomalous"] == (record["score"] > 0.5)
+        assert anomaly_map.min() >= 0 and anomaly_map.max() <= 1
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == records
 
 
 def test_test_command_writes_metrics_and_pictures(model_dir, texture_dataset, tmp_path):
@@ -133,7 +137,7 @@ def test_predict_pictures_show_each_image_beside_its_heat_map(model_dir, texture
     for path, record in zip(
         images, json.loads((out / "predictions.json").read_text()), strict=True
     ):
-        assert set(record) == {"image", "score", "anomalous", "map", "picture"}
+        assert set(record) == {"image", "score", "anomalous", "raw_score", "map", "picture"}
         picture = np.asarray(Image.open(out / record["picture"]).convert("RGB"))
         original = np.asarray(Image.open(path).convert("RGB"))
         height, width = original.shape[:2]
@@ -238,3 +242,38 @@ def test_skip_bad_turns_unreadable_files_into_warnings_with_a_count(
     training = json.loads((model / "model.json").read_text())["training"]
     assert training["n_train"] + training["n_calibration"] == n_train
     assert "skipped 2 unreadable image files" in capsys.readouterr().err
+
+
+def test_every_config_field_has_a_train_flag_of_its_name():
+    import dataclasses
+
+    import typer
+
+    from cflowad import Config
+    from cflowad.cli import app
+
+    command = typer.main.get_command(app).commands["train"]
+    flags = {flag for parameter in command.params for flag in parameter.opts}
+    for field in dataclasses.fields(Config):
+        assert "--" + field.name.replace("_", "-") in flags, field.name
+
+
+def test_train_reads_a_config_file_and_flags_override_it(texture_dataset, tmp_path, capsys):
+    settings = tmp_path / "settings.toml"
+    settings.write_text("image_size = [64, 64]\nsteps = 7\nfeature_pooling = 3\nseed = 4\n")
+    out = tmp_path / "model"
+    arguments = ["train", str(texture_dataset), "--out", str(out), "--config", str(settings)]
+    assert main([*arguments, "--steps", "5", "--no-compile", "-q"]) == 0
+    config = json.loads((out / "model.json").read_text())["config"]
+    assert (config["steps"], config["feature_pooling"], config["seed"]) == (5, 3, 4)
+    assert config["image_size"] == [64, 64] and config["compile_training"] is False
+    settings.write_text("stepz = 3\n")
+    assert main([*arguments, "-q"]) == 2
+    assert "stepz" in _error_line(capsys)
+
+
+def test_the_command_reference_in_docs_is_current():
+    from cflowad.cli_docs import cli_reference
+
+    written = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    assert written == cli_reference(), "run: python -m cflowad.cli_docs > docs/cli.md"

@@ -1,10 +1,63 @@
-"""cflowad: CFLOW-AD unsupervised anomaly detection with localization."""
+"""cflowad: CFLOW-AD unsupervised anomaly detection with localization.
 
-__version__ = "0.1.0"
+``load(path)`` opens what ``cflowad train`` or ``cflowad export`` wrote: a model
+directory as :class:`CFlowAD`, an ONNX file as :class:`OnnxModel`; both score
+through the same engine (:mod:`cflowad.inference`).
+"""
+
+from __future__ import annotations
+
+__version__ = "0.2.0"
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from cflowad.config import Config as Config
 from cflowad.errors import UserError as UserError
-from cflowad.model import CFlowAD as CFlowAD
-from cflowad.model import Prediction as Prediction
+from cflowad.inference import ImageResult as ImageResult
+from cflowad.inference import Prediction as Prediction
+from cflowad.inference import Predictor as Predictor
 
-__all__ = ["CFlowAD", "Config", "Prediction", "UserError", "__version__"]
+if TYPE_CHECKING:
+    from cflowad.model import CFlowAD
+    from cflowad.runtime import OnnxModel
+
+__all__ = [
+    "CFlowAD",
+    "Config",
+    "ImageResult",
+    "OnnxModel",
+    "Prediction",
+    "Predictor",
+    "UserError",
+    "__version__",
+    "load",
+]
+
+
+def load(path: str | Path, device: str = "auto") -> CFlowAD | OnnxModel:
+    """A model directory from ``cflowad train``, or an ONNX file from ``cflowad export``.
+
+    The ONNX path never imports the trainer or timm.
+    """
+    path = Path(path)
+    if path.suffix == ".onnx" and not path.is_dir():
+        from cflowad.runtime import OnnxModel
+
+        return OnnxModel(path)
+    from cflowad.model import CFlowAD
+
+    return CFlowAD.load(path, device=device)
+
+
+def __getattr__(name: str) -> Any:
+    # CFlowAD pulls in torch's trainer and timm; OnnxModel needs neither: import on use.
+    if name == "CFlowAD":
+        from cflowad.model import CFlowAD
+
+        return CFlowAD
+    if name == "OnnxModel":
+        from cflowad.runtime import OnnxModel
+
+        return OnnxModel
+    raise AttributeError(f"module 'cflowad' has no attribute {name!r}")

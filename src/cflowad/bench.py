@@ -23,10 +23,10 @@ from typing import Any
 import torch
 
 from cflowad.data import batches
-from cflowad.export import INPUT_NAME, write_onnx
+from cflowad.export import write_onnx
 from cflowad.model import CFlowAD
 from cflowad.progress import Reporter
-from cflowad.runtime import cpu_session, require_onnxruntime
+from cflowad.runtime import INPUT_NAME, cpu_session, require_onnxruntime
 from cflowad.scoring import CFlowNet
 
 __all__ = ["fiber_loop_forward", "run_bench"]
@@ -35,7 +35,7 @@ __all__ = ["fiber_loop_forward", "run_bench"]
 def fiber_loop_forward(net: CFlowNet, images: torch.Tensor, fiber: int = 64) -> torch.Tensor:
     """Anomaly maps computed in fiber batches of ``fiber`` vectors, as public code does."""
     log_likelihoods = []
-    for k, features in enumerate(net.encoder(images)):
+    for k, features in enumerate(net.features(images)):
         batch, dim, height, width = features.shape
         z = features.flatten(2).transpose(1, 2).reshape(-1, dim)
         c = net.codes(k).repeat(batch, 1)
@@ -44,7 +44,7 @@ def fiber_loop_forward(net: CFlowNet, images: torch.Tensor, fiber: int = 64) -> 
             for i in range(0, len(z), fiber)
         ]
         log_likelihoods.append(torch.cat(chunks).view(batch, height, width))
-    return net.anomaly_map(log_likelihoods)
+    return net.raw_map(log_likelihoods)
 
 
 def run_bench(
@@ -56,15 +56,17 @@ def run_bench(
     steps: int,
     reporter: Reporter,
     onnx: bool = False,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Measure and return the figures written to the bench JSON, in torch's current threads."""
-    model = CFlowAD.load(model_dir)
+    model = CFlowAD.load(model_dir, device=device)
     net = model.net
     size = model.config.image_size
     if images:
         pool = torch.cat([b for b, _ in batches(images, size, 16)])
     else:
         pool = torch.rand(max(batch_sizes), 3, *size, generator=torch.Generator().manual_seed(0))
+    pool = pool.to(model.device)
     sessions = _onnx_sessions(model, reporter) if onnx else None
     results = []
     with reporter.task("timing", len(batch_sizes)) as task:
@@ -86,7 +88,7 @@ def run_bench(
                 }
             )
             if sessions is not None:
-                feed = {INPUT_NAME: batch.numpy()}
+                feed = {INPUT_NAME: batch.cpu().numpy()}
                 ort_whole = _median_seconds(lambda f=feed: sessions[0].run(None, f), repeats)
                 ort_encoder = _median_seconds(lambda f=feed: sessions[1].run(None, f), repeats)
                 results[-1]["onnxruntime"] = {
@@ -107,6 +109,7 @@ def run_bench(
         "machine": {
             "cpu": _cpu_name(),
             "cores": os.cpu_count(),
+            "device": str(model.device),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "python": platform.python_version(),
@@ -116,7 +119,7 @@ def run_bench(
     if train_data is not None:
         config = dataclasses.replace(model.config, steps=steps)
         start = time.perf_counter()
-        trained = CFlowAD(config).fit(train_data, reporter=reporter)
+        trained = CFlowAD(config, device=device).fit(train_data, reporter=reporter)
         result["train_seconds"] = round(time.perf_counter() - start, 2)
         result["train_steps_per_second"] = trained.training["steps_per_second"]
         result["train_encode_seconds"] = trained.training["encode_seconds"]
@@ -150,12 +153,16 @@ def _onnx_sessions(model: CFlowAD, reporter: Reporter) -> tuple[Any, Any]:
 
 @torch.inference_mode()
 def _median_seconds(function: Callable[[], object], repeats: int) -> float:
+    # CUDA runs asynchronously: wait for the device before reading the clock
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else lambda: None
     for _ in range(2):
         function()
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         function()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

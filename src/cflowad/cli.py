@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from typer.exceptions import TyperException
 
 from cflowad import __version__
 from cflowad.allocator import keep_freed_memory
-from cflowad.config import Config
+from cflowad.config import CONFIG_FIELDS, Config, read_config_file
 from cflowad.data import (
     TestSet,
     find_test_set,
@@ -32,10 +33,11 @@ from cflowad.data import (
     readable,
 )
 from cflowad.errors import UserError
-from cflowad.files import refuse_foreign, staged_directory
-from cflowad.model import CFlowAD, Prediction, is_model_dir
+from cflowad.files import refuse_foreign, replace_file, staged_directory
+from cflowad.inference import ImageResult, Predictor
+from cflowad.model import CFlowAD, is_model_dir
 from cflowad.progress import Reporter
-from cflowad.runtime import OnnxModel, load_model
+from cflowad.runtime import OnnxModel
 
 __all__ = ["app", "main"]
 
@@ -52,6 +54,7 @@ SkipBad = Annotated[
     bool,
     typer.Option("--skip-bad", help="Warn about unreadable image files and go on without them."),
 ]
+Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")]
 Threads = Annotated[
     int | None,
     typer.Option(
@@ -84,6 +87,7 @@ def _root(
 
 @app.command()
 def train(
+    ctx: typer.Context,
     data: Annotated[
         Path,
         typer.Argument(
@@ -97,22 +101,33 @@ def train(
             "--out", help="Model directory to write (a root of categories writes OUT/<category>)."
         ),
     ],
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="TOML or JSON file of Config fields (YAML too with PyYAML); flags override it.",
+        ),
+    ] = None,
     backbone: Annotated[str, typer.Option(help="timm CNN name.")] = DEFAULTS.backbone,
-    image_size: Annotated[
-        str, typer.Option(help="Model input: N or WIDTHxHEIGHT, multiples of 32.")
-    ] = "256",
-    steps: Annotated[
-        int, typer.Option(help="Optimizer steps (one fiber batch per scale each).")
-    ] = DEFAULTS.steps,
-    seed: Annotated[
-        int, typer.Option(help="Seed for hold-out split, weights and sampling.")
-    ] = DEFAULTS.seed,
+    encoder_weights: Annotated[
+        str, typer.Option(help="pretrained (ImageNet) or random (tests only: poor accuracy).")
+    ] = DEFAULTS.encoder_weights,
+    random_weights: Annotated[
+        bool, typer.Option(hidden=True, help="Same as --encoder-weights random.")
+    ] = False,
     weights_file: Annotated[
         Path | None, typer.Option(help="Encoder weights file (.safetensors or .pth).")
     ] = None,
-    random_weights: Annotated[
-        bool, typer.Option(help="Random encoder weights (tests only: poor accuracy).")
-    ] = False,
+    image_size: Annotated[
+        str,
+        typer.Option(
+            help="Model input: N (shorter side N, longer side keeps the training images' "
+            "median aspect unless --aspect fixed) or WIDTHxHEIGHT, multiples of 32."
+        ),
+    ] = "256",
+    aspect: Annotated[
+        str, typer.Option(help="auto: keep the median aspect ratio; fixed: N x N.")
+    ] = DEFAULTS.aspect,
     strides: Annotated[str, typer.Option(help="Feature strides, comma-separated.")] = "8,16,32",
     coupling_blocks: Annotated[
         int, typer.Option(help="Coupling blocks per flow.")
@@ -129,6 +144,7 @@ def train(
     training_precision: Annotated[
         str,
         typer.Option(
+            "--training-precision",
             "--precision",
             help="Decoder training: auto (bfloat16 where the CPU has it natively), "
             "float32 or bfloat16. Scoring is always float32.",
@@ -137,6 +153,7 @@ def train(
     compile_training: Annotated[
         bool,
         typer.Option(
+            "--compile-training/--no-compile-training",
             "--compile/--no-compile",
             help="Fuse the training step with torch.compile (needs a C++ compiler; "
             "about a minute the first time, cached afterwards).",
@@ -145,12 +162,21 @@ def train(
     fiber_batch_size: Annotated[
         int, typer.Option(help="Feature vectors per step and scale.")
     ] = DEFAULTS.fiber_batch_size,
+    steps: Annotated[
+        int, typer.Option(help="Optimizer steps (one fiber batch per scale each).")
+    ] = DEFAULTS.steps,
     learning_rate: Annotated[
         float, typer.Option(help="Adam peak learning rate.")
     ] = DEFAULTS.learning_rate,
+    warmup_fraction: Annotated[
+        float, typer.Option(help="Share of steps with a linear learning-rate warm-up.")
+    ] = DEFAULTS.warmup_fraction,
     holdout_fraction: Annotated[
         float, typer.Option(help="Share of images held out to calibrate thresholds.")
     ] = DEFAULTS.holdout_fraction,
+    min_holdout: Annotated[
+        int, typer.Option(help="Held-out images at least.")
+    ] = DEFAULTS.min_holdout,
     calibrate_on_train: Annotated[
         bool, typer.Option(help="Train on every image and calibrate on them too (optimistic).")
     ] = False,
@@ -160,56 +186,83 @@ def train(
     pixel_fpr: Annotated[
         float, typer.Option(help="Target false-positive rate of the pixel threshold.")
     ] = DEFAULTS.pixel_fpr,
+    feature_pooling: Annotated[
+        int, typer.Option(help="Average each feature over its k x k neighbourhood (1: none).")
+    ] = DEFAULTS.feature_pooling,
     score_top_k: Annotated[
         float, typer.Option(help="Image score: mean of this top fraction of the map (0: maximum).")
     ] = DEFAULTS.score_top_k,
-    cache_budget_mb: Annotated[
-        int, typer.Option(help="Feature cache above this goes to a memory-mapped file.")
+    feature_cache_budget_mb: Annotated[
+        int,
+        typer.Option(
+            "--feature-cache-budget-mb",
+            "--cache-budget-mb",
+            help="Feature cache above this goes to a memory-mapped file.",
+        ),
     ] = DEFAULTS.feature_cache_budget_mb,
+    feature_cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--feature-cache-dir",
+            "--cache-dir",
+            help="Folder for a memory-mapped feature cache (default: the temporary folder).",
+        ),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Seed for hold-out split, weights and sampling.")
+    ] = DEFAULTS.seed,
+    device: Device = "auto",
     skip_bad: SkipBad = False,
     quiet: Quiet = False,
 ) -> None:
-    """Train a model on defect-free images; thresholds are calibrated on held-out ones."""
+    """Train a model on defect-free images; thresholds are calibrated on held-out ones.
+
+    Every option but --out, --config, --device, --skip-bad and --quiet is a field of
+    cflowad.Config under the same name; the model's model.json records them all.
+    """
     reporter = Reporter(enabled=not quiet)
-    try:
-        stride_values = tuple(int(s) for s in strides.split(","))
-    except ValueError:
-        raise UserError(f"option --strides={strides!r} must be integers, e.g. 8,16,32") from None
-    config = Config(
-        backbone=backbone,
-        encoder_weights="random" if random_weights else "pretrained",
-        weights_file=None if weights_file is None else str(weights_file),
-        image_size=image_size,
-        strides=stride_values,
-        coupling_blocks=coupling_blocks,
-        condition_dim=condition_dim,
-        clamp_alpha=clamp_alpha,
-        objective=objective,
-        training_precision=training_precision,
-        compile_training=compile_training,
-        fiber_batch_size=fiber_batch_size,
-        steps=steps,
-        learning_rate=learning_rate,
-        holdout_fraction=holdout_fraction,
-        calibrate_on_train=calibrate_on_train,
-        image_fpr=image_fpr,
-        pixel_fpr=pixel_fpr,
-        score_top_k=score_top_k,
-        feature_cache_budget_mb=cache_budget_mb,
-        seed=seed,
+    given = {
+        name: value
+        for name, value in ctx.params.items()
+        # typer vendors its own click: compare the source by name, not by class
+        if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
+    }
+    if given.pop("random_weights", False):
+        given["encoder_weights"] = "random"
+    if "strides" in given:
+        try:
+            given["strides"] = tuple(int(x) for x in given["strides"].split(","))
+        except ValueError:
+            raise UserError(
+                f"option --strides={strides!r} must be integers, e.g. 8,16,32"
+            ) from None
+    for name in ("weights_file", "feature_cache_dir"):
+        if given.get(name) is not None:
+            given[name] = str(given[name])
+    fields = {} if config_file is None else read_config_file(config_file)
+    fields.update({k: v for k, v in given.items() if k in CONFIG_FIELDS})
+    config = Config(**fields)
+    changed = {
+        f: getattr(config, f) for f in CONFIG_FIELDS if getattr(config, f) != getattr(DEFAULTS, f)
+    }
+    reporter.log(
+        "config: "
+        + (", ".join(f"{k}={v!r}" for k, v in changed.items()) or "defaults")
+        + " (saved in model.json)"
     )
     jobs = [(data, out)]
     if data.is_dir() and not (data / "train").is_dir():
         categories = sorted(p for p in data.iterdir() if (p / "train" / "good").is_dir())
         if categories:
             jobs = [(c, out / c.name) for c in categories]
-    for source, target in jobs:
+    for _, target in jobs:
         refuse_foreign(target, is_model_dir, "--out")  # before training, not after
+    for source, target in jobs:
         reporter.log(f"training {source} -> {target}")
         images = find_training_images(source)
         if skip_bad:
             images = [images[i] for i in _readable(images)]
-        model = CFlowAD(config).fit(images, reporter=reporter)
+        model = CFlowAD(config, device=device).fit(images, reporter=reporter)
         model.save(target)
         _summary_table([("model", str(target)), *_training_rows(model)], quiet)
 
@@ -220,8 +273,11 @@ def predict(
         Path,
         typer.Argument(help="A model directory from cflowad train, or an ONNX file from export."),
     ],
-    images: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for predictions.json and maps.")],
+    images: Annotated[
+        list[Path],
+        typer.Argument(help="Image files, or folders (the images directly in them)."),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Folder for predictions and maps.")],
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
     pictures: Annotated[
         bool,
@@ -229,38 +285,40 @@ def predict(
             "--pictures", help="Also write a PNG per image: the image beside its heat map."
         ),
     ] = False,
+    device: Device = "auto",
     threads: Threads = None,
     skip_bad: SkipBad = False,
     quiet: Quiet = False,
 ) -> None:
-    """Score images: writes OUT/predictions.json and one float32 .npy map per image."""
+    """Score images: OUT/predictions.jsonl as it goes, predictions.json and one .npy map each.
+
+    Records are written as each image is scored, so memory does not grow with the
+    number of images; a run that fails or is stopped keeps what it scored in
+    OUT.partial, and OUT is replaced only when the run succeeds.
+    """
     _use_threads(threads)
     reporter = Reporter(enabled=not quiet)
+    refuse_foreign(out)  # before any work
+    model = _load(model_dir, device)
     files = _image_files(images)
     if skip_bad:
         files = [files[i] for i in _readable(files)]
-    model = load_model(model_dir)
-    prediction = model.predict(files, batch_size=batch_size, reporter=reporter)
-    with staged_directory(out, lambda p: (p / "predictions.json").is_file(), "--out") as staging:
+    flagged = 0
+    with staged_directory(out, keep_partial=True) as staging:
         (staging / "maps").mkdir()
-        records = []
-        for i, (file, score, flag, anomaly_map) in enumerate(
-            zip(files, prediction.scores, prediction.anomalous, prediction.maps, strict=True)
-        ):
-            name = f"maps/{i:05d}_{file.stem}.npy"
-            np.save(staging / name, anomaly_map.astype(np.float32))
-            records.append(
-                {"image": str(file), "score": float(score), "anomalous": bool(flag), "map": name}
-            )
         if pictures:
-            _write_prediction_pictures(staging, model, files, prediction, records, reporter)
-        (staging / "predictions.json").write_text(json.dumps(records, indent=2))
-    flagged = int(prediction.anomalous.sum())
+            (staging / "pictures").mkdir()
+        with (staging / "predictions.jsonl").open("w") as lines:
+            for result in model.predict_iter(files, batch_size=batch_size, reporter=reporter):
+                record = _write_result(staging, files[result.index], result, pictures)
+                lines.write(json.dumps(record) + "\n")
+                lines.flush()
+                flagged += result.anomalous
+        _jsonl_to_json(staging / "predictions.jsonl", staging / "predictions.json")
     _summary_table(
         [
             ("images", str(len(files))),
-            ("anomalous", str(flagged)),
-            ("image threshold", f"{model.image_threshold:.4g}"),
+            ("anomalous", f"{flagged} (score above 0.5)"),
             ("written", str(out / "predictions.json")),
         ],
         quiet,
@@ -324,6 +382,7 @@ def test_command(
         str, typer.Option(help="mask: ground truth's size (MVTec); model: model input size.")
     ] = "mask",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    device: Device = "auto",
     threads: Threads = None,
     skip_bad: SkipBad = False,
     quiet: Quiet = False,
@@ -339,6 +398,11 @@ def test_command(
         categories = sorted(p for p in data.iterdir() if (p / "test").is_dir())
         if categories:
             jobs = [(c.name, model_dir / c.name, c) for c in categories]
+    if json_file.is_dir():
+        raise UserError(f"{json_file}: is a folder; --json takes a file name")
+    for name, _, _ in jobs:
+        if out is not None:
+            refuse_foreign(out / name if name else out)  # before any work
     results = {}
     for name, model_path, source in jobs:
         test_set = find_test_set(source, good, defective or (), masks, mask_suffix)
@@ -350,7 +414,7 @@ def test_command(
                 [test_set.defect_types[i] for i in keep],
                 [test_set.masks[i] for i in keep],
             )
-        model = load_model(model_path)
+        model = _load(model_path, device)
         reporter.log(
             f"testing {model_path} on {len(test_set.images)} images"
             + (f" ({name})" if name else "")
@@ -359,10 +423,9 @@ def test_command(
         results[name] = evaluation.metrics
         print_metrics(evaluation.metrics, name, quiet)
         if out is not None:
-            write_pictures(out / name if name else out, model, test_set, evaluation, reporter)
+            write_pictures(out / name if name else out, test_set, evaluation, reporter)
     report = results[""] if list(results) == [""] else _mean_over_categories(results)
-    json_file.parent.mkdir(parents=True, exist_ok=True)
-    json_file.write_text(json.dumps(report, indent=2))
+    replace_file(json_file, json.dumps(report, indent=2))
     if not quiet:
         Console(stderr=True).print(f"metrics written to {json_file}", highlight=False)
 
@@ -405,6 +468,7 @@ def bench(
     onnx: Annotated[
         bool, typer.Option("--onnx", help="Also time the ONNX export in ONNX Runtime.")
     ] = False,
+    device: Device = "auto",
     quiet: Quiet = False,
 ) -> None:
     """Time the whole predict path against the encoder alone; optionally training."""
@@ -429,9 +493,9 @@ def bench(
         steps,
         Reporter(enabled=not quiet),
         onnx=onnx,
+        device=device,
     )
-    json_file.parent.mkdir(parents=True, exist_ok=True)
-    json_file.write_text(json.dumps(result, indent=2))
+    replace_file(json_file, json.dumps(result, indent=2))
     rows = []
     for b in result["batches"]:
         rows.append(
@@ -460,30 +524,41 @@ def bench(
 _skipped: list[str] = []  # files skipped by --skip-bad in this run; main() counts them at the end
 
 
-def _write_prediction_pictures(
-    staging: Path,
-    model: CFlowAD | OnnxModel,
-    files: list[Path],
-    prediction: Prediction,
-    records: list[dict],
-    reporter: Reporter,
-) -> None:
-    """One overlay PNG per image, named in its record under ``picture``."""
-    from cflowad.pictures import save_overlay
+def _write_result(folder: Path, file: Path, result: ImageResult, picture: bool) -> dict:
+    """Save one image's map (and picture); return its record."""
+    stem = f"{result.index:05d}_{file.stem}"
+    record = {
+        "image": str(file),
+        "score": round(result.score, 6),
+        "anomalous": result.anomalous,
+        "raw_score": result.raw_score,
+        "map": f"maps/{stem}.npy",
+    }
+    np.save(folder / record["map"], result.anomaly_map)
+    if picture:
+        from cflowad.pictures import save_overlay
 
-    (staging / "pictures").mkdir()
-    with reporter.task("pictures", len(files)) as task:
-        for i, (file, record) in enumerate(zip(files, records, strict=True)):
-            name = f"pictures/{i:05d}_{file.stem}.png"
-            save_overlay(
-                staging / name,
-                load_image(file),
-                prediction.maps[i],
-                model.pixel_threshold,
-                prediction.masks[i],
-            )
-            record["picture"] = name
-            task.advance()
+        record["picture"] = f"pictures/{stem}.png"
+        save_overlay(folder / record["picture"], load_image(file), result.anomaly_map, result.mask)
+    return record
+
+
+def _jsonl_to_json(source: Path, target: Path) -> None:
+    """predictions.json: the JSON Lines records as one list, copied a line at a time."""
+    with source.open() as lines, target.open("w") as out:
+        out.write("[")
+        for i, line in enumerate(lines):
+            out.write(("," if i else "") + "\n  " + line.rstrip("\n"))
+        out.write("\n]\n")
+
+
+def _load(path: Path, device: str) -> Predictor:
+    """A model directory or ONNX file; ONNX Runtime runs on the CPU whatever --device says."""
+    if path.suffix == ".onnx" and not path.is_dir():
+        if device not in ("auto", "cpu"):
+            raise UserError(f"option --device={device}: ONNX files run on the CPU here")
+        return OnnxModel(path)
+    return CFlowAD.load(path, device=device)
 
 
 def _use_threads(threads: int | None) -> None:
@@ -519,6 +594,7 @@ def _image_files(items: list[Path]) -> list[Path]:
 
 def _training_rows(model: CFlowAD) -> list[tuple[str, str]]:
     t = model.training
+    c = model.calibration or {}
     return [
         ("images", f"{t['n_train']} train, {t['n_calibration']} calibration"),
         ("encode", f"{t['encode_seconds']:.1f} s ({t['feature_cache_mb']} MiB cache)"),
@@ -529,8 +605,12 @@ def _training_rows(model: CFlowAD) -> list[tuple[str, str]]:
             f"{', compiled' if t.get('compiled') else ''}), "
             f"loss {t['final_loss']:.4f}",
         ),
-        ("image threshold", f"{model.image_threshold:.4g}"),
-        ("pixel threshold", f"{model.pixel_threshold:.4g}"),
+        (
+            "thresholds (raw)",
+            f"image {c['image_threshold_raw']:.4g}, pixel {c['pixel_threshold_raw']:.4g} "
+            f"(0.5 on the 0-1 scale; held-out false-positive rate "
+            f"{c['image_fpr_achievable']:.2%} achievable for images)",
+        ),
     ]
 
 
@@ -561,11 +641,16 @@ def _summary_table(rows: list[tuple[str, str]], quiet: bool) -> None:
     Console(highlight=False).print(table)
 
 
+def _one_line_warning(message: Warning | str, *_: Any, **__: Any) -> None:
+    print(f"cflowad: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point with the error contract: user errors exit 2 in one line, bugs exit 1."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     keep_freed_memory()
+    warnings.showwarning = _one_line_warning
     command = typer.main.get_command(app)
     _skipped.clear()
     try:

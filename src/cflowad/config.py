@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cflowad.errors import UserError
 
-__all__ = ["Config", "parse_image_size"]
+__all__ = ["CONFIG_FIELDS", "Config", "parse_image_size", "read_config_file"]
 
 OBJECTIVES = ("nll", "logsigmoid")
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -57,8 +59,10 @@ class Config:
     calibrate_on_train: bool = False
     image_fpr: float = 0.01
     pixel_fpr: float = 0.01
+    feature_pooling: int = 1
     score_top_k: float = 0.0
     feature_cache_budget_mb: int = 4096
+    feature_cache_dir: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -93,6 +97,11 @@ class Config:
             (0 < self.image_fpr < 1, "image_fpr", "in (0, 1)"),
             (0 < self.pixel_fpr < 1, "pixel_fpr", "in (0, 1)"),
             (0 <= self.score_top_k < 1, "score_top_k", "in [0, 1) (0 means the maximum)"),
+            (
+                self.feature_pooling >= 1 and self.feature_pooling % 2 == 1,
+                "feature_pooling",
+                "an odd kernel size, 1 for none",
+            ),
             (self.feature_cache_budget_mb >= 0, "feature_cache_budget_mb", "at least 0"),
             (
                 len(self.strides) >= 1 and all(s in (4, 8, 16, 32) for s in self.strides),
@@ -159,3 +168,43 @@ def _positive(size: tuple[int, int], raw: object) -> tuple[int, int]:
     if min(size) < 32:
         raise UserError(f"option image_size={raw!r} must be at least 32 pixels per side")
     return size
+
+
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Config fields from a TOML, JSON or (with PyYAML) YAML file; unknown keys are errors.
+
+    A model's ``model.json`` works too: its ``config`` entry is read.
+    """
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise UserError(f"{path}: reading YAML needs PyYAML: pip install pyyaml") from None
+            data = yaml.safe_load(text)
+        else:
+            raise UserError(f"{path}: config files are .toml, .json or .yaml")
+    except UserError:
+        raise
+    except Exception as error:  # each parser's own syntax error
+        raise UserError(f"{path}: not a valid {path.suffix[1:]} file ({error})") from None
+    if isinstance(data, dict) and isinstance(data.get("config"), dict):
+        data = data["config"]
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a table of Config fields")
+    unknown = sorted(set(data) - set(CONFIG_FIELDS))
+    if unknown:
+        raise UserError(f"{path}: unknown Config fields: {', '.join(unknown)}")
+    return data

@@ -7,8 +7,9 @@ problem with a file is a :class:`UserError` naming it; nothing is skipped silent
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,28 +100,42 @@ def to_model_input(image: np.ndarray, size: tuple[int, int]) -> Tensor:
 
 
 def batches(
-    items: Sequence[ImageInput], size: tuple[int, int], batch_size: int, workers: int = 2
+    items: Iterable[ImageInput], size: tuple[int, int], batch_size: int, workers: int = 2
 ) -> Iterator[tuple[Tensor, list[tuple[int, int]]]]:
     """Yield (images (B, 3, H, W), original (height, width) of each) in input order.
 
-    Decoding runs in a thread pool ahead of the consumer (PIL and torch release the
-    GIL), so that large PNGs overlap with model compute.
+    Decoding runs in a thread pool (PIL and torch release the GIL) at most two
+    batches ahead of the consumer: large PNGs overlap with model compute, and
+    memory stays the same for ten images or a million.
     """
 
     def prepare(item: ImageInput) -> tuple[Tensor, tuple[int, int]]:
         image = load_image(item)
         return to_model_input(image, size), (image.shape[0], image.shape[1])
 
+    source = iter(items)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        pending = pool.map(prepare, items)
+        pending: deque[Future[tuple[Tensor, tuple[int, int]]]] = deque()
+
+        def top_up() -> None:
+            while len(pending) < 2 * batch_size:
+                item = next(source, None)
+                if item is None:
+                    return
+                pending.append(pool.submit(prepare, item))
+
+        top_up()
         batch: list[tuple[Tensor, tuple[int, int]]] = []
-        for prepared in pending:
-            batch.append(prepared)
-            if len(batch) == batch_size:
-                yield torch.stack([t for t, _ in batch]), [s for _, s in batch]
-                batch = []
-        if batch:
-            yield torch.stack([t for t, _ in batch]), [s for _, s in batch]
+        try:
+            while pending:
+                batch.append(pending.popleft().result())
+                top_up()
+                if len(batch) == batch_size or not pending:
+                    yield torch.stack([t for t, _ in batch]), [s for _, s in batch]
+                    batch = []
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def readable(files: Sequence[Path], workers: int = 2) -> tuple[list[int], list[str]]:
@@ -165,7 +180,10 @@ def list_images(folder: Path) -> list[Path]:
         p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
     )
     if not files:
-        raise UserError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+        raise UserError(
+            f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) directly in this folder "
+            "(subfolders are not searched)"
+        )
     return files
 
 

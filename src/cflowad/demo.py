@@ -20,8 +20,9 @@ from cflowad.config import Config
 from cflowad.data import load_image
 from cflowad.errors import UserError
 from cflowad.files import staged_directory
+from cflowad.inference import THRESHOLD, Prediction
 from cflowad.metrics import f1_max, image_auroc
-from cflowad.model import CFlowAD, Prediction
+from cflowad.model import CFlowAD
 from cflowad.pictures import overlay, save_histogram
 from cflowad.progress import Reporter
 
@@ -58,7 +59,7 @@ def run_demo(out: Path, steps: int, reporter: Reporter) -> dict:
         f"ELPV mono cells: {len(train)} defect-free for training, {len(test)} for "
         f"testing ({int(labels.sum())} defective)"
     )
-    with staged_directory(out, lambda p: (p / "metrics.json").is_file(), "--out") as staging:
+    with staged_directory(out) as staging:
         model = CFlowAD(Config(steps=steps)).fit(train, reporter=reporter)
         prediction = model.predict(test, reporter=reporter)
         f1, _ = f1_max(prediction.scores, labels)
@@ -75,9 +76,7 @@ def run_demo(out: Path, steps: int, reporter: Reporter) -> dict:
             "seconds": round(time.perf_counter() - start, 1),
         }
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        save_histogram(
-            staging / "score_histogram.png", prediction.scores, labels, model.image_threshold
-        )
+        save_histogram(staging / "score_histogram.png", prediction.scores, labels, THRESHOLD)
         _save_extremes(staging / "most_and_least_anomalous.png", test, prediction, model)
         model.save(staging / "model")
     reporter.log(f"demo written to {out}")
@@ -94,8 +93,8 @@ def _save_extremes(
     for axis, (title, index) in zip(axes.ravel(), picks, strict=True):
         anomaly_map = prediction.maps[index]
         image = load_image(images[index])
-        axis.imshow(overlay(image, anomaly_map, model.pixel_threshold, prediction.masks[index]))
-        axis.set_title(f"{title}\nscore {prediction.scores[index]:.3g}", fontsize=9)
+        axis.imshow(overlay(image, anomaly_map, prediction.masks[index]))
+        axis.set_title(f"{title}\nscore {prediction.scores[index]:.2f}", fontsize=9)
         axis.axis("off")
     figure.tight_layout()
     figure.savefig(path)

@@ -12,6 +12,7 @@ import copy
 import importlib
 import itertools
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -96,6 +97,12 @@ class Encoder(nn.Module):
             _load_weights(model, backbone, weights_file)
         cfg = model.pretrained_cfg
         return cls(model, tuple(cfg["mean"]), tuple(cfg["std"]))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Encoder:
+        """``.to(device)`` and friends move the folded copy too (it is outside the tree)."""
+        super()._apply(fn, recurse)
+        self.__dict__["_folded"]._apply(fn, recurse)
+        return self
 
     def train(self, mode: bool = True) -> Encoder:
         """Stay in eval mode: the encoder is frozen, batch-norm statistics included."""

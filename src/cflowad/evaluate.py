@@ -12,25 +12,29 @@ from torch.nn import functional as F
 
 from cflowad.data import TestSet, load_mask
 from cflowad.errors import UserError
+from cflowad.inference import Prediction, Predictor
 from cflowad.metrics import aupro, f1_max, image_auroc, pixel_auroc
-from cflowad.model import CFlowAD, Prediction
 from cflowad.progress import Reporter
-from cflowad.runtime import OnnxModel
 
 __all__ = ["Evaluation", "evaluate"]
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Metrics (JSON-ready), the predictions, and the ground-truth masks used."""
+    """Metrics (JSON-ready), the predictions, and the maps and masks the metrics compared.
+
+    ``maps`` and ``masks`` are at the metric resolution: each image's own size for
+    ``"mask"``, the model's input size for ``"model"``.
+    """
 
     metrics: dict[str, Any]
     prediction: Prediction
+    maps: list[np.ndarray]
     masks: list[np.ndarray] | None
 
 
 def evaluate(
-    model: CFlowAD | OnnxModel,
+    model: Predictor,
     test: TestSet,
     batch_size: int = 16,
     resolution: str = "mask",
@@ -58,8 +62,9 @@ def evaluate(
         maps = [_resize(m, model.image_size, "bilinear") for m in maps]
         masks = [_resize(k.astype(np.float32), model.image_size, "nearest") > 0.5 for k in masks]
     labels = test.labels
-    metrics: dict[str, Any] = _metrics(prediction.scores, labels, maps, masks)
-    threshold = model.image_threshold
+    # raw scores: the readable scale is strictly increasing, but float32 could tie them
+    scores = prediction.raw_scores
+    metrics: dict[str, Any] = _metrics(scores, labels, maps, masks)
     flagged = prediction.anomalous
     metrics.update(
         {
@@ -67,7 +72,6 @@ def evaluate(
             "n_defective": int(labels.sum()),
             "seconds": round(seconds, 3),
             "images_per_second": round(len(labels) / seconds, 2),
-            "image_threshold": threshold,
             "true_positive_rate_at_threshold": _rate(flagged, labels == 1),
             "false_positive_rate_at_threshold": _rate(flagged, labels == 0),
             "metric_resolution": resolution,
@@ -81,12 +85,12 @@ def evaluate(
         subset_maps = [maps[i] for i in index]
         subset_masks = None if masks is None else [masks[i] for i in index]
         per_defect[defect] = {
-            **_metrics(prediction.scores[keep], labels[keep], subset_maps, subset_masks),
+            **_metrics(scores[keep], labels[keep], subset_maps, subset_masks),
             "n_images": int(keep.sum()),
             "n_defective": int((types == defect).sum()),
         }
     metrics["per_defect"] = per_defect
-    return Evaluation(metrics, prediction, masks)
+    return Evaluation(metrics, prediction, maps, masks)
 
 
 def _metrics(

@@ -2,8 +2,9 @@
 
 A model is a directory: ``model.safetensors`` (encoder and decoder weights, so a model
 directory runs on a machine without internet) and ``model.json`` (format version,
-configuration, normalization constants, thresholds, training summary). Loading
-never unpickles.
+configuration, scale references, thresholds, training summary). Loading never
+unpickles. Scoring is :class:`cflowad.inference.InferenceEngine`'s, shared with the
+ONNX runtime; this module adds fitting, calibration and the file format.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,53 +21,45 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch.nn import functional as F
+from torch import Tensor
 
 from cflowad import __version__
+from cflowad.calibration import order_statistic_threshold
 from cflowad.config import Config
 from cflowad.data import ImageInput, batches, find_training_images, median_aspect_ratio
+from cflowad.device import resolve_device
 from cflowad.errors import UserError
 from cflowad.files import staged_directory
+from cflowad.inference import InferenceEngine
 from cflowad.progress import Reporter
 from cflowad.scoring import CFlowNet
 from cflowad.train import encode, fit_decoders
 
-__all__ = ["CFlowAD", "Prediction", "is_model_dir", "predict_batches"]
+__all__ = ["CFlowAD", "is_model_dir"]
 
 FORMAT = "cflowad-model"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# What changed in each version, for the one-line message that an old model gets.
+_RETRAIN = {
+    2: "it fuses the scales by unbounded z-scores, which let the coarsest scale swamp the "
+    "others; its held-out statistics were not saved, so it cannot be converted",
+}
+# model.json's calibration entry; the weights file holds the same values as buffers
+_CALIBRATION_KEYS = ("reference", "image_threshold_raw", "pixel_threshold_raw")
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
 
 
-@dataclass(frozen=True)
-class Prediction:
-    """Predictions for N images, in input order.
-
-    Attributes:
-        scores: (N,) image anomaly scores (higher is more anomalous).
-        anomalous: (N,) image decisions, ``scores > image_threshold``.
-        maps: N float32 anomaly maps, each at its image's original (H, W).
-        masks: N boolean masks, ``map > pixel_threshold``.
-    """
-
-    scores: np.ndarray
-    anomalous: np.ndarray
-    maps: list[np.ndarray]
-    masks: list[np.ndarray]
-
-    def __len__(self) -> int:
-        return len(self.scores)
-
-
-class CFlowAD:
+class CFlowAD(InferenceEngine):
     """CFLOW-AD with per-image calibrated scores.
 
     Args:
         config: a :class:`Config`; or give its fields as keyword arguments.
+        device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda[:N]"``.
 
     Example:
-        >>> model = CFlowAD(encoder_weights="random", image_size=64, steps=2, min_holdout=2)
+        >>> model = CFlowAD(encoder_weights="random", image_size=64, steps=2, min_holdout=2,
+        ...                 compile_training=False, device="cpu")
         >>> rng = np.random.default_rng(0)
         >>> images = [rng.random((80, 60, 3), dtype=np.float32) for _ in range(6)]
         >>> prediction = model.fit(images).predict(images[:2])
@@ -75,14 +67,17 @@ class CFlowAD:
         ((80, 60), dtype('bool'))
     """
 
-    def __init__(self, config: Config | None = None, **fields: Any) -> None:
+    def __init__(
+        self, config: Config | None = None, device: str | torch.device = "auto", **fields: Any
+    ) -> None:
         if config is not None and fields:
             raise TypeError("give either a Config or keyword fields, not both")
         self.config = config if config is not None else Config(**fields)
+        self.device = resolve_device(device)
         self.net = CFlowNet.build(
             self.config, pretrained=self.config.encoder_weights == "pretrained"
         )
-        self.net.eval()
+        self.net.eval().to(self.device)
         self.calibration: dict[str, Any] | None = None
         self.training: dict[str, Any] = {}
 
@@ -99,7 +94,7 @@ class CFlowAD:
         calibrate (optimistic thresholds).
         """
         reporter = reporter or Reporter(enabled=False)
-        items = _as_items(data)
+        items = _training_items(data)
         resolved = self.config.resolve_size(median_aspect_ratio(items))
         if resolved != self.config:
             reporter.log(
@@ -107,7 +102,7 @@ class CFlowAD:
                 "(width x height) keeps the training images' median aspect ratio"
             )
             self.config = resolved
-            self.net = CFlowNet(resolved, self.net.encoder).eval()
+            self.net = CFlowNet(resolved, self.net.encoder).eval().to(self.device)
         train_items, calibration_items = self._split(items)
         reporter.log(
             f"{len(train_items)} training images, {len(calibration_items)} for calibration"
@@ -115,7 +110,11 @@ class CFlowAD:
         )
         start = time.perf_counter()
         cache = encode(
-            self.net, train_items, budget_mb=self.config.feature_cache_budget_mb, reporter=reporter
+            self.net,
+            train_items,
+            budget_mb=self.config.feature_cache_budget_mb,
+            reporter=reporter,
+            cache_dir=self.config.feature_cache_dir,
         )
         encode_seconds = time.perf_counter() - start
         summary = fit_decoders(self.net, cache, self.config, reporter)
@@ -131,42 +130,17 @@ class CFlowAD:
         }
         return self
 
-    @torch.inference_mode()
-    def predict(
-        self,
-        images: str | Path | Sequence[ImageInput],
-        batch_size: int = 16,
-        reporter: Reporter | None = None,
-    ) -> Prediction:
-        """Score images: decisions, maps and masks at each image's original size.
-
-        A pure function of each image and the saved model: batch size and batch
-        companions do not change any result.
-        """
-        calibration = self._require_fitted()
-        return predict_batches(
-            self.net,
-            images,
-            self.config.image_size,
-            batch_size,
-            (calibration["image_threshold"], calibration["pixel_threshold"]),
-            reporter,
-        )
-
     @property
-    def image_size(self) -> tuple[int, int]:
+    def image_size(self) -> tuple[int, int]:  # type: ignore[override]
         """Model input (height, width): every image is resized to it for scoring."""
         return self.config.image_size
 
-    @property
-    def image_threshold(self) -> float:
-        """Image score above which an image is flagged anomalous."""
-        return float(self._require_fitted()["image_threshold"])
-
-    @property
-    def pixel_threshold(self) -> float:
-        """Map value above which a pixel is flagged anomalous."""
-        return float(self._require_fitted()["pixel_threshold"])
+    @torch.inference_mode()
+    def score_batch(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, 3, H, W) at :attr:`image_size` -> readable scores, readable maps, raw scores."""
+        self._require_fitted()
+        scores, maps, raw = self.net(images.to(self.device))
+        return scores.cpu(), maps.cpu(), raw.cpu()
 
     def save(self, directory: str | Path) -> Path:
         """Write the model directory atomically; replaces only an earlier cflowad model."""
@@ -198,7 +172,7 @@ class CFlowAD:
         return export_onnx(self, Path(path))
 
     @classmethod
-    def load(cls, directory: str | Path) -> CFlowAD:
+    def load(cls, directory: str | Path, device: str | torch.device = "auto") -> CFlowAD:
         """Rebuild a saved model; errors name the file that is missing or broken."""
         root = Path(directory)
         meta_path, weights_path = root / META_FILE, root / WEIGHTS_FILE
@@ -213,15 +187,25 @@ class CFlowAD:
             raise UserError(f"{meta_path}: not valid JSON ({error})") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise UserError(f"{meta_path}: not a cflowad model file")
-        if meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version")
+        if version in _RETRAIN:
             raise UserError(
-                f"{meta_path}: format version {meta.get('format_version')} is not "
-                f"supported (this cflowad reads {FORMAT_VERSION})"
+                f"{meta_path}: format version {version} needs retraining with this cflowad "
+                f"(cflowad train): {_RETRAIN[version]}"
+            )
+        if version != FORMAT_VERSION:
+            raise UserError(
+                f"{meta_path}: format version {version} is not supported (this cflowad "
+                f"reads {FORMAT_VERSION}; a newer cflowad wrote it?)"
             )
         if _sha256(weights_path) != meta.get("weights_sha256"):
             raise UserError(f"{weights_path}: checksum mismatch (truncated or modified file)")
         try:
             config = Config.from_dict(meta["config"])
+            calibration = meta["calibration"]
+            missing = [k for k in _CALIBRATION_KEYS if k not in calibration]
+            if missing:
+                raise KeyError(", ".join(missing))
             state = load_file(str(weights_path))
         except (KeyError, TypeError) as error:
             raise UserError(f"{meta_path}: incomplete model description ({error})") from None
@@ -229,6 +213,7 @@ class CFlowAD:
             raise UserError(f"{weights_path}: unreadable weights ({error})") from None
         model = cls.__new__(cls)
         model.config = config
+        model.device = resolve_device(device)
         model.net = CFlowNet.build(config, pretrained=False)
         try:
             model.net.load_state_dict(state, strict=True)
@@ -236,9 +221,9 @@ class CFlowAD:
             raise UserError(
                 f"{weights_path}: weights do not match the model ({str(error).splitlines()[0]})"
             ) from None
-        model.net.eval()
+        model.net.eval().to(model.device)
         model.net.refresh_conditions()
-        model.calibration = meta["calibration"]
+        model.calibration = calibration
         model.training = meta.get("training", {})
         return model
 
@@ -263,36 +248,44 @@ class CFlowAD:
 
     @torch.inference_mode()
     def _calibrate(self, items: list[ImageInput], reporter: Reporter) -> dict[str, Any]:
-        """Fit per-scale normalization, then thresholds, on defect-free images."""
-        per_batch: list[list[torch.Tensor]] = []
+        """Fit the scales' references, then both thresholds, on defect-free images.
+
+        The reference of each scale is a high quantile of its held-out log-likelihoods
+        per dimension (:meth:`CFlowNet.fit_reference`); the thresholds are order statistics of the
+        held-out raw scores and map values (:mod:`cflowad.calibration`).
+        """
+        per_batch: list[list[Tensor]] = []
         with reporter.task("calibrating", len(items)) as task:
             for batch, _ in batches(items, self.config.image_size, 16):
-                per_batch.append(self.net.log_likelihoods(batch))
+                per_batch.append(self.net.log_likelihoods(batch.to(self.device)))
                 task.advance(len(batch))
-        nll = [
-            -torch.cat([b[k].flatten() for b in per_batch]).double()
-            for k in range(len(self.net.decoders))
-        ]
-        medians = torch.stack([v.median() for v in nll])
-        deviations = torch.stack(
-            [(v - m).abs().median() for v, m in zip(nll, medians, strict=True)]
-        )
-        self.net.nll_median.copy_(medians)
-        self.net.nll_scale.copy_((1.4826 * deviations).clamp_min(1e-6))
-        maps = [self.net.anomaly_map(log_likelihoods) for log_likelihoods in per_batch]
-        scores = [self.net.image_score(m) for m in maps]
-        pixels = [m.flatten() for m in maps]
-        all_scores = torch.cat(scores).double()
-        all_pixels = torch.cat(pixels).double().numpy()
+        scales = range(len(self.net.decoders))
+        self.net.fit_reference([torch.cat([b[k] for b in per_batch]) for k in scales])
+        raw_maps = [self.net.raw_map(log_likelihoods).cpu() for log_likelihoods in per_batch]
+        raw_scores = torch.cat([self.net.raw_score(m) for m in raw_maps]).double().numpy()
+        pixels = torch.cat([m.flatten() for m in raw_maps]).double().numpy()
+        image = order_statistic_threshold(raw_scores, self.config.image_fpr)
+        pixel = order_statistic_threshold(pixels, self.config.pixel_fpr)
+        if not image.enough_images:
+            reporter.warn(
+                f"{image.n} held-out images cannot show a {self.config.image_fpr:.2%} "
+                f"false-positive rate: the image threshold is their highest score, which "
+                f"achieves about {image.achievable_fpr:.2%}; {image.images_needed()} "
+                "held-out images are needed (more training images, --holdout-fraction, "
+                "or a larger --image-fpr)"
+            )
+        self.net.image_threshold.fill_(image.value)
+        self.net.pixel_threshold.fill_(pixel.value)
         return {
-            "nll_median": self.net.nll_median.tolist(),
-            "nll_scale": self.net.nll_scale.tolist(),
-            "image_threshold": float(torch.quantile(all_scores, 1 - self.config.image_fpr)),
-            "pixel_threshold": float(np.quantile(all_pixels, 1 - self.config.pixel_fpr)),
+            "reference": self.net.reference.tolist(),
+            "image_threshold_raw": image.value,
+            "pixel_threshold_raw": pixel.value,
             "image_fpr": self.config.image_fpr,
+            "image_fpr_achievable": image.achievable_fpr,
             "pixel_fpr": self.config.pixel_fpr,
+            "pixel_fpr_achievable": pixel.achievable_fpr,
             "n_images": len(items),
-            "score_median": float(all_scores.median()),
+            "raw_score_median": float(np.median(raw_scores)),
         }
 
     def _require_fitted(self) -> dict[str, Any]:
@@ -309,56 +302,13 @@ class CFlowAD:
         return f"CFlowAD({fields})"
 
 
-def predict_batches(
-    score: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-    images: str | Path | Sequence[ImageInput],
-    image_size: tuple[int, int],
-    batch_size: int,
-    thresholds: tuple[float, float],
-    reporter: Reporter | None = None,
-) -> Prediction:
-    """Score images (a folder, or a list of paths or arrays) with ``score`` in batches.
-
-    ``score`` maps a batch resized to ``image_size`` to scores and maps; maps go
-    back to each image's own size before the pixel threshold applies, so every
-    runtime behind ``score`` (PyTorch, ONNX Runtime) gives the same Prediction.
-    """
-    items = _as_items(images) if isinstance(images, (str, Path)) else list(images)
-    if batch_size < 1:
-        raise UserError(f"option batch_size={batch_size} must be at least 1")
-    reporter = reporter or Reporter(enabled=False)
-    image_threshold, pixel_threshold = thresholds
-    scores, maps = [], []
-    with reporter.task("scoring", len(items)) as task:
-        for batch, sizes in batches(items, image_size, batch_size):
-            batch_scores, batch_maps = score(batch)
-            scores.append(batch_scores.numpy())
-            maps.extend(_resize(m, size) for m, size in zip(batch_maps, sizes, strict=True))
-            task.advance(len(batch))
-    score_array = np.concatenate(scores) if scores else np.zeros(0, np.float32)
-    return Prediction(
-        scores=score_array,
-        anomalous=score_array > image_threshold,
-        maps=maps,
-        masks=[m > pixel_threshold for m in maps],
-    )
-
-
-def _as_items(data: str | Path | Sequence[ImageInput]) -> list[ImageInput]:
+def _training_items(data: str | Path | Sequence[ImageInput]) -> list[ImageInput]:
     if isinstance(data, (str, Path)):
         return list(find_training_images(Path(data)))
     items = list(data)
     if not items:
         raise UserError("no images given")
     return items
-
-
-def _resize(anomaly_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    if tuple(anomaly_map.shape) != tuple(size):
-        anomaly_map = F.interpolate(
-            anomaly_map[None, None], size=size, mode="bilinear", align_corners=False
-        )[0, 0]
-    return anomaly_map.numpy().astype(np.float32, copy=False)
 
 
 def _sha256(path: Path) -> str:

@@ -19,28 +19,20 @@ from cflowad.metrics import pro_curve
 
 __all__ = ["overlay", "save_curves", "save_histogram", "save_overlay"]
 
-# Where the heat map's colour scale starts: every scale of a map is centred on the
-# median of held-out good images, so good pixels sit near 0 in every model, and a
-# picture's colours never depend on the other images scored with it.
-_GOOD_LEVEL = 0.0
-
 
 def overlay(
     image: np.ndarray,
     anomaly_map: np.ndarray,
-    threshold: float,
     predicted: np.ndarray | None = None,
     truth: np.ndarray | None = None,
 ) -> np.ndarray:
     """RGB uint8: the image beside its heat map, predicted outline white, true outline green.
 
-    The colour scale runs from the good pixels' level 0 to the map's own 99.5th percentile (at least
-    ``threshold``): flow likelihoods span orders of magnitude, and one scale for all
-    images would saturate every defective one.
+    Maps are on the readable 0-1 scale with the pixel threshold at 0.5, so one colour
+    scale fits every image and every model: blue is normal, green the threshold, red
+    the most anomalous; a picture's colours never depend on the other images.
     """
-    high = max(threshold, float(np.quantile(anomaly_map, 0.995)))
-    span = max(high - _GOOD_LEVEL, 1e-9)
-    heat = colormaps["jet"](np.clip((anomaly_map - _GOOD_LEVEL) / span, 0, 1))[..., :3]
+    heat = colormaps["jet"](np.clip(anomaly_map, 0, 1))[..., :3]
     blended = 0.55 * image + 0.45 * heat
     for mask, colour in ((truth, (0.0, 1.0, 0.0)), (predicted, (1.0, 1.0, 1.0))):
         if mask is not None and mask.any():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -36,6 +37,13 @@ class Reporter:
         """One line of what is happening."""
         if self.enabled:
             self.console.print(message, markup=False, highlight=False)
+
+    def warn(self, message: str) -> None:
+        """A warning: one stderr line when enabled, a Python ``UserWarning`` when silent."""
+        if self.enabled:
+            self.console.print(f"cflowad: warning: {message}", markup=False, highlight=False)
+        else:
+            warnings.warn(message, UserWarning, stacklevel=5)
 
     @contextmanager
     def task(self, description: str, total: int) -> Iterator[_Task]:

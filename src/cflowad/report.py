@@ -10,10 +10,9 @@ from rich.table import Table
 from cflowad.data import TestSet, load_image
 from cflowad.evaluate import Evaluation
 from cflowad.files import staged_directory
-from cflowad.model import CFlowAD
+from cflowad.inference import THRESHOLD
 from cflowad.pictures import save_curves, save_histogram, save_overlay
 from cflowad.progress import Reporter
-from cflowad.runtime import OnnxModel
 
 __all__ = ["print_metrics", "write_pictures"]
 
@@ -42,13 +41,12 @@ def print_metrics(metrics: dict, title: str = "", quiet: bool = False) -> None:
     fpr = _percent(metrics["false_positive_rate_at_threshold"])
     Console(highlight=False).print(
         f"{metrics['images_per_second']:.1f} images/s; at the calibrated threshold "
-        f"{metrics['image_threshold']:.4g}: TPR {tpr} %, FPR {fpr} %"
+        f"(score 0.5): TPR {tpr} %, FPR {fpr} %"
     )
 
 
 def write_pictures(
     directory: Path,
-    model: CFlowAD | OnnxModel,
     test: TestSet,
     evaluation: Evaluation,
     reporter: Reporter,
@@ -56,9 +54,7 @@ def write_pictures(
     """Per image: the image beside its heat map, predicted (white) and true (green) outlines;
     plus the ROC curve, the PRO curve and the score histogram."""
     prediction = evaluation.prediction
-    with staged_directory(
-        directory, lambda p: (p / "score_histogram.png").is_file(), "--out"
-    ) as staging:
+    with staged_directory(directory) as staging:
         with reporter.task("pictures", len(test.images)) as task:
             for i, path in enumerate(test.images):
                 truth = None if evaluation.masks is None else evaluation.masks[i]
@@ -70,19 +66,16 @@ def write_pictures(
                     folder / f"{path.stem}.png",
                     load_image(path),
                     prediction.maps[i],
-                    model.pixel_threshold,
                     prediction.masks[i],
                     truth,
                 )
                 task.advance()
-        save_histogram(
-            staging / "score_histogram.png", prediction.scores, test.labels, model.image_threshold
-        )
+        save_histogram(staging / "score_histogram.png", prediction.scores, test.labels, THRESHOLD)
         save_curves(
             staging,
             prediction.scores,
             test.labels,
-            evaluation.prediction.maps if evaluation.masks is not None else None,
+            evaluation.maps if evaluation.masks is not None else None,
             evaluation.masks,
         )
 

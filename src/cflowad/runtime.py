@@ -1,27 +1,29 @@
-"""An exported model scored by ONNX Runtime, behind the same ``predict`` as :class:`CFlowAD`.
+"""An exported model scored by ONNX Runtime, through the same engine as :class:`CFlowAD`.
 
 ONNX Runtime fuses what PyTorch runs op by op: the magnetic_tile model scored 59
-images/s at batch 1 in it against 36 in PyTorch on 2 cores (README, Benchmarks).
+images/s at batch 1 in it against 36 in PyTorch on 2 cores (docs/benchmarks.md).
 ``cflowad export`` once, then give the ``.onnx`` file wherever a model directory
-goes in ``predict`` and ``test``. Images are resized in and maps resized back
-exactly as :meth:`CFlowAD.predict` does, with the thresholds from the file.
+goes. This module imports neither the trainer nor timm: a line that only scores
+needs onnxruntime, torch and Pillow.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from cflowad.data import ImageInput
 from cflowad.errors import UserError
-from cflowad.export import INPUT_NAME, MARK
-from cflowad.model import CFlowAD, Prediction, predict_batches
-from cflowad.progress import Reporter
+from cflowad.inference import InferenceEngine
 
-__all__ = ["OnnxModel", "cpu_session", "load_model", "require_onnxruntime"]
+__all__ = ["INPUT_NAME", "MARK", "OUTPUT_NAMES", "OnnxModel", "cpu_session", "require_onnxruntime"]
+
+# The exported file's contract, shared with cflowad.export which writes it.
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("scores", "anomalous", "maps", "masks", "raw_scores")
+MARK = "cflowad_version"
 
 
 def require_onnxruntime(purpose: str) -> None:
@@ -41,13 +43,13 @@ def cpu_session(path: Path) -> Any:
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-class OnnxModel:
+class OnnxModel(InferenceEngine):
     """A file written by ``cflowad export``, run by ONNX Runtime in torch's thread count.
 
     Attributes (from the file's metadata):
         image_size: model input (height, width).
-        image_threshold: image score above which an image is flagged anomalous.
-        pixel_threshold: map value above which a pixel is flagged anomalous.
+        image_threshold_raw: the image threshold before the readable scale.
+        pixel_threshold_raw: the pixel threshold before the readable scale.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -63,30 +65,18 @@ class OnnxModel:
         meta = self._session.get_modelmeta().custom_metadata_map
         if MARK not in meta:
             raise UserError(f"{self.path}: not written by cflowad export")
+        outputs = tuple(o.name for o in self._session.get_outputs())
+        if outputs != OUTPUT_NAMES or "image_threshold_raw" not in meta:
+            raise UserError(
+                f"{self.path}: exported by cflowad {meta[MARK]} in an older layout; "
+                "export the model again with this cflowad (cflowad export)"
+            )
         height, width = (int(v) for v in meta["image_size"].split(","))
         self.image_size = (height, width)
-        self.image_threshold = float(meta["image_threshold"])
-        self.pixel_threshold = float(meta["pixel_threshold"])
+        self.image_threshold_raw = float(meta["image_threshold_raw"])
+        self.pixel_threshold_raw = float(meta["pixel_threshold_raw"])
 
-    def predict(
-        self,
-        images: str | Path | Sequence[ImageInput],
-        batch_size: int = 16,
-        reporter: Reporter | None = None,
-    ) -> Prediction:
-        """Score images as :meth:`CFlowAD.predict` does: a folder, or paths or arrays."""
-        thresholds = (self.image_threshold, self.pixel_threshold)
-        return predict_batches(
-            self._score, images, self.image_size, batch_size, thresholds, reporter
-        )
-
-    def _score(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores, _, maps, _ = self._session.run(None, {INPUT_NAME: batch.numpy()})
-        return torch.from_numpy(scores), torch.from_numpy(maps)
-
-
-def load_model(path: Path) -> CFlowAD | OnnxModel:
-    """A model directory from ``cflowad train``, or an ONNX file from ``cflowad export``."""
-    if path.suffix == ".onnx" and not path.is_dir():
-        return OnnxModel(path)
-    return CFlowAD.load(path)
+    def score_batch(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, 3, H, W) at :attr:`image_size` -> readable scores, readable maps, raw scores."""
+        scores, _, maps, _, raw = self._session.run(None, {INPUT_NAME: images.numpy()})
+        return torch.from_numpy(scores), torch.from_numpy(maps), torch.from_numpy(raw)

@@ -8,6 +8,7 @@ to the model, so an image's map never depends on the other images in its batch.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -16,36 +17,41 @@ from cflowad.config import Config
 from cflowad.encoder import Encoder
 from cflowad.flows import ConditionalFlow, positional_encoding
 
-__all__ = ["CFlowNet"]
+__all__ = ["REFERENCE_QUANTILE", "CFlowNet", "readable"]
+
+# The quantile of held-out good log-likelihoods that normalizes each scale.
+REFERENCE_QUANTILE = 0.999
 
 
 class CFlowNet(nn.Module):
-    """Frozen encoder plus one conditional flow per scale, with fitted score normalization.
+    """Frozen encoder plus one conditional flow per scale, with a bounded scale fusion.
 
-    The anomaly map of scale k is the robustly standardized negative log-likelihood
-    per dimension, ``(-log p_k / D_k - median_k) / (1.4826 MAD_k)``, with median and
-    median absolute deviation fitted on held-out defect-free images; maps are
-    upsampled bilinearly and summed over scales. The held-out values of the coarsest
-    scale are heavy-tailed (its flow fits the training images closely), so the
-    standard deviation over-weights their rare high values and mutes that scale;
-    measured with the same trained models, image / pixel AUROC:
+    Each scale's log-likelihood per dimension ``l_k = log p_k / D_k`` becomes a
+    likelihood before the scales meet, as in the paper: the term of scale k is
 
-    ================  ===============  ===============  ========================
-    scale unit        magnetic_tile    visa_capsules    bricks, 20 train images
-    ================  ===============  ===============  ========================
-    std               0.893 / 0.772    0.844 / 0.987    1.0 / 0.946
-    MAD (this)        0.911 / 0.790    0.838 / 0.985    1.0 / 0.903
-    none (nats/dim)   0.926 / 0.803    0.841 / 0.986    1.0 / 0.836
-    ================  ===============  ===============  ========================
+        a_k = 1 - exp(min(0, l_k - m_k)),
 
-    The image score is the map's maximum, or the mean of its top fraction
-    ``score_top_k`` of pixels when that is above 0.
+    with ``m_k`` the 99.9th percentile of ``l_k`` over held-out good images: the
+    paper normalizes each scale's likelihood by its maximum over the test set; the
+    held-out images' near-maximum is the same normalizer fitted on good images only,
+    robust to one extreme position, and a constant of the model, so a map never
+    depends on its batch. A scale whose good positions spread widely gets a small
+    ``exp(l_k - m_k)`` on ordinary positions too, so its variations weigh less: a
+    reliability weighting with no parameter. An unseen feature, however extreme its
+    log-likelihood (the coarsest flow reaches -1e8 nats on unseen content), saturates
+    at 1. The raw map is the mean of the upsampled terms, so it lies in [0, 1) and no
+    scale can outweigh the others by magnitude: each contributes at most 1/K.
+
+    The raw image score is the raw map's maximum, as in the paper (or the mean of
+    its top ``score_top_k`` fraction). Scores and maps are then put on the readable
+    scale of :mod:`cflowad.calibration`, where both thresholds sit at 0.5.
     """
 
     def __init__(self, config: Config, encoder: Encoder) -> None:
         super().__init__()
         self.image_size = config.image_size
         self.score_top_k = config.score_top_k
+        self.feature_pooling = config.feature_pooling
         self.encoder = encoder
         self.decoders = nn.ModuleList(
             ConditionalFlow(
@@ -64,8 +70,9 @@ class CFlowNet(nn.Module):
             code = positional_encoding(config.condition_dim, height, width)
             self.register_buffer(f"code_{k}", code.flatten(1).T.contiguous(), persistent=False)
             self.register_buffer(f"conditions_{k}", torch.empty(0), persistent=False)
-        self.register_buffer("nll_median", torch.zeros(len(self.decoders)))
-        self.register_buffer("nll_scale", torch.ones(len(self.decoders)))
+        self.register_buffer("reference", torch.zeros(len(self.decoders)))
+        self.register_buffer("image_threshold", torch.tensor(0.5))
+        self.register_buffer("pixel_threshold", torch.tensor(0.5))
 
     @classmethod
     def build(cls, config: Config, pretrained: bool) -> CFlowNet:
@@ -92,9 +99,23 @@ class CFlowNet(nn.Module):
         for k, flow in enumerate(self.decoders):
             setattr(self, f"conditions_{k}", flow.condition(self.codes(k)))
 
+    def features(self, images: Tensor) -> list[Tensor]:
+        """(B, 3, H, W) in [0, 1] -> the flows' inputs [(B, D_k, H_k, W_k)].
+
+        With ``feature_pooling`` p > 1 each position's feature is the mean over its
+        p x p neighbourhood (as PatchCore's local aggregation), padding excluded.
+        """
+        features = self.encoder(images)
+        if self.feature_pooling == 1:
+            return features
+        p = self.feature_pooling
+        return [
+            F.avg_pool2d(f, p, stride=1, padding=p // 2, count_include_pad=False) for f in features
+        ]
+
     def log_likelihoods(self, images: Tensor) -> list[Tensor]:
         """log p(z | c) / D per position: (B, 3, H, W) in [0, 1] -> [(B, H_k, W_k)]."""
-        return [self.scale_log_likelihood(k, f) for k, f in enumerate(self.encoder(images))]
+        return [self.scale_log_likelihood(k, f) for k, f in enumerate(self.features(images))]
 
     def scale_log_likelihood(self, k: int, features: Tensor) -> Tensor:
         """(B, D, H_k, W_k) features of scale k -> (B, H_k, W_k) log-likelihood per dim."""
@@ -103,26 +124,53 @@ class CFlowNet(nn.Module):
         log_prob = self.decoders[k].log_prob_conditioned(z, getattr(self, f"conditions_{k}"))
         return (log_prob / dim).view(batch, height, width)
 
-    def anomaly_map(self, log_likelihoods: list[Tensor]) -> Tensor:
-        """Per-scale log-likelihood maps -> summed standardized map (B, H, W)."""
+    @torch.no_grad()
+    def fit_reference(self, good: list[Tensor]) -> None:
+        """Set each scale's ``m_k`` from held-out good log-likelihood maps [(N, H_k, W_k)]."""
+        for k, values in enumerate(good):
+            flat = values.detach().double().flatten().cpu().numpy()
+            self.reference[k] = float(np.quantile(flat, REFERENCE_QUANTILE))
+
+    def scale_terms(self, log_likelihoods: list[Tensor]) -> list[Tensor]:
+        """Per-scale bounded terms ``1 - exp(min(0, l_k - m_k))`` in [0, 1), each at its size."""
+        return [
+            1 - torch.exp((ll - self.reference[k]).clamp(max=0))
+            for k, ll in enumerate(log_likelihoods)
+        ]
+
+    def raw_map(self, log_likelihoods: list[Tensor]) -> Tensor:
+        """Per-scale log-likelihood maps -> raw anomaly map (B, H, W) in [0, 1)."""
         total = None
-        for k, log_likelihood in enumerate(log_likelihoods):
-            standardized = (-log_likelihood - self.nll_median[k]) / self.nll_scale[k]
+        for term in self.scale_terms(log_likelihoods):
             upsampled = F.interpolate(
-                standardized[:, None], size=self.image_size, mode="bilinear", align_corners=False
+                term[:, None], size=self.image_size, mode="bilinear", align_corners=False
             )
             total = upsampled if total is None else total + upsampled
-        return total[:, 0]
+        return total[:, 0] / len(log_likelihoods)
 
-    def image_score(self, maps: Tensor) -> Tensor:
-        """(B, H, W) -> (B,): max, or mean of the top ``score_top_k`` fraction."""
-        flat = maps.flatten(1)
+    def raw_score(self, raw_maps: Tensor) -> Tensor:
+        """(B, H, W) raw maps -> (B,) raw image scores: max, or mean of the top fraction."""
+        flat = raw_maps.flatten(1)
         if self.score_top_k <= 0:
             return flat.amax(dim=1)
         count = max(1, round(self.score_top_k * flat.shape[1]))
         return flat.topk(count, dim=1).values.mean(dim=1)
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, 3, H, W) in [0, 1] -> scores (B,), anomaly maps (B, H, W)."""
-        maps = self.anomaly_map(self.log_likelihoods(images))
-        return self.image_score(maps), maps
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, 3, H, W) in [0, 1] -> readable scores (B,), readable maps (B, H, W), raw scores."""
+        raw_maps = self.raw_map(self.log_likelihoods(images))
+        raw_scores = self.raw_score(raw_maps)
+        return (
+            readable(raw_scores, self.image_threshold),
+            readable(raw_maps, self.pixel_threshold),
+            raw_scores,
+        )
+
+
+def readable(raw: Tensor, threshold: Tensor) -> Tensor:
+    """Raw values in [0, 1] -> 0 at 0, 0.5 at ``threshold``, 1 at 1, linear in between.
+
+    The torch twin of :func:`cflowad.calibration.readable`, inside the exported graph.
+    """
+    t = threshold.clamp(1e-6, 1 - 1e-6)
+    return torch.where(raw <= t, 0.5 * raw / t, 0.5 + 0.5 * (raw - t) / (1 - t))

@@ -1,0 +1,120 @@
+"""Scale fusion, thresholds and the readable scale, against brute force and closed forms."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from cflowad import Config
+from cflowad.calibration import order_statistic_threshold, raw_from_readable, readable
+from cflowad.metrics import pixel_auroc
+from cflowad.scoring import CFlowNet
+from cflowad.scoring import readable as torch_readable
+
+SIZE = (128, 128)
+
+
+@pytest.fixture(scope="module")
+def net() -> CFlowNet:
+    return CFlowNet.build(Config(encoder_weights="random", image_size=128), pretrained=False)
+
+
+def _good_maps(net: CFlowNet, n: int, gain: tuple[float, ...], seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        g * 0.3 * torch.randn(n, h, w, generator=generator)
+        for g, (h, w) in zip(gain, net.feature_sizes, strict=True)
+    ]
+
+
+def test_one_scale_a_thousandfold_louder_cannot_decide_the_map(net):
+    """A defect that only strides 8 and 16 see stays the hottest place in the map when the
+    stride-32 flow reports a log-likelihood a thousand times further out than anything it
+    saw, elsewhere (as the coarsest flow does on unseen content).
+
+    Under the old fusion (robust z-scores summed) that one scale decided every pixel.
+    """
+    good = _good_maps(net, 40, (1.0, 1.0, 1.0), seed=0)
+    net.fit_reference(good)
+    test = _good_maps(net, 1, (1.0, 1.0, 1.0), seed=1)
+    truth = np.zeros(SIZE, bool)
+    truth[16:48, 80:112] = True
+    for k, stride in enumerate((8, 16)):
+        test[k][0, 16 // stride : 48 // stride, 80 // stride : 112 // stride] -= 3.0
+    # far from the defect, which stride 32 does not see
+    test[2][0, 3, 0] -= 1000 * float(good[2].abs().max())
+
+    raw = net.raw_map(test)[0].numpy()
+    assert truth[np.unravel_index(raw.argmax(), raw.shape)]
+    assert raw.min() >= 0 and raw.max() < 1
+    ours = pixel_auroc([raw], [truth])
+
+    def standardized(k: int) -> np.ndarray:
+        median = np.median(good[k].numpy())
+        mad = 1.4826 * np.median(np.abs(good[k].numpy() - median))
+        up = F.interpolate(test[k][:, None], size=SIZE, mode="bilinear")[0, 0].numpy()
+        return (median - up) / mad
+
+    old = sum(standardized(k) for k in range(3))
+    assert not truth[np.unravel_index(old.argmax(), old.shape)]  # the test tells them apart
+    assert ours > 0.95 > pixel_auroc([old], [truth])
+
+
+def test_scale_terms_are_the_likelihood_form_by_hand(net):
+    net.fit_reference(_good_maps(net, 20, (1.0, 1.0, 1.0), seed=2))
+    values = _good_maps(net, 2, (3.0, 3.0, 3.0), seed=3)
+    for k, term in enumerate(net.scale_terms(values)):
+        m = net.reference[k].item()
+        expected = 1 - np.exp(np.minimum(0.0, values[k].numpy() - m))
+        np.testing.assert_allclose(term.numpy(), expected, rtol=1e-5, atol=1e-6)
+    extreme = [torch.full((1, h, w), -1e8) for h, w in net.feature_sizes]
+    assert net.raw_map(extreme).max().item() == pytest.approx(1.0)
+
+
+def test_reference_is_the_held_out_quantile(net):
+    good = _good_maps(net, 30, (1.0, 2.0, 4.0), seed=4)
+    net.fit_reference(good)
+    for k, values in enumerate(good):
+        flat = np.sort(values.double().flatten().numpy())
+        position = 0.999 * (len(flat) - 1)
+        low = flat[math.floor(position)]
+        high = flat[math.ceil(position)]
+        expected = low + (high - low) * (position - math.floor(position))
+        assert net.reference[k].item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("n", [5, 20, 99, 100, 250, 1000])
+@pytest.mark.parametrize("fpr", [0.01, 0.05, 0.1])
+def test_order_statistic_threshold_against_brute_force(n, fpr):
+    values = np.random.default_rng(n).normal(size=n)
+    t = order_statistic_threshold(values, fpr)
+    above = int((values > t.value).sum())
+    # brute force: the largest count m of held-out values above with (m + 1)/(n + 1) <= fpr
+    feasible = [m for m in range(n) if (m + 1) / (n + 1) <= fpr + 1e-12]
+    expected = max(feasible) if feasible else 0
+    assert above == expected
+    assert t.achievable_fpr == pytest.approx((expected + 1) / (n + 1))
+    assert t.enough_images == bool(feasible)
+    assert t.value in values
+
+
+def test_too_few_held_out_images_are_reported():
+    t = order_statistic_threshold(np.arange(20.0), 0.01)
+    assert t.value == 19.0 and not t.enough_images and t.images_needed() == 99
+
+
+def test_readable_scale_puts_the_threshold_at_one_half_and_inverts():
+    raw = np.linspace(0, 1, 1001)
+    for threshold in (0.05, 0.4, 0.93):
+        values = readable(raw, threshold)
+        assert readable(threshold, threshold) == pytest.approx(0.5)
+        assert values[0] == 0 and values[-1] == pytest.approx(1)
+        assert np.all(np.diff(values) > 0)
+        assert np.array_equal(values > 0.5, raw > threshold)
+        np.testing.assert_allclose(raw_from_readable(values, threshold), raw, atol=1e-12)
+        ours = torch_readable(torch.from_numpy(raw), torch.tensor(threshold, dtype=torch.float64))
+        np.testing.assert_allclose(ours.numpy(), values, atol=1e-12)
