@@ -53,22 +53,17 @@ def test_save_load_gives_identical_predictions(small_model, tmp_path):
 
 
 def test_same_seed_same_model_and_scores():
-    a = CFlowAD(
-        compile_training=False,
-        encoder_weights="random",
-        image_size=64,
-        steps=15,
-        min_holdout=3,
-        seed=5,
-    ).fit(IMAGES)
-    b = CFlowAD(
-        compile_training=False,
-        encoder_weights="random",
-        image_size=64,
-        steps=15,
-        min_holdout=3,
-        seed=5,
-    ).fit(IMAGES)
+    a, b = (
+        CFlowAD(
+            compile_training=False,
+            encoder_weights="random",
+            image_size=64,
+            steps=15,
+            min_holdout=3,
+            seed=5,
+        ).fit(IMAGES)
+        for _ in range(2)
+    )
     for (name, x), y in zip(a.net.state_dict().items(), b.net.state_dict().values(), strict=True):
         assert torch.equal(x, y), name
     assert np.array_equal(a.predict(IMAGES[:3]).scores, b.predict(IMAGES[:3]).scores)

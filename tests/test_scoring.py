@@ -64,13 +64,16 @@ def test_one_scale_a_thousandfold_louder_cannot_decide_the_map(net):
     assert ours > 0.95 > pixel_auroc([old], [truth])
 
 
-def test_scale_terms_are_the_likelihood_form_by_hand(net):
+def test_raw_map_is_the_mean_of_the_likelihood_terms_by_hand(net):
     net.fit_reference(_good_maps(net, 20, (1.0, 1.0, 1.0), seed=2))
     values = _good_maps(net, 2, (3.0, 3.0, 3.0), seed=3)
-    for k, term in enumerate(net.scale_terms(values)):
-        m = net.reference[k].item()
-        expected = 1 - np.exp(np.minimum(0.0, values[k].numpy() - m))
-        np.testing.assert_allclose(term.numpy(), expected, rtol=1e-5, atol=1e-6)
+    terms = []
+    for k, value in enumerate(values):
+        term = 1 - np.exp(np.minimum(0.0, value.double().numpy() - net.reference[k].item()))
+        upsampled = F.interpolate(torch.from_numpy(term)[:, None], size=SIZE, mode="bilinear")
+        terms.append(upsampled[:, 0].numpy())
+    expected = np.mean(terms, axis=0)
+    np.testing.assert_allclose(net.raw_map(values).numpy(), expected, rtol=0, atol=1e-6)
     extreme = [torch.full((1, h, w), -1e8) for h, w in net.feature_sizes]
     assert net.raw_map(extreme).max().item() == pytest.approx(1.0)
 

@@ -44,6 +44,9 @@ class Encoder(nn.Module):
     weights are loaded.
     """
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
         # channels-last weights: oneDNN's fast depthwise kernels; measured 2-3x faster

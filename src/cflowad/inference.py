@@ -99,7 +99,10 @@ class Prediction:
 class Predictor(Protocol):
     """What every model that scores images offers (a model directory or an ONNX file)."""
 
-    image_size: tuple[int, int]
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """Model input (height, width)."""
+        ...
 
     def predict(
         self, images: Images, batch_size: int = 16, reporter: Reporter | None = None

@@ -47,6 +47,10 @@ class CFlowNet(nn.Module):
     scale of :mod:`cflowad.calibration`, where both thresholds sit at 0.5.
     """
 
+    reference: Tensor
+    image_threshold: Tensor
+    pixel_threshold: Tensor
+
     def __init__(self, config: Config, encoder: Encoder) -> None:
         super().__init__()
         self.image_size = config.image_size
@@ -131,22 +135,20 @@ class CFlowNet(nn.Module):
             flat = values.detach().double().flatten().cpu().numpy()
             self.reference[k] = float(np.quantile(flat, REFERENCE_QUANTILE))
 
-    def scale_terms(self, log_likelihoods: list[Tensor]) -> list[Tensor]:
-        """Per-scale bounded terms ``1 - exp(min(0, l_k - m_k))`` in [0, 1), each at its size."""
-        return [
-            1 - torch.exp((ll - self.reference[k]).clamp(max=0))
-            for k, ll in enumerate(log_likelihoods)
-        ]
-
     def raw_map(self, log_likelihoods: list[Tensor]) -> Tensor:
-        """Per-scale log-likelihood maps -> raw anomaly map (B, H, W) in [0, 1)."""
+        """Per-scale log-likelihood maps -> raw anomaly map (B, H, W) in [0, 1).
+
+        Upsampling is linear, so the mean of the upsampled terms is computed as
+        ``1 - mean(up(exp(min(0, l_k - m_k))))``, in place on the full-size map.
+        """
         total = None
-        for term in self.scale_terms(log_likelihoods):
+        for k, log_likelihood in enumerate(log_likelihoods):
+            likelihood = torch.exp((log_likelihood - self.reference[k]).clamp(max=0))
             upsampled = F.interpolate(
-                term[:, None], size=self.image_size, mode="bilinear", align_corners=False
+                likelihood[:, None], size=self.image_size, mode="bilinear", align_corners=False
             )
-            total = upsampled if total is None else total + upsampled
-        return total[:, 0] / len(log_likelihoods)
+            total = upsampled if total is None else total.add_(upsampled)
+        return total[:, 0].mul_(-1 / len(log_likelihoods)).add_(1)
 
     def raw_score(self, raw_maps: Tensor) -> Tensor:
         """(B, H, W) raw maps -> (B,) raw image scores: max, or mean of the top fraction."""
@@ -173,4 +175,5 @@ def readable(raw: Tensor, threshold: Tensor) -> Tensor:
     The torch twin of :func:`cflowad.calibration.readable`, inside the exported graph.
     """
     t = threshold.clamp(1e-6, 1 - 1e-6)
-    return torch.where(raw <= t, 0.5 * raw / t, 0.5 + 0.5 * (raw - t) / (1 - t))
+    below, above = 0.5 / t, 0.5 / (1 - t)
+    return torch.where(raw <= t, raw * below, raw * above + (0.5 - above * t))
