@@ -118,6 +118,10 @@ def test_predict_and_test_on_the_onnx_file_equal_the_model_directory(
     in_python = OnnxModel(exported).predict(str(texture_dataset / "test" / "patch"))
     patch_scores = [r["score"] for r in onnx_records if "/patch/" in r["image"]]
     np.testing.assert_allclose(in_python.scores, patch_scores, rtol=1e-5)
+    streamed = list(OnnxModel(exported).predict_iter(texture_dataset / "test" / "patch", 3))
+    assert [r.index for r in streamed] == list(range(len(patch_scores)))
+    np.testing.assert_allclose([r.score for r in streamed], in_python.scores, rtol=1e-6)
+    assert all(np.array_equal(r.mask, r.anomaly_map > 0.5) for r in streamed)
 
 
 def test_scoring_an_onnx_file_that_is_not_ours_is_a_one_line_error(
