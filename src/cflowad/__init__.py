@@ -39,6 +39,14 @@ def load(path: str | Path, device: str = "auto") -> CFlowAD | OnnxModel:
     """A model directory from ``cflowad train``, or an ONNX file from ``cflowad export``.
 
     The ONNX path never imports the trainer or timm.
+
+    Args:
+        path: a model directory, or a ``.onnx`` file.
+        device: for a model directory: ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``; ONNX
+            files run on the CPU.
+
+    Returns:
+        A :class:`CFlowAD` or an :class:`OnnxModel`; both satisfy :class:`Predictor`.
     """
     path = Path(path)
     if path.suffix == ".onnx" and not path.is_dir():

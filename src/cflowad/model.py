@@ -86,12 +86,19 @@ class CFlowAD(InferenceEngine):
     ) -> CFlowAD:
         """Train on defect-free images and calibrate thresholds on held-out ones.
 
-        ``data`` is an MVTec category (its ``train/good`` is used), a folder of
-        images, or a list of paths or arrays. A seeded ``holdout_fraction`` of the
-        images (at least ``min_holdout``) never trains the flows: it fits the
-        score normalization and the image and pixel thresholds at the target
-        false-positive rates. With ``calibrate_on_train`` all images train and
-        calibrate (optimistic thresholds).
+        A seeded ``holdout_fraction`` of the images (at least ``min_holdout``) never
+        trains the flows: it fits each scale's reference and the image and pixel
+        thresholds at the target false-positive rates (a warning says when it is too
+        small for them). With ``calibrate_on_train`` all images train and calibrate
+        (optimistic thresholds).
+
+        Args:
+            data: an MVTec category (its ``train/good`` is used), a folder of images,
+                or a list of paths or (H, W[, C]) arrays.
+            reporter: progress output.
+
+        Returns:
+            This model, fitted (so that ``CFlowAD().fit(data).predict(...)`` reads).
         """
         reporter = reporter or Reporter(enabled=False)
         items = _training_items(data)
@@ -143,7 +150,14 @@ class CFlowAD(InferenceEngine):
         return scores.cpu(), maps.cpu(), raw.cpu()
 
     def save(self, directory: str | Path) -> Path:
-        """Write the model directory atomically; replaces only an earlier cflowad model."""
+        """Write the model directory atomically; replaces only an earlier cflowad model.
+
+        Args:
+            directory: the folder to write; missing, empty, or a cflowad model.
+
+        Returns:
+            ``directory`` as a Path.
+        """
         self._require_fitted()
         target = Path(directory)
         with staged_directory(target, is_model_dir, "--out") as staging:
@@ -166,14 +180,30 @@ class CFlowAD(InferenceEngine):
         return target
 
     def export_onnx(self, path: str | Path) -> dict[str, Any]:
-        """Write the scoring network with its thresholds as ONNX (see :mod:`cflowad.export`)."""
+        """Write the scoring network with its thresholds as ONNX (see :mod:`cflowad.export`).
+
+        Args:
+            path: the ``.onnx`` file; an existing file is replaced only if cflowad wrote it.
+
+        Returns:
+            What was written and checked: ``onnx``, ``megabytes``, ``seconds`` and
+            ``max_relative_difference`` from PyTorch in ONNX Runtime (None without it).
+        """
         from cflowad.export import export_onnx
 
         return export_onnx(self, Path(path))
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "auto") -> CFlowAD:
-        """Rebuild a saved model; errors name the file that is missing or broken."""
+        """Rebuild a saved model; errors name the file that is missing or broken.
+
+        Args:
+            directory: a model directory from :meth:`save` or ``cflowad train``.
+            device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda[:N]"``.
+
+        Returns:
+            The fitted model, scoring exactly as when it was saved.
+        """
         root = Path(directory)
         meta_path, weights_path = root / META_FILE, root / WEIGHTS_FILE
         if not root.is_dir():
