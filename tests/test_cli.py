@@ -277,3 +277,12 @@ def test_the_command_reference_in_docs_is_current():
 
     written = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
     assert written == cli_reference(), "run: python -m cflowad.cli_docs > docs/cli.md"
+
+
+def test_the_onnx_path_imports_neither_the_trainer_nor_timm():
+    code = (
+        "import sys, cflowad, cflowad.runtime; "
+        "print(sorted(m for m in ('cflowad.model', 'cflowad.train', 'timm') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -17,6 +17,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ def fiber_loop_forward(net: CFlowNet, images: torch.Tensor, fiber: int = 64) -> 
         z = features.flatten(2).transpose(1, 2).reshape(-1, dim)
         c = net.codes(k).repeat(batch, 1)
         chunks = [
-            net.decoders[k].log_prob(z[i : i + fiber], c[i : i + fiber]) / dim
+            net.decoder(k).log_prob(z[i : i + fiber], c[i : i + fiber]) / dim
             for i in range(0, len(z), fiber)
         ]
         log_likelihoods.append(torch.cat(chunks).view(batch, height, width))
@@ -68,14 +69,14 @@ def run_bench(
         pool = torch.rand(max(batch_sizes), 3, *size, generator=torch.Generator().manual_seed(0))
     pool = pool.to(model.device)
     sessions = _onnx_sessions(model, reporter) if onnx else None
-    results = []
+    results: list[dict[str, Any]] = []
     with reporter.task("timing", len(batch_sizes)) as task:
         for batch_size in batch_sizes:
             index = torch.arange(batch_size) % len(pool)
             batch = pool[index].contiguous()
-            whole = _median_seconds(lambda b=batch: net(b), repeats)
-            encoder = _median_seconds(lambda b=batch: net.encoder(b), repeats)
-            loop = _median_seconds(lambda b=batch: fiber_loop_forward(net, b), max(1, repeats // 2))
+            whole = _median_seconds(partial(net, batch), repeats)
+            encoder = _median_seconds(partial(net.encoder, batch), repeats)
+            loop = _median_seconds(partial(fiber_loop_forward, net, batch), max(1, repeats // 2))
             results.append(
                 {
                     "batch_size": batch_size,
@@ -89,8 +90,8 @@ def run_bench(
             )
             if sessions is not None:
                 feed = {INPUT_NAME: batch.cpu().numpy()}
-                ort_whole = _median_seconds(lambda f=feed: sessions[0].run(None, f), repeats)
-                ort_encoder = _median_seconds(lambda f=feed: sessions[1].run(None, f), repeats)
+                ort_whole = _median_seconds(partial(sessions[0].run, None, feed), repeats)
+                ort_encoder = _median_seconds(partial(sessions[1].run, None, feed), repeats)
                 results[-1]["onnxruntime"] = {
                     "images_per_second": round(batch_size / ort_whole, 2),
                     "encoder_images_per_second": round(batch_size / ort_encoder, 2),
@@ -154,15 +155,17 @@ def _onnx_sessions(model: CFlowAD, reporter: Reporter) -> tuple[Any, Any]:
 @torch.inference_mode()
 def _median_seconds(function: Callable[[], object], repeats: int) -> float:
     # CUDA runs asynchronously: wait for the device before reading the clock
-    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else lambda: None
+    on_cuda = torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
     for _ in range(2):
         function()
     times = []
     for _ in range(repeats):
-        sync()
+        if on_cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         function()
-        sync()
+        if on_cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

@@ -524,10 +524,10 @@ def bench(
 _skipped: list[str] = []  # files skipped by --skip-bad in this run; main() counts them at the end
 
 
-def _write_result(folder: Path, file: Path, result: ImageResult, picture: bool) -> dict:
+def _write_result(folder: Path, file: Path, result: ImageResult, picture: bool) -> dict[str, Any]:
     """Save one image's map (and picture); return its record."""
     stem = f"{result.index:05d}_{file.stem}"
-    record = {
+    record: dict[str, Any] = {
         "image": str(file),
         "score": round(result.score, 6),
         "anomalous": result.anomalous,
@@ -614,9 +614,9 @@ def _training_rows(model: CFlowAD) -> list[tuple[str, str]]:
     ]
 
 
-def _mean_over_categories(results: dict[str, dict]) -> dict:
+def _mean_over_categories(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     keys = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
-    mean = {}
+    mean: dict[str, Any] = {}
     for key in keys:
         values = [r[key] for r in results.values() if r[key] is not None]
         mean[key] = float(np.mean(values)) if values else None

@@ -77,10 +77,10 @@ def load_image(item: ImageInput) -> np.ndarray:
 def load_mask(path: Path, expected_size: tuple[int, int] | None = None) -> np.ndarray:
     """A boolean (H, W) mask: any non-zero value is a defect."""
     with _open(path) as image:
-        mask = np.asarray(image)
-    if mask.ndim == 3:
-        mask = mask.any(axis=2)
-    mask = mask != 0
+        values = np.asarray(image)
+    if values.ndim == 3:
+        values = np.asarray(values.any(axis=2))
+    mask: np.ndarray = values != 0
     if expected_size is not None and mask.shape != expected_size:
         raise UserError(
             f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, its image is "
@@ -260,7 +260,7 @@ def _open(path: Path, decode: bool = True) -> Image.Image:
     try:
         image = Image.open(path)
         width, height = image.size
-        if width * height > Image.MAX_IMAGE_PIXELS:
+        if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
             raise UserError(f"{path}: {width}x{height} pixels is too large to decode safely")
         if decode:
             image.load()

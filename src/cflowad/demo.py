@@ -12,6 +12,7 @@ import importlib.util
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib import pyplot as plt
@@ -51,7 +52,7 @@ def elpv_split(
     return train, test, labels
 
 
-def run_demo(out: Path, steps: int, reporter: Reporter) -> dict:
+def run_demo(out: Path, steps: int, reporter: Reporter) -> dict[str, Any]:
     """Train, test, write OUT/metrics.json, pictures and the model; returns the metrics."""
     start = time.perf_counter()
     train, test, labels = elpv_split()

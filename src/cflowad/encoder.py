@@ -17,7 +17,7 @@ from typing import Any
 import timm
 import torch
 from safetensors.torch import load_file
-from timm.layers import BatchNormAct2d
+from timm.layers.norm_act import BatchNormAct2d
 from torch import Tensor, nn
 
 from cflowad.errors import UserError
@@ -52,11 +52,12 @@ class Encoder(nn.Module):
         # channels-last weights: oneDNN's fast depthwise kernels; measured 2-3x faster
         # than NCHW for EfficientNet on 2 cores at batch 1 and 16 (README, bench).
         self.model = model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
-        self.channels: list[int] = list(model.feature_info.channels())
-        self.strides: list[int] = list(model.feature_info.reduction())
+        info: Any = model.feature_info  # timm's FeatureInfo (timm ships no types)
+        self.channels: list[int] = list(info.channels())
+        self.strides: list[int] = list(info.reduction())
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
-        self.register_load_state_dict_post_hook(lambda module, _: module._refold())
+        self.register_load_state_dict_post_hook(_refold_after_load)  # type: ignore[no-untyped-call]
         self._refold()
 
     def _refold(self) -> None:
@@ -82,7 +83,7 @@ class Encoder(nn.Module):
                 f"option backbone={backbone!r} is not a timm model name "
                 "(e.g. tf_efficientnet_lite0, wide_resnet50_2, resnet18)"
             )
-        probe = timm.create_model(backbone, features_only=True, pretrained=False)
+        probe: Any = timm.create_model(backbone, features_only=True, pretrained=False)
         by_stride = {s: i for i, s in enumerate(probe.feature_info.reduction())}
         missing = [s for s in strides if s not in by_stride]
         if missing:
@@ -98,13 +99,13 @@ class Encoder(nn.Module):
             )
         if weights == "pretrained":
             _load_weights(model, backbone, weights_file)
-        cfg = model.pretrained_cfg
+        cfg: Any = model.pretrained_cfg
         return cls(model, tuple(cfg["mean"]), tuple(cfg["std"]))
 
     def _apply(self, fn: Any, recurse: bool = True) -> Encoder:
         """``.to(device)`` and friends move the folded copy too (it is outside the tree)."""
-        super()._apply(fn, recurse)
-        self.__dict__["_folded"]._apply(fn, recurse)
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        self._folded()._apply(fn, recurse)  # type: ignore[no-untyped-call]
         return self
 
     def train(self, mode: bool = True) -> Encoder:
@@ -114,7 +115,16 @@ class Encoder(nn.Module):
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """(B, 3, H, W) in [0, 1] -> list of (B, D_k, H_k, W_k)."""
-        return self.__dict__["_folded"]((images - self.mean) / self.std)
+        features: list[Tensor] = self._folded()((images - self.mean) / self.std)
+        return features
+
+    def _folded(self) -> nn.Module:
+        folded: nn.Module = self.__dict__["_folded"]
+        return folded
+
+
+def _refold_after_load(module: Encoder, _: object) -> None:
+    module._refold()
 
 
 @torch.no_grad()
@@ -141,7 +151,8 @@ def fold_batch_norms(model: nn.Module, tolerance: float = 1e-4) -> nn.Module:
 
 def _fold_children(parent: nn.Module) -> None:
     children = list(parent.named_children())
-    for (_, conv), (name, norm) in itertools.pairwise(children):
+    pairs: list[tuple[Any, Any]] = [(a, b) for (_, a), b in itertools.pairwise(children)]
+    for conv, (name, norm) in pairs:
         if (
             isinstance(conv, nn.Conv2d)
             and type(norm) in (nn.BatchNorm2d, BatchNormAct2d)
@@ -229,7 +240,9 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     return state
 
 
-def _map_by_order(source: dict[str, Tensor], target: dict[str, Tensor], path: Path) -> dict:
+def _map_by_order(
+    source: dict[str, Tensor], target: dict[str, Tensor], path: Path
+) -> dict[str, Tensor]:
     """Match tensors by order, as the TF-converted Lite checkpoints need (names differ)."""
     src = [v for k, v in source.items() if not k.endswith("num_batches_tracked")]
     names = [k for k in target if not k.endswith("num_batches_tracked")]

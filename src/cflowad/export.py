@@ -61,6 +61,8 @@ def write_onnx(
             output_names=None if output_names is None else list(output_names),
             dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
         )
+    if program is None:
+        raise RuntimeError("torch.onnx.export returned no program")
     program.save(str(path))
 
 

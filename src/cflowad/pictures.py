@@ -42,9 +42,15 @@ def overlay(
     return (np.concatenate([image, gap, blended], axis=1) * 255).round().astype(np.uint8)
 
 
-def save_overlay(path: Path, *args: np.ndarray | float | None) -> None:
+def save_overlay(
+    path: Path,
+    image: np.ndarray,
+    anomaly_map: np.ndarray,
+    predicted: np.ndarray | None = None,
+    truth: np.ndarray | None = None,
+) -> None:
     """Write :func:`overlay` as a PNG."""
-    Image.fromarray(overlay(*args)).save(path)
+    Image.fromarray(overlay(image, anomaly_map, predicted, truth)).save(path)
 
 
 def save_histogram(
@@ -52,7 +58,7 @@ def save_histogram(
 ) -> None:
     """Image scores of good vs defective images, with the calibrated threshold."""
     figure, axes = plt.subplots(figsize=(6, 3.5), dpi=100)
-    bins = np.histogram_bin_edges(scores, bins=30)
+    bins = np.histogram_bin_edges(scores, bins=30).tolist()
     axes.hist(scores[labels == 0], bins=bins, alpha=0.6, label="good", color="tab:blue")
     if (labels == 1).any():
         axes.hist(scores[labels == 1], bins=bins, alpha=0.6, label="defective", color="tab:red")

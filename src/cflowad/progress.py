@@ -13,6 +13,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -71,7 +72,7 @@ class Reporter:
 
 
 class _Task:
-    def __init__(self, progress: Progress | None, task_id: int | None) -> None:
+    def __init__(self, progress: Progress | None, task_id: TaskID | None) -> None:
         self.progress = progress
         self.task_id = task_id
         self.status = ""
@@ -79,5 +80,5 @@ class _Task:
     def advance(self, amount: int = 1, status: str | None = None) -> None:
         if status is not None:
             self.status = status
-        if self.progress is not None:
+        if self.progress is not None and self.task_id is not None:
             self.progress.update(self.task_id, advance=amount, status=self.status)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -17,7 +18,7 @@ from cflowad.progress import Reporter
 __all__ = ["print_metrics", "write_pictures"]
 
 
-def print_metrics(metrics: dict, title: str = "", quiet: bool = False) -> None:
+def print_metrics(metrics: dict[str, Any], title: str = "", quiet: bool = False) -> None:
     """A table of the headline metrics and the per-defect ones."""
     if quiet:
         return
@@ -25,7 +26,7 @@ def print_metrics(metrics: dict, title: str = "", quiet: bool = False) -> None:
     for column in ("set", "images", "defective", "image AUROC", "pixel AUROC", "AUPRO", "F1-max"):
         table.add_column(column, justify="right" if column != "set" else "left")
 
-    def row(name: str, m: dict) -> None:
+    def row(name: str, m: dict[str, Any]) -> None:
         table.add_row(
             name,
             str(m["n_images"]),

@@ -8,6 +8,8 @@ to the model, so an image's map never depends on the other images in its batch.
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -100,8 +102,12 @@ class CFlowNet(nn.Module):
 
         Call after the decoder weights change (end of training, loading).
         """
-        for k, flow in enumerate(self.decoders):
-            setattr(self, f"conditions_{k}", flow.condition(self.codes(k)))
+        for k in range(len(self.decoders)):
+            setattr(self, f"conditions_{k}", self.decoder(k).condition(self.codes(k)))
+
+    def decoder(self, k: int) -> ConditionalFlow:
+        """The flow of scale k (typed: ``nn.ModuleList`` items are plain modules)."""
+        return cast(ConditionalFlow, self.decoders[k])
 
     def features(self, images: Tensor) -> list[Tensor]:
         """(B, 3, H, W) in [0, 1] -> the flows' inputs [(B, D_k, H_k, W_k)].
@@ -125,7 +131,7 @@ class CFlowNet(nn.Module):
         """(B, D, H_k, W_k) features of scale k -> (B, H_k, W_k) log-likelihood per dim."""
         batch, dim, height, width = features.shape
         z = features.flatten(2).transpose(1, 2)  # (B, H*W, D)
-        log_prob = self.decoders[k].log_prob_conditioned(z, getattr(self, f"conditions_{k}"))
+        log_prob = self.decoder(k).log_prob_conditioned(z, getattr(self, f"conditions_{k}"))
         return (log_prob / dim).view(batch, height, width)
 
     @torch.no_grad()
@@ -141,13 +147,13 @@ class CFlowNet(nn.Module):
         Upsampling is linear, so the mean of the upsampled terms is computed as
         ``1 - mean(up(exp(min(0, l_k - m_k))))``, in place on the full-size map.
         """
-        total = None
+        total = torch.zeros(())
         for k, log_likelihood in enumerate(log_likelihoods):
             likelihood = torch.exp((log_likelihood - self.reference[k]).clamp(max=0))
             upsampled = F.interpolate(
                 likelihood[:, None], size=self.image_size, mode="bilinear", align_corners=False
             )
-            total = upsampled if total is None else total.add_(upsampled)
+            total = upsampled if k == 0 else total.add_(upsampled)
         return total[:, 0].mul_(-1 / len(log_likelihoods)).add_(1)
 
     def raw_score(self, raw_maps: Tensor) -> Tensor:

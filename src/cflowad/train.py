@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -163,14 +164,14 @@ def training_step_loss(
     device = zs[0].device
     total = torch.zeros((), device=device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
-        for flow, z, c in zip(decoders, zs, cs, strict=True):
+        for flow, z, c in zip(cast(list[ConditionalFlow], list(decoders)), zs, cs, strict=True):
             total = total + flow_loss(flow, z, c, objective).float()
     return total
 
 
 def fit_decoders(
     net: CFlowNet, cache: FeatureCache, config: Config, reporter: Reporter | None = None
-) -> dict[str, float | int | list[float]]:
+) -> dict[str, Any]:
     """Train all decoders jointly with Adam, linear warm-up and cosine decay.
 
     Every step draws one fiber batch per scale; the summed loss trains disjoint
@@ -195,7 +196,7 @@ def fit_decoders(
 
     def gradients(total: Tensor) -> Tensor:
         optimizer.zero_grad(set_to_none=True)
-        total.backward()  # the compiled backward is built here on the first step
+        total.backward()  # type: ignore[no-untyped-call]  # the compiled backward is built here on the first step
         return total
 
     precision = resolve_precision(config.training_precision, device)
@@ -206,7 +207,8 @@ def fit_decoders(
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         loss_fn = torch.compile(training_step_loss, dynamic=False)
     history: list[float] = []
-    running = None
+    running = math.nan
+    first_step = math.nan
     start = time.perf_counter()
     with reporter.task("training", config.steps) as task:
         for step in range(config.steps):
@@ -230,7 +232,7 @@ def fit_decoders(
             if step == 0:
                 first_step = time.perf_counter() - start
             value = total.item() / len(features)
-            running = value if running is None else 0.98 * running + 0.02 * value
+            running = value if step == 0 else 0.98 * running + 0.02 * value
             if step % 100 == 0 or step == config.steps - 1:
                 history.append(round(running, 5))
             if not math.isfinite(value):
