@@ -105,7 +105,7 @@ class Encoder(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> Encoder:
         """``.to(device)`` and friends move the folded copy too (it is outside the tree)."""
         super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
-        self._folded()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        self._folded_model()._apply(fn, recurse)  # type: ignore[no-untyped-call]
         return self
 
     def train(self, mode: bool = True) -> Encoder:
@@ -115,10 +115,10 @@ class Encoder(nn.Module):
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """(B, 3, H, W) in [0, 1] -> list of (B, D_k, H_k, W_k)."""
-        features: list[Tensor] = self._folded()((images - self.mean) / self.std)
+        features: list[Tensor] = self._folded_model()((images - self.mean) / self.std)
         return features
 
-    def _folded(self) -> nn.Module:
+    def _folded_model(self) -> nn.Module:
         folded: nn.Module = self.__dict__["_folded"]
         return folded
 
