@@ -10,10 +10,9 @@ import torch
 from torch.nn import functional as F
 
 from cflowad import Config
-from cflowad.calibration import order_statistic_threshold, raw_from_readable, readable
+from cflowad.calibration import order_statistic_threshold, raw_from_readable
 from cflowad.metrics import pixel_auroc
-from cflowad.scoring import CFlowNet
-from cflowad.scoring import readable as torch_readable
+from cflowad.scoring import CFlowNet, readable
 
 SIZE = (128, 128)
 
@@ -113,11 +112,16 @@ def test_too_few_held_out_images_are_reported():
 def test_readable_scale_puts_the_threshold_at_one_half_and_inverts():
     raw = np.linspace(0, 1, 1001)
     for threshold in (0.05, 0.4, 0.93):
-        values = readable(raw, threshold)
-        assert readable(threshold, threshold) == pytest.approx(0.5)
+        t = torch.tensor(threshold, dtype=torch.float64)
+        values = readable(torch.from_numpy(raw), t).numpy()
+        assert readable(t, t).item() == pytest.approx(0.5)
         assert values[0] == 0 and values[-1] == pytest.approx(1)
         assert np.all(np.diff(values) > 0)
         assert np.array_equal(values > 0.5, raw > threshold)
         np.testing.assert_allclose(raw_from_readable(values, threshold), raw, atol=1e-12)
-        ours = torch_readable(torch.from_numpy(raw), torch.tensor(threshold, dtype=torch.float64))
-        np.testing.assert_allclose(ours.numpy(), values, atol=1e-12)
+        by_hand = np.where(
+            raw <= threshold,
+            0.5 * raw / threshold,
+            0.5 + 0.5 * (raw - threshold) / (1 - threshold),
+        )
+        np.testing.assert_allclose(values, by_hand, atol=1e-12)

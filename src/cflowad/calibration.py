@@ -7,8 +7,9 @@ keeps m = floor(fpr (n+1)) - 1 held-out scores above it. When n + 1 < 1/fpr no
 order statistic reaches the target: the largest score is used, the achievable rate
 1/(n+1) is recorded, and the caller warns.
 
-Raw anomaly values are bounded in [0, 1] (see :mod:`cflowad.scoring`); the readable
-scale maps raw 0 -> 0, the threshold -> 0.5 and raw 1 -> 1, linearly in between.
+Raw anomaly values are bounded in [0, 1]; the readable scale
+(:func:`cflowad.scoring.readable`, inside the exported graph) maps raw 0 -> 0, the
+threshold -> 0.5 and raw 1 -> 1, linearly in between.
 It is strictly increasing (no ties, so every metric is the raw value's) and exactly
 invertible, so the raw value can always be recovered.
 """
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Threshold", "order_statistic_threshold", "raw_from_readable", "readable"]
+__all__ = ["Threshold", "order_statistic_threshold", "raw_from_readable"]
 
 
 @dataclass(frozen=True)
@@ -64,20 +65,13 @@ def order_statistic_threshold(values: np.ndarray, fpr: float) -> Threshold:
     return Threshold(value, fpr, (above + 1) / (n + 1), n)
 
 
-def readable(raw: np.ndarray | float, threshold: float) -> np.ndarray:
-    """Raw values in [0, 1] -> the readable scale: 0 -> 0, threshold -> 0.5, 1 -> 1.
+def raw_from_readable(value: np.ndarray | float, threshold: float) -> np.ndarray:
+    """Inverse of :func:`cflowad.scoring.readable` (which runs inside the model).
 
     Example:
-        >>> readable(np.array([0.0, 0.2, 0.6, 1.0]), 0.2).tolist()
-        [0.0, 0.5, 0.75, 1.0]
+        >>> raw_from_readable(np.array([0.0, 0.5, 0.75, 1.0]), 0.25).tolist()
+        [0.0, 0.25, 0.625, 1.0]
     """
-    t = min(max(threshold, 1e-6), 1 - 1e-6)
-    x = np.asarray(raw, dtype=np.float64)
-    return np.where(x <= t, 0.5 * x / t, 0.5 + 0.5 * (x - t) / (1 - t))
-
-
-def raw_from_readable(value: np.ndarray | float, threshold: float) -> np.ndarray:
-    """Inverse of :func:`readable`."""
     t = min(max(threshold, 1e-6), 1 - 1e-6)
     y = np.asarray(value, dtype=np.float64)
     return np.where(y <= 0.5, 2 * y * t, t + (2 * y - 1) * (1 - t))

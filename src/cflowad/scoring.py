@@ -178,7 +178,11 @@ class CFlowNet(nn.Module):
 def readable(raw: Tensor, threshold: Tensor) -> Tensor:
     """Raw values in [0, 1] -> 0 at 0, 0.5 at ``threshold``, 1 at 1, linear in between.
 
-    The torch twin of :func:`cflowad.calibration.readable`, inside the exported graph.
+    Inside the exported graph; :func:`cflowad.calibration.raw_from_readable` inverts it.
+
+    Example:
+        >>> readable(torch.tensor([0.0, 0.2, 0.6, 1.0]), torch.tensor(0.2)).tolist()
+        [0.0, 0.5, 0.75, 1.0]
     """
     t = threshold.clamp(1e-6, 1 - 1e-6)
     below, above = 0.5 / t, 0.5 / (1 - t)
