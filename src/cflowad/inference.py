@@ -121,8 +121,6 @@ class InferenceEngine:
     """
 
     image_size: tuple[int, int]
-    image_threshold: float = THRESHOLD
-    pixel_threshold: float = THRESHOLD
 
     def score_batch(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, 3, H, W) in [0, 1] at ``image_size`` -> scores (B,), maps (B, H, W), raw (B,)."""
