@@ -42,8 +42,8 @@ def load(path: str | Path, device: str = "auto") -> CFlowAD | OnnxModel:
 
     Args:
         path: a model directory, or a ``.onnx`` file.
-        device: for a model directory: ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``; ONNX
-            files run on the CPU.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``; ONNX files run on the CPU,
+            so a CUDA device with one is a UserError.
 
     Returns:
         A :class:`CFlowAD` or an :class:`OnnxModel`; both satisfy :class:`Predictor`.
@@ -52,6 +52,8 @@ def load(path: str | Path, device: str = "auto") -> CFlowAD | OnnxModel:
     if path.suffix == ".onnx" and not path.is_dir():
         from cflowad.runtime import OnnxModel
 
+        if device not in ("auto", "cpu"):
+            raise UserError(f"option --device={device}: ONNX files run on the CPU here")
         return OnnxModel(path)
     from cflowad.model import CFlowAD
 

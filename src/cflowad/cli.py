@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.exceptions import TyperException
 
-from cflowad import __version__
+from cflowad import __version__, load
 from cflowad.allocator import keep_freed_memory
 from cflowad.config import CONFIG_FIELDS, Config, read_config_file
 from cflowad.data import (
@@ -37,7 +37,6 @@ from cflowad.files import refuse_foreign, replace_file, staged_directory
 from cflowad.inference import ImageResult, Predictor
 from cflowad.model import CFlowAD, is_model_dir
 from cflowad.progress import Reporter
-from cflowad.runtime import OnnxModel
 
 __all__ = ["app", "main"]
 
@@ -299,7 +298,7 @@ def predict(
     _use_threads(threads)
     reporter = Reporter(enabled=not quiet)
     refuse_foreign(out)  # before any work
-    model = _load(model_dir, device)
+    model: Predictor = load(model_dir, device)
     files = _image_files(images)
     if skip_bad:
         files = [files[i] for i in _readable(files)]
@@ -414,7 +413,7 @@ def test_command(
                 [test_set.defect_types[i] for i in keep],
                 [test_set.masks[i] for i in keep],
             )
-        model = _load(model_path, device)
+        model = load(model_path, device)
         reporter.log(
             f"testing {model_path} on {len(test_set.images)} images"
             + (f" ({name})" if name else "")
@@ -550,15 +549,6 @@ def _jsonl_to_json(source: Path, target: Path) -> None:
         for i, line in enumerate(lines):
             out.write(("," if i else "") + "\n  " + line.rstrip("\n"))
         out.write("\n]\n")
-
-
-def _load(path: Path, device: str) -> Predictor:
-    """A model directory or ONNX file; ONNX Runtime runs on the CPU whatever --device says."""
-    if path.suffix == ".onnx" and not path.is_dir():
-        if device not in ("auto", "cpu"):
-            raise UserError(f"option --device={device}: ONNX files run on the CPU here")
-        return OnnxModel(path)
-    return CFlowAD.load(path, device=device)
 
 
 def _use_threads(threads: int | None) -> None:
