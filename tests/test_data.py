@@ -6,7 +6,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cflowad.data import find_test_set, find_training_images, load_image, load_mask
+import torch
+
+from cflowad.data import (
+    batches,
+    decode_image,
+    find_test_set,
+    find_training_images,
+    load_image,
+    load_mask,
+    to_model_input,
+)
 from cflowad.errors import UserError
 
 RNG = np.random.default_rng(0)
@@ -81,6 +91,38 @@ def test_arrays_are_accepted_and_checked():
     assert load_image(RGB[:, :, 0]).shape == (30, 40, 3)
     with pytest.raises(UserError, match=r"finite values in"):
         load_image(np.full((4, 4), 3.0))
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".bmp", ".tiff"])
+def test_bytes_decode_exactly_as_the_file(tmp_path, suffix):
+    path = tmp_path / f"image{suffix}"
+    Image.fromarray(RGB).save(path)
+    np.testing.assert_array_equal(decode_image(path.read_bytes(), "upload"), load_image(path))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"", "upload: empty"), (b"plain text", "upload: not an image"), (b"\x89PNG\r\n", "upload")],
+)
+def test_bad_bytes_are_named(content, message):
+    with pytest.raises(UserError, match=message):
+        decode_image(content, "upload")
+
+
+def test_batches_equal_one_image_at_a_time(tmp_path):
+    """Batches resize 8-bit images from uint8 in the calling thread; the tensors must be
+    those of load_image's floats, bit for bit."""
+    files = []
+    for i in range(5):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.roll(RGB, i, axis=1)).save(files[-1])
+    files.append(tmp_path / "deep.png")
+    Image.fromarray((RNG.random((30, 40)) * 65535).astype(np.uint16)).save(files[-1])
+    expected = torch.stack([to_model_input(load_image(f), (32, 64)) for f in files])
+    got = [(b, s) for b, s in batches(files, (32, 64), batch_size=4)]
+    assert [len(b) for b, _ in got] == [4, 2]
+    assert torch.equal(torch.cat([b for b, _ in got]), expected)
+    assert [s for _, sizes in got for s in sizes] == [(30, 40)] * 6
 
 
 def _mvtec(root, with_mask=True, mask_size=(20, 20)):

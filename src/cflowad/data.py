@@ -7,6 +7,7 @@ problem with a file is a :class:`UserError` naming it; nothing is skipped silent
 
 from __future__ import annotations
 
+import io
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +27,7 @@ __all__ = [
     "ImageInput",
     "TestSet",
     "batches",
+    "decode_image",
     "find_test_set",
     "find_training_images",
     "list_images",
@@ -61,17 +63,44 @@ def load_image(item: ImageInput) -> np.ndarray:
     Honours EXIF orientation; 16-bit images keep their precision; grayscale is
     repeated to three channels and alpha is dropped.
     """
+    return _as_float(_load(item))
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """:func:`load_image` for bytes in memory (an upload); errors start with ``name``.
+
+    The same decoder as for files, so a file and its bytes give the same array.
+    """
+    if not data:
+        raise UserError(f"{name}: empty (0 bytes)")
+    with _decode(io.BytesIO(data), name) as image:
+        return _as_float(_image_to_rgb(image, name))
+
+
+def _load(item: ImageInput) -> np.ndarray:
+    """RGB (H, W, 3): uint8 for 8-bit images (a quarter of float32's memory while images
+    wait for a batch), float32 in [0, 1] otherwise."""
     if isinstance(item, np.ndarray):
         return _array_to_rgb(item, "array")
     path = Path(item)
     with _open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-            array = np.asarray(image).astype(np.float32) / 65535.0
-            return _array_to_rgb(np.clip(array, 0.0, 1.0), str(path))
-        if image.mode == "F":
-            return _array_to_rgb(np.asarray(image, dtype=np.float32), str(path))
-        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+        return _image_to_rgb(image, str(path))
+
+
+def _image_to_rgb(image: Image.Image, name: str) -> np.ndarray:
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(image).astype(np.float32) / 65535.0
+        return _array_to_rgb(np.clip(array, 0.0, 1.0), name)
+    if image.mode == "F":
+        return _array_to_rgb(np.asarray(image, dtype=np.float32), name)
+    return np.array(image.convert("RGB"))  # writable: torch.from_numpy needs it
+
+
+def _as_float(image: np.ndarray) -> np.ndarray:
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    return image
 
 
 def load_mask(path: Path, expected_size: tuple[int, int] | None = None) -> np.ndarray:
@@ -90,8 +119,11 @@ def load_mask(path: Path, expected_size: tuple[int, int] | None = None) -> np.nd
 
 
 def to_model_input(image: np.ndarray, size: tuple[int, int]) -> Tensor:
-    """(H, W, 3) float image -> (3, height, width) tensor, antialiased bilinear resize."""
+    """(H, W, 3) image, float in [0, 1] or uint8 -> (3, height, width) float tensor,
+    antialiased bilinear resize."""
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+    if tensor.dtype == torch.uint8:
+        tensor = tensor.float() / 255.0  # the same float32 division as load_image's
     if tuple(tensor.shape[-2:]) != tuple(size):
         tensor = F.interpolate(
             tensor, size=size, mode="bilinear", antialias=True, align_corners=False
@@ -104,35 +136,37 @@ def batches(
 ) -> Iterator[tuple[Tensor, list[tuple[int, int]]]]:
     """Yield (images (B, 3, H, W), original (height, width) of each) in input order.
 
-    Decoding runs in a thread pool (PIL and torch release the GIL) at most two
-    batches ahead of the consumer: large PNGs overlap with model compute, and
-    memory stays the same for ten images or a million.
+    Files decode in a thread pool (PIL releases the GIL) while the model scores the
+    previous batch, at most one batch ahead: memory stays the same for ten images
+    or a million. The decoding threads never run torch: a torch op in another thread
+    starts a second OpenMP team, and with more OpenMP threads than cores every
+    team slows down (the model's forward pass took 3.5x longer on 2 cores, measured
+    in docs/design.md); resizing runs here, in the caller's thread.
     """
-
-    def prepare(item: ImageInput) -> tuple[Tensor, tuple[int, int]]:
-        image = load_image(item)
-        return to_model_input(image, size), (image.shape[0], image.shape[1])
-
     source = iter(items)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        pending: deque[Future[tuple[Tensor, tuple[int, int]]]] = deque()
+        pending: deque[Future[np.ndarray]] = deque()
 
         def top_up() -> None:
-            while len(pending) < 2 * batch_size:
+            while len(pending) < batch_size + workers:
                 item = next(source, None)
                 if item is None:
                     return
-                pending.append(pool.submit(prepare, item))
+                pending.append(pool.submit(_load, item))
 
         top_up()
-        batch: list[tuple[Tensor, tuple[int, int]]] = []
+        batch: list[Tensor] = []
+        sizes: list[tuple[int, int]] = []
         try:
             while pending:
-                batch.append(pending.popleft().result())
+                image = pending.popleft().result()
                 top_up()
+                batch.append(to_model_input(image, size))
+                sizes.append((image.shape[0], image.shape[1]))
+                del image
                 if len(batch) == batch_size or not pending:
-                    yield torch.stack([t for t, _ in batch]), [s for _, s in batch]
-                    batch = []
+                    yield torch.stack(batch), sizes
+                    batch, sizes = [], []
         finally:
             for future in pending:
                 future.cancel()
@@ -257,21 +291,25 @@ def _open(path: Path, decode: bool = True) -> Image.Image:
         raise UserError(f"{path}: file not found")
     if path.stat().st_size == 0:
         raise UserError(f"{path}: empty file (0 bytes)")
+    return _decode(path, str(path), decode)
+
+
+def _decode(source: Path | io.BytesIO, name: str, decode: bool = True) -> Image.Image:
     try:
-        image = Image.open(path)
+        image = Image.open(source)
         width, height = image.size
         if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
-            raise UserError(f"{path}: {width}x{height} pixels is too large to decode safely")
+            raise UserError(f"{name}: {width}x{height} pixels is too large to decode safely")
         if decode:
             image.load()
     except UserError:
         raise
     except Image.DecompressionBombError:
-        raise UserError(f"{path}: too large to decode safely (decompression bomb)") from None
+        raise UserError(f"{name}: too large to decode safely (decompression bomb)") from None
     except UnidentifiedImageError:
-        raise UserError(f"{path}: not an image file") from None
+        raise UserError(f"{name}: not an image file") from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise UserError(f"{path}: unreadable image ({error})") from None
+        raise UserError(f"{name}: unreadable image ({error})") from None
     return image
 
 
