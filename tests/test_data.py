@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
-
 import torch
+from PIL import Image
 
 from cflowad.data import (
     batches,

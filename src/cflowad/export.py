@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -118,6 +119,10 @@ def export_onnx(model: CFlowAD, path: Path) -> dict[str, Any]:
             "image_size": f"{height},{width}",
             "image_threshold_raw": repr(calibration["image_threshold_raw"]),
             "pixel_threshold_raw": repr(calibration["pixel_threshold_raw"]),
+            # what cflowad serve's model list shows, the same as for the model directory
+            "weights_sha256": model.weights_sha256 or "",
+            "calibration": json.dumps(calibration),
+            "training": json.dumps(model.training),
         }
         for key, value in metadata.items():
             onnx_model.metadata_props.add(key=key, value=value)

@@ -12,10 +12,10 @@ with both calibrated thresholds at :data:`THRESHOLD` = 0.5.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ __all__ = [
     "Prediction",
     "Predictor",
     "as_images",
+    "describe",
 ]
 
 THRESHOLD = 0.5
@@ -112,6 +113,10 @@ class Predictor(Protocol):
         self, images: Images, batch_size: int = 16, reporter: Reporter | None = None
     ) -> Iterator[ImageResult]: ...
 
+    def describe(self) -> dict[str, Any]:
+        """What a person needs to know about the model (see :func:`describe`)."""
+        ...
+
 
 class InferenceEngine:
     """Shared ``predict`` and ``predict_iter``; a subclass gives :meth:`score_batch`.
@@ -176,6 +181,39 @@ class InferenceEngine:
             :meth:`predict_iter`).
         """
         return Prediction.collect(self.predict_iter(images, batch_size, reporter))
+
+
+def describe(
+    backbone: str,
+    image_size: tuple[int, int],
+    calibration: Mapping[str, Any],
+    training: Mapping[str, Any],
+    weights_sha256: str | None,
+) -> dict[str, Any]:
+    """A model's summary, the same for a model directory and its ONNX file.
+
+    Thresholds are 0.5 on the readable scale in every model; the raw values and
+    the held-out false-positive rates say what 0.5 means for this one.
+    """
+    return {
+        "backbone": backbone,
+        "input_size": {"height": image_size[0], "width": image_size[1]},
+        "image_threshold": THRESHOLD,
+        "pixel_threshold": THRESHOLD,
+        **{
+            key: calibration.get(key)
+            for key in (
+                "image_threshold_raw",
+                "pixel_threshold_raw",
+                "image_fpr",
+                "image_fpr_achievable",
+                "pixel_fpr",
+                "pixel_fpr_achievable",
+            )
+        },
+        "weights_sha256": weights_sha256,
+        "training": {k: v for k, v in training.items() if k != "loss_history"},
+    }
 
 
 def as_images(images: Images) -> list[ImageInput]:

@@ -30,7 +30,7 @@ from cflowad.data import ImageInput, batches, find_training_images, median_aspec
 from cflowad.device import resolve_device
 from cflowad.errors import UserError
 from cflowad.files import staged_directory
-from cflowad.inference import InferenceEngine
+from cflowad.inference import InferenceEngine, describe
 from cflowad.progress import Reporter
 from cflowad.scoring import CFlowNet
 from cflowad.train import encode, fit_decoders
@@ -80,6 +80,7 @@ class CFlowAD(InferenceEngine):
         self.net.eval().to(self.device)
         self.calibration: dict[str, Any] | None = None
         self.training: dict[str, Any] = {}
+        self.weights_sha256: str | None = None  # of the saved weights file, once saved or loaded
 
     def fit(
         self, data: str | Path | Sequence[ImageInput], reporter: Reporter | None = None
@@ -167,11 +168,12 @@ class CFlowAD(InferenceEngine):
                 str(weights),
                 metadata={"format": FORMAT},
             )
+            self.weights_sha256 = _sha256(weights)
             meta = {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
                 "cflowad_version": __version__,
-                "weights_sha256": _sha256(weights),
+                "weights_sha256": self.weights_sha256,
                 "config": self.config.to_dict(),
                 "calibration": self.calibration,
                 "training": self.training,
@@ -255,7 +257,18 @@ class CFlowAD(InferenceEngine):
         model.net.refresh_conditions()
         model.calibration = calibration
         model.training = meta.get("training", {})
+        model.weights_sha256 = meta["weights_sha256"]
         return model
+
+    def describe(self) -> dict[str, Any]:
+        """Backbone, input size, thresholds, weights checksum and training summary."""
+        return describe(
+            self.config.backbone,
+            self.image_size,
+            self._require_fitted(),
+            self.training,
+            self.weights_sha256,
+        )
 
     def _split(self, items: list[ImageInput]) -> tuple[list[ImageInput], list[ImageInput]]:
         config = self.config

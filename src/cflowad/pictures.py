@@ -17,7 +17,7 @@ from sklearn.metrics import roc_curve
 
 from cflowad.metrics import pro_curve
 
-__all__ = ["overlay", "save_curves", "save_histogram", "save_overlay"]
+__all__ = ["blend", "overlay", "save_curves", "save_histogram", "save_overlay"]
 
 
 def overlay(
@@ -26,7 +26,20 @@ def overlay(
     predicted: np.ndarray | None = None,
     truth: np.ndarray | None = None,
 ) -> np.ndarray:
-    """RGB uint8: the image beside its heat map, predicted outline white, true outline green.
+    """RGB uint8: the image beside its :func:`blend` (heat map and outlines)."""
+    gap = np.full((image.shape[0], max(4, image.shape[1] // 50), 3), 255, np.uint8)
+    plain = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+    return np.concatenate([plain, gap, blend(image, anomaly_map, predicted, truth)], axis=1)
+
+
+def blend(
+    image: np.ndarray,
+    anomaly_map: np.ndarray,
+    predicted: np.ndarray | None = None,
+    truth: np.ndarray | None = None,
+) -> np.ndarray:
+    """RGB uint8 at the image's size: heat map over the image, predicted outline white,
+    true outline green.
 
     Maps are on the readable 0-1 scale with the pixel threshold at 0.5, so one colour
     scale fits every image and every model: blue is normal, green the threshold, red
@@ -38,8 +51,7 @@ def overlay(
         if mask is not None and mask.any():
             edge = mask & ~ndimage.binary_erosion(mask, iterations=max(1, image.shape[0] // 200))
             blended[edge] = colour
-    gap = np.ones((image.shape[0], max(4, image.shape[1] // 50), 3))
-    return (np.concatenate([image, gap, blended], axis=1) * 255).round().astype(np.uint8)
+    return (blended * 255).round().astype(np.uint8)
 
 
 def save_overlay(

@@ -9,6 +9,7 @@ needs onnxruntime, torch and Pillow.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 from cflowad.errors import UserError
-from cflowad.inference import InferenceEngine
+from cflowad.inference import InferenceEngine, describe
 
 __all__ = ["INPUT_NAME", "MARK", "OUTPUT_NAMES", "OnnxModel", "cpu_session", "require_onnxruntime"]
 
@@ -75,6 +76,25 @@ class OnnxModel(InferenceEngine):
         self.image_size = (height, width)
         self.image_threshold_raw = float(meta["image_threshold_raw"])
         self.pixel_threshold_raw = float(meta["pixel_threshold_raw"])
+        self._metadata = dict(meta)
+
+    def describe(self) -> dict[str, Any]:
+        """The summary the model directory gives, from the file's metadata.
+
+        ``weights_sha256`` is the source model's weights; files exported before
+        cflowad 0.3 lack it and the training summary (``None`` and ``{}``).
+        """
+        meta = self._metadata
+        calibration = json.loads(meta.get("calibration", "{}"))
+        calibration.setdefault("image_threshold_raw", self.image_threshold_raw)
+        calibration.setdefault("pixel_threshold_raw", self.pixel_threshold_raw)
+        return describe(
+            meta.get("backbone", ""),
+            self.image_size,
+            calibration,
+            json.loads(meta.get("training", "{}")),
+            meta.get("weights_sha256") or None,
+        )
 
     def score_batch(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, 3, H, W) at :attr:`image_size` -> readable scores, readable maps, raw scores."""

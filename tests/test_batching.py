@@ -1,0 +1,129 @@
+"""DynamicBatcher: who waits, who is batched together, and what happens on errors."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from cflowad.batching import DynamicBatcher
+from cflowad.inference import InferenceEngine
+
+
+class _Mean(InferenceEngine):
+    """Score = mean of the image: a closed form to check every answer against."""
+
+    image_size = (8, 8)
+
+    def __init__(self, fail: bool = False) -> None:
+        self.batches: list[int] = []
+        self.fail = fail
+
+    def score_batch(self, images: torch.Tensor):
+        self.batches.append(len(images))
+        if self.fail:
+            raise RuntimeError("model exploded")
+        scores = images.mean(dim=(1, 2, 3))
+        return scores, images.mean(dim=1), scores
+
+
+def _image(value: float) -> np.ndarray:
+    return np.full((8, 8, 3), value, np.float32)
+
+
+def _run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def test_a_lone_request_does_not_wait_for_companions():
+    async def go():
+        model = _Mean()
+        with ThreadPoolExecutor(1) as pool:
+            batcher = DynamicBatcher(model, pool, max_batch=8, max_wait_ms=2000)
+            batcher.start()
+            start = time.perf_counter()
+            result = await batcher.submit(_image(0.25))
+            waited = time.perf_counter() - start
+            await batcher.close()
+        return result, waited, model.batches
+
+    result, waited, batches = _run(go())
+    assert result.score == pytest.approx(0.25) and batches == [1]
+    assert waited < 1.0  # far below max_wait: nobody else was arriving
+
+
+def test_requests_still_arriving_join_the_batch_and_answers_are_their_own():
+    async def go():
+        model = _Mean()
+        with ThreadPoolExecutor(1) as pool:
+            batcher = DynamicBatcher(model, pool, max_batch=4, max_wait_ms=2000)
+            batcher.start()
+
+            async def request(value: float, delay: float) -> float:
+                with batcher.arriving():
+                    await asyncio.sleep(delay)  # reading and decoding the upload
+                    future = batcher.submit(_image(value))
+                return (await future).score
+
+            scores = await asyncio.gather(
+                *(request(v, 0.05 * i) for i, v in enumerate((0.1, 0.2, 0.3, 0.4, 0.5)))
+            )
+            await batcher.close()
+        return scores, model.batches
+
+    scores, batches = _run(go())
+    assert scores == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
+    assert batches == [4, 1]  # the fifth waits for the next batch: max_batch is 4
+
+
+def test_cancelled_requests_are_not_scored():
+    async def go():
+        model = _Mean()
+        with ThreadPoolExecutor(1) as pool:
+            batcher = DynamicBatcher(model, pool, max_batch=8, max_wait_ms=0)
+            gone = batcher.submit(_image(0.9))
+            kept = batcher.submit(_image(0.1))
+            gone.cancel()  # the client disconnected before the loop ran
+            batcher.start()
+            score = (await kept).score
+            await batcher.close()
+        return score, model.batches
+
+    score, batches = _run(go())
+    assert score == pytest.approx(0.1) and batches == [1]
+
+
+def test_a_failing_batch_answers_its_requests_with_the_error_and_the_loop_goes_on():
+    async def go():
+        model = _Mean(fail=True)
+        with ThreadPoolExecutor(1) as pool:
+            batcher = DynamicBatcher(model, pool, max_batch=8, max_wait_ms=0)
+            batcher.start()
+            with pytest.raises(RuntimeError, match="exploded"):
+                await batcher.submit(_image(0.5))
+            model.fail = False
+            score = (await batcher.submit(_image(0.5))).score
+            await batcher.close()
+        return score
+
+    assert _run(go()) == pytest.approx(0.5)
+
+
+def test_close_scores_what_is_queued_then_refuses_more():
+    async def go():
+        model = _Mean()
+        with ThreadPoolExecutor(1) as pool:
+            batcher = DynamicBatcher(model, pool, max_batch=2, max_wait_ms=0)
+            futures = [batcher.submit(_image(v)) for v in (0.1, 0.2, 0.3)]
+            batcher.start()
+            await batcher.close()
+            with pytest.raises(RuntimeError, match="closed"):
+                batcher.submit(_image(0.4))
+        return [f.result().score for f in futures], model.batches
+
+    scores, batches = _run(go())
+    assert scores == pytest.approx([0.1, 0.2, 0.3]) and batches == [2, 1]
