@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import hmac
 import io
 import logging
@@ -30,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from cflowad import __version__, load
+from cflowad.allocator import release_freed_memory
 from cflowad.batching import DynamicBatcher
 from cflowad.catalog import find_models
 from cflowad.data import decode_image
@@ -209,6 +211,9 @@ class ServedModels:
             self.served[name] = new
             self.metrics.reloads.labels(name, "done").inc()
         await old.batcher.close()
+        del old
+        gc.collect()
+        release_freed_memory()
         log.info("reloaded %s (revision %d)", name, new.revision)
         return new
 
