@@ -6,7 +6,7 @@ what is waiting into a batch (up to ``max_batch``) and scores it through the mod
 depend on batch companions (the engine guarantees it), so batching only changes
 throughput.
 
-The wait rule, measured against a fixed wait (docs/design.md): a batch waits up to
+The wait rule (docs/design.md, "Batching rule"): a batch waits up to
 ``max_wait_ms`` for more images only while other requests are still arriving (being
 read or decoded). A lone request never waits, so the latency at concurrency 1 is the
 model's batch-1 latency; under load the batch fills while the previous one is scored.
