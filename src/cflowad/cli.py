@@ -109,6 +109,13 @@ def train(
         ),
     ] = None,
     backbone: Annotated[str, typer.Option(help="timm CNN name.")] = DEFAULTS.backbone,
+    decoder: Annotated[
+        str,
+        typer.Option(
+            help="flow (the paper's conditional flows) or gaussian (the appendix's Gaussian "
+            "model, one per position: fitted in seconds, no training steps)."
+        ),
+    ] = DEFAULTS.decoder,
     encoder_weights: Annotated[
         str, typer.Option(help="pretrained (ImageNet) or random (tests only: poor accuracy).")
     ] = DEFAULTS.encoder_weights,
@@ -415,12 +422,13 @@ def test_command(
                 [test_set.masks[i] for i in keep],
             )
         model = load(model_path, device)
+        decoder = model.describe()["decoder"]
         reporter.log(
-            f"testing {model_path} on {len(test_set.images)} images"
+            f"testing {model_path} ({decoder} decoder) on {len(test_set.images)} images"
             + (f" ({name})" if name else "")
         )
         evaluation = evaluate(model, test_set, batch_size, metric_resolution, reporter)
-        results[name] = evaluation.metrics
+        results[name] = {"decoder": decoder, **evaluation.metrics}
         print_metrics(evaluation.metrics, name, quiet)
         if out is not None:
             write_pictures(out / name if name else out, test_set, evaluation, reporter)
@@ -436,12 +444,15 @@ def demo(
         Path, typer.Option("--out", help="Folder for metrics.json and pictures.")
     ] = Path("cflowad-demo"),
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = DEFAULTS.steps,
+    decoder: Annotated[str, typer.Option(help="flow or gaussian (see cflowad train).")] = (
+        DEFAULTS.decoder
+    ),
     quiet: Quiet = False,
 ) -> None:
     """Train and test on real solar-cell images (ELPV, installed from PyPI) in minutes."""
     from cflowad.demo import run_demo
 
-    metrics = run_demo(out, steps=steps, reporter=Reporter(enabled=not quiet))
+    metrics = run_demo(out, steps=steps, reporter=Reporter(enabled=not quiet), decoder=decoder)
     _summary_table([(k, _fmt(v)) for k, v in metrics.items() if not isinstance(v, dict)], quiet)
 
 
@@ -895,16 +906,18 @@ def _image_files(items: list[Path]) -> list[Path]:
 def _training_rows(model: CFlowAD) -> list[tuple[str, str]]:
     t = model.training
     c = model.calibration or {}
+    if model.config.decoder == "gaussian":
+        fit = f"a Gaussian per position and scale in {t['fit_seconds']:.1f} s"
+    else:
+        fit = (
+            f"{t['steps']} steps in {t['train_seconds']:.1f} s "
+            f"({t['steps_per_second']:.1f} steps/s, {t['precision']}"
+            f"{', compiled' if t.get('compiled') else ''}), loss {t['final_loss']:.4f}"
+        )
     return [
         ("images", f"{t['n_train']} train, {t['n_calibration']} calibration"),
         ("encode", f"{t['encode_seconds']:.1f} s ({t['feature_cache_mb']} MiB cache)"),
-        (
-            "train",
-            f"{t['steps']} steps in {t['train_seconds']:.1f} s "
-            f"({t['steps_per_second']:.1f} steps/s, {t['precision']}"
-            f"{', compiled' if t.get('compiled') else ''}), "
-            f"loss {t['final_loss']:.4f}",
-        ),
+        (f"{model.config.decoder} decoder", fit),
         (
             "thresholds (raw)",
             f"image {c['image_threshold_raw']:.4g}, pixel {c['pixel_threshold_raw']:.4g} "

@@ -16,6 +16,7 @@ OBJECTIVES = ("nll", "logsigmoid")
 PRECISIONS = ("auto", "float32", "bfloat16")
 ENCODER_WEIGHTS = ("pretrained", "random")
 ASPECTS = ("auto", "fixed")
+DECODERS = ("flow", "gaussian")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Config:
     """
 
     backbone: str = "tf_efficientnet_lite0"
+    decoder: str = "flow"
     encoder_weights: str = "pretrained"
     weights_file: str | None = None
     image_size: tuple[int, int] = (256, 256)
@@ -70,6 +72,7 @@ class Config:
         object.__setattr__(self, "strides", tuple(int(s) for s in self.strides))
         checks = [
             (self.objective in OBJECTIVES, "objective", f"one of {', '.join(OBJECTIVES)}"),
+            (self.decoder in DECODERS, "decoder", f"one of {', '.join(DECODERS)}"),
             (
                 self.training_precision in PRECISIONS,
                 "training_precision",

@@ -52,7 +52,7 @@ def elpv_split(
     return train, test, labels
 
 
-def run_demo(out: Path, steps: int, reporter: Reporter) -> dict[str, Any]:
+def run_demo(out: Path, steps: int, reporter: Reporter, decoder: str = "flow") -> dict[str, Any]:
     """Train, test, write OUT/metrics.json, pictures and the model; returns the metrics."""
     start = time.perf_counter()
     train, test, labels = elpv_split()
@@ -61,7 +61,7 @@ def run_demo(out: Path, steps: int, reporter: Reporter) -> dict[str, Any]:
         f"testing ({int(labels.sum())} defective)"
     )
     with staged_directory(out) as staging:
-        model = CFlowAD(Config(steps=steps)).fit(train, reporter=reporter)
+        model = CFlowAD(Config(steps=steps, decoder=decoder)).fit(train, reporter=reporter)
         prediction = model.predict(test, reporter=reporter)
         f1, _ = f1_max(prediction.scores, labels)
         flagged = prediction.anomalous
@@ -70,6 +70,7 @@ def run_demo(out: Path, steps: int, reporter: Reporter) -> dict[str, Any]:
             "image_f1_max": f1,
             "true_positive_rate_at_threshold": float(flagged[labels == 1].mean()),
             "false_positive_rate_at_threshold": float(flagged[labels == 0].mean()),
+            "decoder": decoder,
             "n_train": len(train),
             "n_test": len(test),
             "n_defective": int(labels.sum()),

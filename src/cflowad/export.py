@@ -108,6 +108,7 @@ def export_onnx(model: CFlowAD, path: Path) -> dict[str, Any]:
         metadata = {
             MARK: __version__,
             "backbone": model.config.backbone,
+            "decoder": model.config.decoder,
             "input": (
                 f"{INPUT_NAME}: float32 (N, 3, {height}, {width}), RGB in [0, 1], each image "
                 "resized to that size by antialiased bilinear interpolation"

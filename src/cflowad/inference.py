@@ -185,6 +185,7 @@ class InferenceEngine:
 
 def describe(
     backbone: str,
+    decoder: str,
     image_size: tuple[int, int],
     calibration: Mapping[str, Any],
     training: Mapping[str, Any],
@@ -197,6 +198,7 @@ def describe(
     """
     return {
         "backbone": backbone,
+        "decoder": decoder,
         "input_size": {"height": image_size[0], "width": image_size[1]},
         "image_threshold": THRESHOLD,
         "pixel_threshold": THRESHOLD,

@@ -33,7 +33,7 @@ from cflowad.files import staged_directory
 from cflowad.inference import InferenceEngine, describe
 from cflowad.progress import Reporter
 from cflowad.scoring import CFlowNet
-from cflowad.train import encode, fit_decoders
+from cflowad.train import encode, fit_decoders, fit_gaussians
 
 __all__ = ["CFlowAD", "is_model_dir"]
 
@@ -125,7 +125,10 @@ class CFlowAD(InferenceEngine):
             cache_dir=self.config.feature_cache_dir,
         )
         encode_seconds = time.perf_counter() - start
-        summary = fit_decoders(self.net, cache, self.config, reporter)
+        if self.config.decoder == "gaussian":
+            summary = fit_gaussians(self.net, cache, reporter)
+        else:
+            summary = fit_decoders(self.net, cache, self.config, reporter)
         self.calibration = self._calibrate(calibration_items, reporter)
         self.training = {
             "n_train": len(train_items),
@@ -261,9 +264,10 @@ class CFlowAD(InferenceEngine):
         return model
 
     def describe(self) -> dict[str, Any]:
-        """Backbone, input size, thresholds, weights checksum and training summary."""
+        """Backbone, decoder, input size, thresholds, weights checksum, training summary."""
         return describe(
             self.config.backbone,
+            self.config.decoder,
             self.image_size,
             self._require_fitted(),
             self.training,

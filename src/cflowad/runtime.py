@@ -90,6 +90,7 @@ class OnnxModel(InferenceEngine):
         calibration.setdefault("pixel_threshold_raw", self.pixel_threshold_raw)
         return describe(
             meta.get("backbone", ""),
+            meta.get("decoder", "flow"),
             self.image_size,
             calibration,
             json.loads(meta.get("training", "{}")),

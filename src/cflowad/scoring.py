@@ -8,8 +8,6 @@ to the model, so an image's map never depends on the other images in its batch.
 
 from __future__ import annotations
 
-from typing import cast
-
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -18,6 +16,7 @@ from torch.nn import functional as F
 from cflowad.config import Config
 from cflowad.encoder import Encoder
 from cflowad.flows import ConditionalFlow, positional_encoding
+from cflowad.gaussian import GaussianDecoder
 
 __all__ = ["REFERENCE_QUANTILE", "CFlowNet", "readable"]
 
@@ -26,7 +25,8 @@ REFERENCE_QUANTILE = 0.999
 
 
 class CFlowNet(nn.Module):
-    """Frozen encoder plus one conditional flow per scale, with a bounded scale fusion.
+    """Frozen encoder plus one decoder per scale (a conditional flow, or the appendix's
+    Gaussian model), with a bounded scale fusion.
 
     Each scale's log-likelihood per dimension ``l_k = log p_k / D_k`` becomes a
     likelihood before the scales meet, as in the paper: the term of scale k is
@@ -59,19 +59,23 @@ class CFlowNet(nn.Module):
         self.score_top_k = config.score_top_k
         self.feature_pooling = config.feature_pooling
         self.encoder = encoder
+        self.feature_sizes = [
+            (config.image_size[0] // s, config.image_size[1] // s) for s in encoder.strides
+        ]
         self.decoders = nn.ModuleList(
-            ConditionalFlow(
+            GaussianDecoder(dim, height * width)
+            if config.decoder == "gaussian"
+            else ConditionalFlow(
                 dim,
                 config.condition_dim,
                 config.coupling_blocks,
                 config.clamp_alpha,
                 seed=config.seed + k,
             )
-            for k, dim in enumerate(encoder.channels)
+            for k, (dim, (height, width)) in enumerate(
+                zip(encoder.channels, self.feature_sizes, strict=True)
+            )
         )
-        self.feature_sizes = [
-            (config.image_size[0] // s, config.image_size[1] // s) for s in encoder.strides
-        ]
         for k, (height, width) in enumerate(self.feature_sizes):
             code = positional_encoding(config.condition_dim, height, width)
             self.register_buffer(f"code_{k}", code.flatten(1).T.contiguous(), persistent=False)
@@ -102,12 +106,16 @@ class CFlowNet(nn.Module):
 
         Call after the decoder weights change (end of training, loading).
         """
-        for k in range(len(self.decoders)):
-            setattr(self, f"conditions_{k}", self.decoder(k).condition(self.codes(k)))
+        for k, decoder in enumerate(self.decoders):
+            if isinstance(decoder, ConditionalFlow):
+                setattr(self, f"conditions_{k}", decoder.condition(self.codes(k)))
 
     def decoder(self, k: int) -> ConditionalFlow:
         """The flow of scale k (typed: ``nn.ModuleList`` items are plain modules)."""
-        return cast(ConditionalFlow, self.decoders[k])
+        decoder = self.decoders[k]
+        if not isinstance(decoder, ConditionalFlow):
+            raise TypeError(f"scale {k} has a {type(decoder).__name__}, not a flow")
+        return decoder
 
     def features(self, images: Tensor) -> list[Tensor]:
         """(B, 3, H, W) in [0, 1] -> the flows' inputs [(B, D_k, H_k, W_k)].
@@ -131,7 +139,11 @@ class CFlowNet(nn.Module):
         """(B, D, H_k, W_k) features of scale k -> (B, H_k, W_k) log-likelihood per dim."""
         batch, dim, height, width = features.shape
         z = features.flatten(2).transpose(1, 2)  # (B, H*W, D)
-        log_prob = self.decoder(k).log_prob_conditioned(z, getattr(self, f"conditions_{k}"))
+        decoder = self.decoders[k]
+        if isinstance(decoder, GaussianDecoder):
+            log_prob = decoder.log_prob(z)
+        else:
+            log_prob = self.decoder(k).log_prob_conditioned(z, getattr(self, f"conditions_{k}"))
         return (log_prob / dim).view(batch, height, width)
 
     @torch.no_grad()

@@ -31,6 +31,7 @@ from cflowad.config import Config
 from cflowad.data import ImageInput, batches
 from cflowad.errors import UserError
 from cflowad.flows import ConditionalFlow
+from cflowad.gaussian import GaussianDecoder
 from cflowad.progress import Reporter
 from cflowad.scoring import CFlowNet
 
@@ -38,6 +39,7 @@ __all__ = [
     "FeatureCache",
     "encode",
     "fit_decoders",
+    "fit_gaussians",
     "flow_loss",
     "resolve_precision",
     "training_step_loss",
@@ -254,3 +256,22 @@ def fit_decoders(
         "final_loss": round(running, 5),
         "loss_history": history,
     }
+
+
+def fit_gaussians(
+    net: CFlowNet, cache: FeatureCache, reporter: Reporter | None = None
+) -> dict[str, Any]:
+    """Fit every scale's :class:`cflowad.gaussian.GaussianDecoder` from the cached
+    features (float64, in chunks of positions). Returns a training summary."""
+    reporter = reporter or Reporter(enabled=False)
+    start = time.perf_counter()
+    with reporter.task("fitting Gaussians", len(net.decoders)) as task:
+        for k, decoder in enumerate(net.decoders):
+            if not isinstance(decoder, GaussianDecoder):
+                raise TypeError(f"scale {k} is not a Gaussian decoder")
+            rows, dim = cache.scales[k].shape
+            positions = cache.positions[k]
+            decoder.fit(cache.scales[k].reshape(rows // positions, positions, dim))
+            task.advance(1)
+    seconds = time.perf_counter() - start
+    return {"decoder": "gaussian", "fit_seconds": round(seconds, 2)}
