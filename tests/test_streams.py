@@ -20,6 +20,7 @@ from PIL import Image
 
 import cflowad.cli
 from cflowad.cli import main
+from cflowad.errors import UserError
 from cflowad.hotfolder import watch_folder
 from cflowad.inference import InferenceEngine
 from cflowad.video import stream_video
@@ -300,3 +301,24 @@ def test_real_model_flags_the_defective_frames(trained_model, texture_dataset, t
     assert {2, 3, 6} <= flagged
     events = _lines(tmp_path / "out" / "events.jsonl")
     assert [(e["first_frame"], e["last_frame"]) for e in events][:1] == [(2, 3)]
+
+
+def test_a_network_stream_that_stops_is_retried_then_ends_with_one_line(tmp_path):
+    """An http:// source served here (MPEG-TS, as cameras stream): each time it ends it is
+    reopened (frames numbered on), until the retries are spent; what was scored is kept."""
+    import functools
+    import http.server
+
+    (tmp_path / "www").mkdir()
+    video = _video(tmp_path / "www" / "camera.ts", [_frame(i) for i in range(30)])
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(video.parent))
+    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/{video.name}"
+        with pytest.raises(UserError, match=r"the stream ended after 60 frames; gave up after 1"):
+            stream_video(_Brightest(), url, tmp_path / "out", retries=1, backoff=0.05)
+        server.shutdown()
+    frames = [f["frame"] for f in _lines(tmp_path / "out" / "frames.jsonl")]
+    assert frames == list(range(60))

@@ -34,6 +34,7 @@ from cflowad.progress import Reporter
 __all__ = ["Frame", "StreamSummary", "parse_roi", "stream_video"]
 
 Roi = tuple[int, int, int, int]  # x, y, width, height in pixels
+HEALTHY_SECONDS = 60.0  # a source that ran this long after a reconnect gets fresh retries
 NETWORK = ("rtsp://", "rtsps://", "http://", "https://", "rtmp://", "udp://", "tcp://")
 
 
@@ -180,14 +181,21 @@ def _progress(summary: StreamSummary, seconds: float) -> str:
 
 
 def _batches(frames: Iterator[Frame], every: int, batch_size: int) -> Iterator[list[Frame]]:
+    """Every ``every``-th frame in batches; when the source fails, the frames already
+    decoded are scored before the error goes on."""
     batch: list[Frame] = []
-    for frame in frames:
-        if frame.index % every:
-            continue
-        batch.append(frame)
-        if len(batch) == batch_size:
+    try:
+        for frame in frames:
+            if frame.index % every:
+                continue
+            batch.append(frame)
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+    except UserError:
+        if batch:
             yield batch
-            batch = []
+        raise
     if batch:
         yield batch
 
@@ -366,29 +374,38 @@ class _Source:
         return container
 
     def frames(self) -> Iterator[Frame]:
-        """Every frame, in order; a broken network or camera source is reopened."""
+        """Every frame, in order; a broken network or camera source is reopened.
+
+        Reconnects back off (``backoff``, doubled each time) up to ``retries`` times in
+        a row; a source that then ran for :data:`HEALTHY_SECONDS` starts a new round.
+        """
         index = 0
         attempt = 0
+        problem = ""
+        container: Any = self.container
         while True:
-            stream = self.container.streams.video[0]
-            try:
-                for decoded in self.container.decode(stream):
-                    if self._stop.is_set():
+            opened = time.monotonic()
+            if container is not None:
+                try:
+                    for decoded in container.decode(container.streams.video[0]):
+                        if self._stop.is_set():
+                            return
+                        pts = float(decoded.time) if decoded.time is not None else None
+                        self.decoded += 1
+                        rgb = decoded.to_ndarray(format="rgb24")
+                        yield Frame(index, pts, rgb, time.monotonic())
+                        index += 1
+                    if not self.reconnects:
                         return
-                    pts = float(decoded.time) if decoded.time is not None else None
-                    self.decoded += 1
-                    yield Frame(index, pts, decoded.to_ndarray(format="rgb24"), time.monotonic())
-                    index += 1
+                    problem = "the stream ended"
+                except self.av.error.FFmpegError as error:
+                    if not self.reconnects:
+                        raise UserError(
+                            f"SOURCE {self.source}: unreadable at frame {index} ({_reason(error)})"
+                        ) from None
+                    problem = _reason(error)
+                if time.monotonic() - opened >= HEALTHY_SECONDS:
                     attempt = 0
-                if not self.reconnects:
-                    return
-                problem = "the stream ended"
-            except self.av.error.FFmpegError as error:
-                if not self.reconnects:
-                    raise UserError(
-                        f"SOURCE {self.source}: unreadable at frame {index} ({_reason(error)})"
-                    ) from None
-                problem = _reason(error)
             attempt += 1
             if attempt > self.retries:
                 raise UserError(
@@ -400,9 +417,9 @@ class _Source:
             time.sleep(wait)
             self.container.close()
             try:
-                self.container = self._open()
+                container = self.container = self._open()
             except UserError as error:
-                self.reporter.warn(str(error))
+                container, problem = None, str(error)
 
     def live_frames(self) -> Iterator[Frame]:
         """The newest frame each time one is asked for; older unread frames are dropped.
