@@ -322,3 +322,23 @@ def test_a_network_stream_that_stops_is_retried_then_ends_with_one_line(tmp_path
         server.shutdown()
     frames = [f["frame"] for f in _lines(tmp_path / "out" / "frames.jsonl")]
     assert frames == list(range(60))
+
+
+def test_the_journal_drops_only_a_torn_last_line(tmp_path):
+    from cflowad.hotfolder import _read_journal
+
+    journal = tmp_path / "results.jsonl"
+
+    def record(name: str) -> str:
+        return json.dumps({"file": name, "bytes": 1, "modified_ns": 2})
+
+    cases = [  # (journal on disk, files it says are done, journal afterwards)
+        (record("a") + "\n" + record("b") + "\n", {"a", "b"}, None),  # whole: not rewritten
+        (record("a") + "\n" + record("b")[:10], {"a"}, record("a") + "\n"),
+        (record("a") + "\n" + record("b"), {"a", "b"}, record("a") + "\n" + record("b") + "\n"),
+        (record("a")[:5], set(), ""),
+    ]
+    for text, done, after in cases:
+        journal.write_text(text)
+        assert {key[0] for key in _read_journal(journal)} == done
+        assert journal.read_text() == (text if after is None else after)

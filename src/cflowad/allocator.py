@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from typing import Any
 
 __all__ = ["keep_freed_memory", "release_freed_memory"]
 
@@ -22,13 +23,9 @@ _M_MMAP_THRESHOLD = -3
 
 def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
     """Raise glibc's mmap and trim thresholds; False where the C library has no ``mallopt``."""
-    if not sys.platform.startswith("linux"):
+    mallopt = _glibc("mallopt", ctypes.c_int, ctypes.c_int)
+    if mallopt is None:
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
         mallopt(_M_TRIM_THRESHOLD, trim_threshold)
     )
@@ -41,11 +38,18 @@ def release_freed_memory() -> bool:
     server calls this after a reload so that resident memory does not grow by a model
     per reload.
     """
+    malloc_trim = _glibc("malloc_trim", ctypes.c_size_t)
+    return malloc_trim is not None and bool(malloc_trim(0))
+
+
+def _glibc(name: str, *argtypes: Any) -> Any:
+    """The C library's function ``name`` with its argument types, or None off Linux or
+    where the library lacks it."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
-        malloc_trim = ctypes.CDLL(None).malloc_trim
+        function = getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
-        return False
-    malloc_trim.argtypes = (ctypes.c_size_t,)
-    return bool(malloc_trim(0))
+        return None
+    function.argtypes = argtypes
+    return function

@@ -685,9 +685,10 @@ def watch(
     """
     import threading
 
-    from cflowad.hotfolder import watch_folder
+    from cflowad.hotfolder import is_watch_output, watch_folder
 
     _use_threads(threads)
+    refuse_foreign(out, is_watch_output)  # before loading the model
     reporter = Reporter(enabled=not quiet)
     model = load(model_dir, device)
     reporter.log(f"watching {inbox} (Ctrl-C stops); records in {out / 'results.jsonl'}")
@@ -772,11 +773,11 @@ def stream(
 
     Needs the stream extra (pip install 'cflowad[stream]').
     """
-    from cflowad.video import parse_roi, stream_video
+    from cflowad.video import is_stream_output, parse_roi, stream_video
 
     _use_threads(threads)
     region = parse_roi(roi)
-    refuse_foreign(out, lambda p: (p / "frames.jsonl").is_file())
+    refuse_foreign(out, is_stream_output)  # before loading the model
     reporter = Reporter(enabled=not quiet)
     model = load(model_dir, device)
     reporter.log(f"scoring {source}{' live' if live else ''}; frames in {out / 'frames.jsonl'}")

@@ -21,20 +21,26 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 import numpy as np
 
 from cflowad.data import IMAGE_SUFFIXES, load_image
 from cflowad.errors import UserError
-from cflowad.files import refuse_foreign
+from cflowad.files import refuse_foreign, replace_file
 from cflowad.inference import Predictor
 from cflowad.progress import Reporter
 
-__all__ = ["JOURNAL", "WatchSummary", "watch_folder"]
+__all__ = ["JOURNAL", "WatchSummary", "is_watch_output", "watch_folder"]
 
 JOURNAL = "results.jsonl"
 _RESCAN_SECONDS = 5.0
+
+
+def is_watch_output(folder: Path) -> bool:
+    """An earlier watch's output folder (its journal), which a restart resumes."""
+    return (folder / JOURNAL).is_file()
 
 
 @dataclass
@@ -96,7 +102,7 @@ def watch_folder(
         raise UserError(f"--out {out}: must not be inside INBOX {inbox}")
     if settle < 0 or batch_size < 1:
         raise UserError("options --settle must be 0 or more and --batch-size at least 1")
-    refuse_foreign(out, lambda p: (p / JOURNAL).is_file())
+    refuse_foreign(out, is_watch_output)
     folder = _HotFolder(model, inbox, out, move_done, pictures, reporter)
     stop = stop or threading.Event()
     wake = threading.Event()
@@ -161,7 +167,7 @@ class _HotFolder:
                 stat = path.stat()
             except FileNotFoundError:  # moved away between listing and looking
                 continue
-            if not path.is_file():
+            if not S_ISREG(stat.st_mode):
                 continue
             key = (path.name, stat.st_size, stat.st_mtime_ns)
             if key in self.done:
@@ -259,22 +265,35 @@ def _progress(summary: WatchSummary) -> str:
 
 
 def _read_journal(path: Path) -> set[Key]:
-    """Keys of the files already scored; a torn last line (kill -9 mid-write) is dropped."""
+    """Keys of the files already scored.
+
+    Records are appended a line at a time, so only the last line can be torn (kill -9
+    mid-write): then, and only then, the journal is rewritten (atomically) without it.
+    """
     done: set[Key] = set()
     if not path.is_file():
         return done
-    complete = []
-    for line in path.read_bytes().split(b"\n"):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            done.add((record["file"], record["bytes"], record["modified_ns"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # the torn tail: its file was not moved, so it is scored again
-        complete.append(line)
-    path.write_bytes(b"".join(line + b"\n" for line in complete))
+    data = path.read_bytes()
+    for line in data.splitlines():
+        key = _journal_key(line)
+        if key is not None:
+            done.add(key)
+    if data and not data.endswith(b"\n"):
+        whole, _, tail = data.rpartition(b"\n")
+        if _journal_key(tail) is not None:  # the record is whole, only its newline is missing
+            whole = data
+        replace_file(path, (whole + b"\n").decode() if whole else "")
     return done
+
+
+def _journal_key(line: bytes) -> Key | None:
+    """The key a journal line records; None for a torn or foreign line (its file was
+    not moved, so it is scored again)."""
+    try:
+        record = json.loads(line)
+        return (record["file"], record["bytes"], record["modified_ns"])
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
 
 
 def _start_observer(inbox: Path, wake: threading.Event, poll: bool, reporter: Reporter) -> Any:

@@ -200,7 +200,7 @@ class ServedModels:
 
     async def reload(self, name: str) -> _Served:
         """Load ``name`` from disk again and switch to it; on a UserError the old one serves on."""
-        old = self.get(name)
+        self.get(name)  # an unknown or loading model answers before waiting for the lock
         async with self._reloading[name]:
             old = self.get(name)
             try:

@@ -31,7 +31,7 @@ from cflowad.files import refuse_foreign
 from cflowad.inference import ImageResult, Predictor
 from cflowad.progress import Reporter
 
-__all__ = ["Frame", "StreamSummary", "parse_roi", "stream_video"]
+__all__ = ["Frame", "StreamSummary", "is_stream_output", "parse_roi", "stream_video"]
 
 Roi = tuple[int, int, int, int]  # x, y, width, height in pixels
 HEALTHY_SECONDS = 60.0  # a source that ran this long after a reconnect gets fresh retries
@@ -59,6 +59,11 @@ class StreamSummary:
     events: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     seconds: float = 0.0
+
+
+def is_stream_output(folder: Path) -> bool:
+    """An earlier stream's output folder (so a new stream may write there)."""
+    return (folder / "frames.jsonl").is_file()
 
 
 def parse_roi(text: str | None) -> Roi | None:
@@ -111,7 +116,7 @@ def stream_video(
     """
     if every < 1 or debounce < 1 or batch_size < 1 or retries < 0:
         raise UserError("options --every, --debounce and --batch-size must be at least 1")
-    refuse_foreign(out, lambda p: (p / "frames.jsonl").is_file())
+    refuse_foreign(out, is_stream_output)
     if video_out is not None and video_out.suffix.lower() not in (".mp4", ".mkv", ".mov", ".avi"):
         raise UserError(f"option --video-out={video_out}: use an .mp4, .mkv, .mov or .avi name")
     reporter = reporter or Reporter(enabled=False)
