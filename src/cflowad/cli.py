@@ -24,6 +24,8 @@ from typer.exceptions import TyperException
 
 from cflowad import __version__, load
 from cflowad.allocator import keep_freed_memory
+from cflowad.archive import archive_items, score_archive
+from cflowad.catalog import find_models, is_model_source
 from cflowad.config import CONFIG_FIELDS, Config, read_config_file
 from cflowad.data import (
     TestSet,
@@ -35,6 +37,7 @@ from cflowad.data import (
 )
 from cflowad.errors import UserError
 from cflowad.files import refuse_foreign, replace_file, staged_directory
+from cflowad.fleet import FLEET_FILE, Category, find_categories, train_fleet
 from cflowad.inference import ImageResult, Predictor
 from cflowad.model import CFlowAD, is_model_dir
 from cflowad.progress import Reporter
@@ -219,10 +222,35 @@ def train(
         int, typer.Option(help="Seed for hold-out split, weights and sampling.")
     ] = DEFAULTS.seed,
     device: Device = "auto",
+    jobs: Annotated[
+        int,
+        typer.Option(
+            help="A root of categories: train this many at once, each in its own process "
+            "with cores/N threads (models are the same for any N)."
+        ),
+    ] = 1,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="A root of categories: local (a process pool) or ray (one Ray task per "
+            'category; pip install "cflowad[ray]").'
+        ),
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster to join with --engine ray (default: a local one)."),
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="Threads per category with a root (default: cores / --jobs)."),
+    ] = None,
     skip_bad: SkipBad = False,
     quiet: Quiet = False,
 ) -> None:
     """Train a model on defect-free images; thresholds are calibrated on held-out ones.
+
+    A root of categories trains one model per category into OUT/<category> and lists
+    them in OUT/fleet.json; a re-run skips the categories already trained the same way.
 
     Every option but --out, --config, --device, --skip-bad and --quiet is a field of
     cflowad.Config under the same name; the model's model.json records them all.
@@ -257,41 +285,136 @@ def train(
         + (", ".join(f"{k}={v!r}" for k, v in changed.items()) or "defaults")
         + " (saved in model.json)"
     )
-    jobs = [(data, out)]
-    if data.is_dir() and not (data / "train").is_dir():
-        categories = sorted(p for p in data.iterdir() if (p / "train" / "good").is_dir())
-        if categories:
-            jobs = [(c, out / c.name) for c in categories]
-    for _, target in jobs:
-        refuse_foreign(target, is_model_dir, "--out")  # before training, not after
-    for source, target in jobs:
-        reporter.log(f"training {source} -> {target}")
-        images = find_training_images(source)
-        if skip_bad:
-            images = [images[i] for i in _readable(images)]
-        model = CFlowAD(config, device=device).fit(images, reporter=reporter)
-        model.save(target)
-        _summary_table([("model", str(target)), *_training_rows(model)], quiet)
+    categories = find_categories(data, out)
+    if categories:
+        _train_fleet(categories, out, config, jobs, engine, ray_address, threads, skip_bad, quiet)
+        return
+    fleet_options = {"--jobs": jobs != 1, "--engine": engine != "local", "--threads": threads}
+    for option, given_here in fleet_options.items():
+        if given_here:
+            raise UserError(
+                f"option {option}: {data} is a single category; it applies to a root of them"
+            )
+    refuse_foreign(out, is_model_dir, "--out")  # before training, not after
+    reporter.log(f"training {data} -> {out}")
+    images = find_training_images(data)
+    if skip_bad:
+        images = [images[i] for i in _readable(images)]
+    model = CFlowAD(config, device=device).fit(images, reporter=reporter)
+    model.save(out)
+    _summary_table([("model", str(out)), *_training_rows(model)], quiet)
+
+
+def _train_fleet(
+    categories: list[Category],
+    out: Path,
+    config: Config,
+    jobs: int,
+    engine: str,
+    ray_address: str | None,
+    threads: int | None,
+    skip_bad: bool,
+    quiet: bool,
+) -> None:
+    """Train a root's categories; a failed category fails the command after the others."""
+    fleet = train_fleet(
+        categories,
+        out,
+        config,
+        jobs,
+        engine,
+        ray_address,
+        threads,
+        skip_bad,
+        Reporter(enabled=not quiet),
+    )
+    records = fleet["categories"]
+    rows = []
+    for category in categories:
+        record = records[category.name]
+        if record["status"] == "trained":
+            rows.append(
+                (
+                    category.name,
+                    f"held-out FPR {record['held_out_fpr']:.2%}, "
+                    f"{record['n_train']} train images, {record['seconds']:.0f} s",
+                )
+            )
+        else:
+            rows.append((category.name, f"FAILED: {record['error']}"))
+    _summary_table([*rows, ("fleet", str(out / FLEET_FILE))], quiet)
+    failed = [c.name for c in categories if records[c.name]["status"] == "failed"]
+    for name in failed:
+        if "traceback" in records[name]:
+            print(records[name]["traceback"], file=sys.stderr, end="")
+    if failed:
+        message = (
+            f"{len(failed)} of {len(categories)} categories failed ({', '.join(failed)}); "
+            f"the reasons are in {out / FLEET_FILE}"
+        )
+        if all(records[name].get("user_error") for name in failed):
+            raise UserError(message)
+        print(f"cflowad: error: {message}", file=sys.stderr)
+        raise typer.Exit(1)
 
 
 @app.command()
 def predict(
     model_dir: Annotated[
         Path,
-        typer.Argument(help="A model directory from cflowad train, or an ONNX file from export."),
+        typer.Argument(
+            help="A model directory from cflowad train, an ONNX file from export, or "
+            "(Parquet) a folder of them, one per category."
+        ),
     ],
     images: Annotated[
         list[Path],
-        typer.Argument(help="Image files, or folders (the images directly in them)."),
+        typer.Argument(
+            help="Image files or folders: JSON takes the images directly in a folder, "
+            "Parquet walks the whole tree (the folder --index paths are relative to)."
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Folder for predictions and maps.")],
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
     pictures: Annotated[
         bool,
         typer.Option(
-            "--pictures", help="Also write a PNG per image: the image beside its heat map."
+            "--pictures", help="Also write a PNG per image: the image beside its heat map (JSON)."
         ),
     ] = False,
+    output_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="json (predictions.json) or parquet (sharded, resumable: for archives). "
+            "auto: parquet with --index, --engine ray or a folder of models.",
+        ),
+    ] = "auto",
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="Parquet: local (this process) or ray (Ray Data on a pool of actors, one "
+            'thread each; pip install "cflowad[ray]").'
+        ),
+    ] = "local",
+    index: Annotated[
+        Path | None,
+        typer.Option(
+            help="CSV of path[,category] rows (paths relative to the one IMAGES folder): "
+            "the images to score, each with its category's model."
+        ),
+    ] = None,
+    shard_size: Annotated[
+        int, typer.Option(help="Parquet: images per shard (the unit a re-run skips).")
+    ] = 1000,
+    jobs: Annotated[
+        int | None,
+        typer.Option(help="--engine ray: scoring actors (default: one per CPU of the cluster)."),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster to join with --engine ray (default: a local one)."),
+    ] = None,
     device: Device = "auto",
     threads: Threads = None,
     skip_bad: SkipBad = False,
@@ -302,11 +425,58 @@ def predict(
     Records are written as each image is scored, so memory does not grow with the
     number of images; a run that fails or is stopped keeps what it scored in
     OUT.partial, and OUT is replaced only when the run succeeds.
+
+    --format parquet scores archives: OUT/shards/part-NNNNN.parquet (image, category,
+    score, anomalous, raw_score, map) and OUT/maps/part-NNNNN/*.npy, a shard at a time;
+    a re-run skips the finished shards.
     """
     _use_threads(threads)
     reporter = Reporter(enabled=not quiet)
+    models = find_models(model_dir, "MODEL")
+    several = not is_model_source(model_dir)
+    if output_format == "auto":
+        parquet = index is not None or engine != "local" or several
+        output_format = "parquet" if parquet else "json"
+    if output_format == "parquet":
+        if pictures:
+            raise UserError("option --pictures: only with --format json")
+        items = archive_items(images, models, index, out)
+        manifest = score_archive(
+            models,
+            items,
+            out,
+            engine,
+            batch_size,
+            shard_size,
+            jobs,
+            ray_address,
+            device,
+            skip_bad,
+            reporter,
+        )
+        _summary_table(
+            [
+                ("images", str(manifest["n_images"] - manifest["skipped_images"])),
+                ("shards", f"{manifest['n_shards']} in {out / 'shards'}"),
+                ("speed", f"{manifest['images_per_second']} images/s ({engine})"),
+            ],
+            quiet,
+        )
+        return
+    if output_format != "json":
+        raise UserError(f"option --format={output_format!r} must be auto, json or parquet")
+    for option, given_here in {
+        "--index": index is not None,
+        "--engine": engine != "local",
+        "--jobs": jobs is not None,
+        "--ray-address": ray_address is not None,
+        "MODEL (a folder of models)": several,
+    }.items():
+        if given_here:
+            raise UserError(f"{option}: needs --format parquet")
     refuse_foreign(out)  # before any work
     model: Predictor = load(model_dir, device)
+    category = next(iter(models))
     files = _image_files(images)
     if skip_bad:
         files = [files[i] for i in _readable(files)]
@@ -317,7 +487,7 @@ def predict(
             (staging / "pictures").mkdir()
         with (staging / "predictions.jsonl").open("w") as lines:
             for result in model.predict_iter(files, batch_size=batch_size, reporter=reporter):
-                record = _write_result(staging, files[result.index], result, pictures)
+                record = _write_result(staging, files[result.index], category, result, pictures)
                 lines.write(json.dumps(record) + "\n")
                 lines.flush()
                 flagged += result.anomalous
@@ -845,11 +1015,14 @@ def _check_port(host: str, port: int) -> None:
 _skipped: list[str] = []  # files skipped by --skip-bad in this run; main() counts them at the end
 
 
-def _write_result(folder: Path, file: Path, result: ImageResult, picture: bool) -> dict[str, Any]:
+def _write_result(
+    folder: Path, file: Path, category: str, result: ImageResult, picture: bool
+) -> dict[str, Any]:
     """Save one image's map (and picture); return its record."""
     stem = f"{result.index:05d}_{file.stem}"
     record: dict[str, Any] = {
         "image": str(file),
+        "category": category,
         "score": round(result.score, 6),
         "anomalous": result.anomalous,
         "raw_score": result.raw_score,

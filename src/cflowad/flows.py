@@ -56,7 +56,12 @@ def positional_encoding(condition_dim: int, height: int, width: int) -> Tensor:
 def random_rotation(dim: int, generator: torch.Generator) -> Tensor:
     """A Haar-random matrix of SO(dim), FrEIA's ``permute_soft`` drawn reproducibly."""
     gaussian = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
-    q, r = torch.linalg.qr(gaussian)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # LAPACK's blocked QR rounds by thread count: one fixed order
+    try:
+        q, r = torch.linalg.qr(gaussian)
+    finally:
+        torch.set_num_threads(threads)
     q = q * torch.sign(torch.diagonal(r))
     if torch.linalg.det(q) < 0:
         q[:, 0] = -q[:, 0]

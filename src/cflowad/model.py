@@ -33,7 +33,7 @@ from cflowad.files import staged_directory
 from cflowad.inference import InferenceEngine, describe
 from cflowad.progress import Reporter
 from cflowad.scoring import CFlowNet
-from cflowad.train import encode, fit_decoders, fit_gaussians
+from cflowad.train import encode, fit_decoders, fit_gaussians, training_features
 
 __all__ = ["CFlowAD", "is_model_dir"]
 
@@ -304,7 +304,10 @@ class CFlowAD(InferenceEngine):
         per_batch: list[list[Tensor]] = []
         with reporter.task("calibrating", len(items)) as task:
             for batch, _ in batches(items, self.config.image_size, 16):
-                per_batch.append(self.net.log_likelihoods(batch.to(self.device)))
+                features = training_features(self.net, batch.to(self.device))
+                per_batch.append(
+                    [self.net.scale_log_likelihood(k, f) for k, f in enumerate(features)]
+                )
                 task.advance(len(batch))
         scales = range(len(self.net.decoders))
         self.net.fit_reference([torch.cat([b[k] for b in per_batch]) for k in scales])

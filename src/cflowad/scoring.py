@@ -108,7 +108,13 @@ class CFlowNet(nn.Module):
         """
         for k, decoder in enumerate(self.decoders):
             if isinstance(decoder, ConditionalFlow):
-                setattr(self, f"conditions_{k}", decoder.condition(self.codes(k)))
+                # Below 16 rows (a 4 x 4 map or smaller) BLAS picks its kernel by thread
+                # count, and rounds differently on one thread (measured): padded, the
+                # conditions and so the model are the same on any number of threads.
+                codes = self.codes(k)
+                rows = codes.shape[0]
+                padded = torch.cat([codes, codes[-1:].expand(max(0, 16 - rows), -1)])
+                setattr(self, f"conditions_{k}", decoder.condition(padded)[:, :rows].contiguous())
 
     def decoder(self, k: int) -> ConditionalFlow:
         """The flow of scale k (typed: ``nn.ModuleList`` items are plain modules)."""

@@ -42,6 +42,7 @@ __all__ = [
     "fit_gaussians",
     "flow_loss",
     "resolve_precision",
+    "training_features",
     "training_step_loss",
 ]
 
@@ -88,7 +89,7 @@ def encode(
     device = net.reference.device
     with reporter.task(description, len(items)) as task:
         for images, _ in batches(items, net.image_size, batch_size):
-            for k, features in enumerate(net.features(images.to(device))):
+            for k, features in enumerate(training_features(net, images.to(device))):
                 rows = features.flatten(2).transpose(1, 2).reshape(-1, features.shape[1])
                 scales[k][start * positions[k] : (start + len(images)) * positions[k]] = (
                     rows.to(torch.float16).cpu().numpy()
@@ -96,6 +97,24 @@ def encode(
             start += len(images)
             task.advance(len(images))
     return FeatureCache(scales, positions, on_disk)
+
+
+@torch.inference_mode()
+def training_features(net: CFlowNet, images: Tensor) -> list[Tensor]:
+    """:meth:`CFlowNet.features` computed the same way on any number of threads.
+
+    PyTorch picks its convolution by batch size and thread count: below 16 images,
+    one thread runs 1 x 1 convolutions as plain matrix products and several threads
+    split an image among them, each rounding differently. A batch padded to at least
+    16 images (and one per thread) runs one image per thread through oneDNN, bit for
+    bit the same on 1 to 16 threads (measured), so a model trained on a laptop, a
+    server, ``--jobs N`` or a Ray worker is the same file.
+    """
+    n = len(images)
+    size = max(16, torch.get_num_threads())
+    if n < size:
+        images = torch.cat([images, images[-1:].expand(size - n, -1, -1, -1)])
+    return [f[:n] for f in net.features(images)]
 
 
 def _disk_array(shape: tuple[int, int], folder: str | None) -> np.ndarray:
