@@ -55,3 +55,9 @@ def trained_model(texture_dataset: Path):
     from cflowad import CFlowAD
 
     return CFlowAD(steps=300, seed=0, compile_training=False).fit(texture_dataset)
+
+
+@pytest.fixture(scope="session")
+def make_textures():
+    """:func:`make_texture_dataset`, for tests that need several data sets."""
+    return make_texture_dataset

@@ -54,7 +54,8 @@ def test_predict_writes_the_documented_json(model_dir, texture_dataset, tmp_path
     records = json.loads((out / "predictions.json").read_text())
     assert [r["image"] for r in records] == [str(p) for p in images]
     for record in records:
-        assert set(record) == {"image", "score", "anomalous", "raw_score", "map"}
+        assert set(record) == {"image", "category", "score", "anomalous", "raw_score", "map"}
+        assert record["category"] == "model"  # the model's name
         anomaly_map = np.load(out / record["map"])
         assert anomaly_map.dtype == np.float32 and anomaly_map.shape == (128, 128)
         assert isinstance(record["anomalous"], bool) and isinstance(record["score"], float)
@@ -137,7 +138,15 @@ def test_predict_pictures_show_each_image_beside_its_heat_map(model_dir, texture
     for path, record in zip(
         images, json.loads((out / "predictions.json").read_text()), strict=True
     ):
-        assert set(record) == {"image", "score", "anomalous", "raw_score", "map", "picture"}
+        assert set(record) == {
+            "image",
+            "category",
+            "score",
+            "anomalous",
+            "raw_score",
+            "map",
+            "picture",
+        }
         picture = np.asarray(Image.open(out / record["picture"]).convert("RGB"))
         original = np.asarray(Image.open(path).convert("RGB"))
         height, width = original.shape[:2]

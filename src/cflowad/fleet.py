@@ -15,6 +15,7 @@ and the same training files is skipped.
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import os
 import tempfile
@@ -346,7 +347,7 @@ def import_ray(address: str | None) -> Any:
             ray.init(
                 address=address,
                 include_dashboard=False,
-                logging_level="WARNING",
+                logging_level=logging.WARNING,
                 log_to_driver=False,
             )
         except ConnectionError as error:
