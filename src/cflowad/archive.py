@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 import time
 from collections import OrderedDict
@@ -447,7 +448,8 @@ def _run_ray(
 
     context = ray_data.DataContext.get_current()
     context.execution_options.preserve_order = True  # shards complete one after another
-    context.enable_progress_bars = False
+    context.enable_progress_bars = False  # cflowad's own progress counts the shards
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     rows = [
         {"items": json.dumps([[item.index, item.image, item.category] for item in batch])}
@@ -469,6 +471,7 @@ def _run_ray(
             num_cpus=1,
             batch_size=1,
             batch_format="pandas",
+            max_restarts=0,  # a scorer that dies fails the run; finished shards stay
         )
     )
     expected = {items[0].index // shard_size: len(items) for items in shards}

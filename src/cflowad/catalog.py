@@ -46,7 +46,8 @@ def find_models(path: Path, option: str = "MODELS") -> dict[str, Path]:
         found = {child.name: child for child in sorted(path.iterdir()) if is_model_source(child)}
         if not found:
             raise UserError(
-                f"{option} {path}: no models in it (model directories from cflowad train "
+                f"{option} {path}: no models in it (model directories from cflowad train, "
+                "holding model.json, "
                 "or .onnx files from cflowad export, directly in the folder)"
             )
     else:

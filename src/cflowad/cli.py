@@ -252,8 +252,9 @@ def train(
     A root of categories trains one model per category into OUT/<category> and lists
     them in OUT/fleet.json; a re-run skips the categories already trained the same way.
 
-    Every option but --out, --config, --device, --skip-bad and --quiet is a field of
-    cflowad.Config under the same name; the model's model.json records them all.
+    Every option but --out, --config, --device, --skip-bad, --quiet and the fleet's
+    (--jobs, --engine, --ray-address, --threads) is a field of cflowad.Config under
+    the same name; the model's model.json records them all.
     """
     reporter = Reporter(enabled=not quiet)
     given = {
@@ -287,7 +288,19 @@ def train(
     )
     categories = find_categories(data, out)
     if categories:
-        _train_fleet(categories, out, config, jobs, engine, ray_address, threads, skip_bad, quiet)
+        fleet = train_fleet(
+            categories,
+            out,
+            config,
+            jobs,
+            engine,
+            ray_address,
+            threads,
+            skip_bad,
+            device,
+            Reporter(enabled=not quiet),
+        )
+        _fleet_summary(categories, out, fleet, quiet)
         return
     fleet_options = {"--jobs": jobs != 1, "--engine": engine != "local", "--threads": threads}
     for option, given_here in fleet_options.items():
@@ -305,29 +318,10 @@ def train(
     _summary_table([("model", str(out)), *_training_rows(model)], quiet)
 
 
-def _train_fleet(
-    categories: list[Category],
-    out: Path,
-    config: Config,
-    jobs: int,
-    engine: str,
-    ray_address: str | None,
-    threads: int | None,
-    skip_bad: bool,
-    quiet: bool,
+def _fleet_summary(
+    categories: list[Category], out: Path, fleet: dict[str, Any], quiet: bool
 ) -> None:
-    """Train a root's categories; a failed category fails the command after the others."""
-    fleet = train_fleet(
-        categories,
-        out,
-        config,
-        jobs,
-        engine,
-        ray_address,
-        threads,
-        skip_bad,
-        Reporter(enabled=not quiet),
-    )
+    """A line per category; a failed category fails the command (after the others ran)."""
     records = fleet["categories"]
     rows = []
     for category in categories:

@@ -15,8 +15,8 @@ and the same training files is skipped.
 from __future__ import annotations
 
 import hashlib
-import logging
 import json
+import logging
 import os
 import tempfile
 import time
@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-from multiprocessing import get_context
+from multiprocessing import active_children, get_context
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +40,9 @@ from cflowad.progress import Reporter
 __all__ = [
     "FLEET_FILE",
     "Category",
+    "Job",
     "Outcome",
     "cores",
-    "failures",
     "find_categories",
     "fingerprint",
     "import_ray",
@@ -61,6 +61,16 @@ class Category:
     name: str
     source: Path
     target: Path
+
+
+@dataclass(frozen=True)
+class Job:
+    """How every category of a run trains: plain data, sent to each worker."""
+
+    config: dict[str, Any]
+    threads: int
+    skip_bad: bool
+    device: str
 
 
 @dataclass
@@ -92,27 +102,28 @@ def fingerprint(config: Config, images: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def train_category(
-    name: str, source: str, config: dict[str, Any], threads: int, skip_bad: bool
-) -> Outcome:
-    """Train one category on ``threads`` threads; never raises (a failure is a record).
+def train_category(name: str, source: str, job: Job) -> Outcome:
+    """Train one category on ``job.threads`` threads; never raises (a failure is a record).
 
     Runs in a worker (a pool process or a Ray task): arguments and result are plain
     data, and the model comes back as its files' bytes.
     """
     import torch
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(job.threads)
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        outcome = _train(name, Path(source), Config.from_dict(config), skip_bad, start)
+        config = Config.from_dict(job.config)
+        outcome = _train(name, Path(source), config, job.skip_bad, job.device, start)
     outcome.record["warnings"] = list(dict.fromkeys(str(w.message) for w in caught))
     release_freed_memory()  # the pool reuses this process for the next category
     return outcome
 
 
-def _train(name: str, source: Path, requested: Config, skip_bad: bool, start: float) -> Outcome:
+def _train(
+    name: str, source: Path, requested: Config, skip_bad: bool, device: str, start: float
+) -> Outcome:
     from cflowad.model import CFlowAD
 
     try:
@@ -124,7 +135,7 @@ def _train(name: str, source: Path, requested: Config, skip_bad: bool, start: fl
                 warnings.warn(f"skipped {problem}", UserWarning, stacklevel=1)
             skipped = [str(p) for i, p in enumerate(images) if i not in set(keep)]
             images = [images[i] for i in keep]
-        model = CFlowAD(requested, device="cpu").fit(images)
+        model = CFlowAD(requested, device=device).fit(images)
         with tempfile.TemporaryDirectory(prefix="cflowad-fleet-") as scratch:
             folder = model.save(Path(scratch) / name)
             files = {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
@@ -173,6 +184,7 @@ def train_fleet(
     ray_address: str | None = None,
     threads: int | None = None,
     skip_bad: bool = False,
+    device: str = "auto",
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
     """Train every category (N at once), write ``out/fleet.json``; returns its content.
@@ -190,6 +202,9 @@ def train_fleet(
     threads = threads or max(1, cores() // jobs)
     if threads < 1:
         raise UserError(f"option --threads={threads} must be at least 1")
+    if engine == "ray" and device not in ("auto", "cpu"):
+        raise UserError(f"option --device={device}: the Ray engine trains on CPUs")
+    job = Job(config.to_dict(), threads, skip_bad, "cpu" if engine == "ray" else device)
     for category in categories:
         refuse_foreign(category.target, is_model_dir, "--out")  # before any training
     fleet = _read_fleet(out)
@@ -207,7 +222,7 @@ def train_fleet(
     )
     run = _run_ray if engine == "ray" else _run_local
     with reporter.task("categories", len(pending)) as task:
-        for outcome in run(pending, config.to_dict(), jobs, threads, skip_bad, ray_address):
+        for outcome in run(pending, job, jobs, ray_address):
             category = next(c for c in pending if c.name == outcome.name)
             if outcome.record["status"] == "trained":
                 _write_model(category.target, outcome.files)
@@ -265,12 +280,7 @@ def _write_model(target: Path, files: dict[str, bytes]) -> None:
 
 
 def _run_local(
-    pending: list[Category],
-    config: dict[str, Any],
-    jobs: int,
-    threads: int,
-    skip_bad: bool,
-    ray_address: str | None,
+    pending: list[Category], job: Job, jobs: int, ray_address: str | None
 ) -> Iterator[Outcome]:
     """A pool of ``jobs`` processes, spawned (a fork would copy torch's thread pools)."""
     if not pending:
@@ -282,9 +292,7 @@ def _run_local(
             while queue or running:
                 while queue and len(running) < jobs:
                     c = queue.pop(0)
-                    future = pool.submit(
-                        train_category, c.name, str(c.source), config, threads, skip_bad
-                    )
+                    future = pool.submit(train_category, c.name, str(c.source), job)
                     running[future] = c
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
@@ -293,26 +301,22 @@ def _run_local(
                         yield future.result()
                     except Exception as error:  # the worker process died (memory, signal)
                         yield Outcome(category.name, _died(error))
-        except BaseException:
-            for future in running:
-                future.cancel()
+        except BaseException:  # Ctrl-C, or the caller stopped early: stop the workers too
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in active_children():
+                process.terminate()
             raise
 
 
 def _run_ray(
-    pending: list[Category],
-    config: dict[str, Any],
-    jobs: int,
-    threads: int,
-    skip_bad: bool,
-    ray_address: str | None,
+    pending: list[Category], job: Job, jobs: int, ray_address: str | None
 ) -> Iterator[Outcome]:
-    """One Ray task per category asking for ``threads`` CPUs; results as they finish."""
+    """One Ray task per category asking for ``job.threads`` CPUs; results as they finish."""
     ray = import_ray(ray_address)
     if not pending:
         return
-    task = ray.remote(num_cpus=threads, max_retries=0)(train_category)
-    running = {task.remote(c.name, str(c.source), config, threads, skip_bad): c for c in pending}
+    task = ray.remote(num_cpus=job.threads, max_retries=0)(train_category)
+    running = {task.remote(c.name, str(c.source), job): c for c in pending}
     try:
         while running:
             done, _ = ray.wait(list(running), num_returns=1)
@@ -353,8 +357,3 @@ def import_ray(address: str | None) -> Any:
         except ConnectionError as error:
             raise UserError(f"option --ray-address={address}: {error}") from None
     return ray
-
-
-def failures(fleet: dict[str, Any]) -> list[str]:
-    """Names of the categories whose last run failed."""
-    return [n for n, r in fleet["categories"].items() if r.get("status") == "failed"]
