@@ -159,22 +159,32 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--images", type=int, default=10_000)
     parser.add_argument("--scaling-images", type=int, default=2_000)
+    parser.add_argument("--phases", default="train,score,scale", help="comma-separated")
     args = parser.parse_args()
+    phases = set(args.phases.split(","))
     RUNS.mkdir(parents=True, exist_ok=True)
     cflowad = [sys.executable, "-m", "cflowad"]
     root = make_root(args.data)
-    result: dict = {"cores": os.cpu_count(), "steps": args.steps, "training": {}}
+    summary = Path("runs") / "fleet.json"
+    result: dict = json.loads(summary.read_text()) if summary.is_file() else {}
+    result.update({"cores": os.cpu_count(), "steps": args.steps})
+
+    def save() -> None:
+        summary.write_text(json.dumps(result, indent=2) + "\n")
 
     runs = {"jobs_1": ["--jobs", "1"], "jobs_2": ["--jobs", "2"], "ray": ["--engine", "ray"]}
-    for name, options in runs.items():
+    for name, options in runs.items() if "train" in phases else ():
+        result.setdefault("training", {})
         out = RUNS / f"models_{name}"
         shutil.rmtree(out, ignore_errors=True)
         train = [*cflowad, "train", str(root), "--out", str(out), "--steps", str(args.steps)]
         result["training"][name] = timed([*train, *options, "-q"])
+        save()
     reference = _records(RUNS / "models_jobs_1")
-    result["training"]["identical_records"] = all(
-        _records(RUNS / f"models_{name}") == reference for name in runs
-    )
+    if "train" in phases:
+        result["training"]["identical_records"] = all(
+            _records(RUNS / f"models_{name}") == reference for name in runs
+        )
     onnx = RUNS / "onnx"
     onnx.mkdir(exist_ok=True)
     for category in sorted(reference):
@@ -184,14 +194,26 @@ def main() -> None:
             subprocess.run([*cflowad, "export", source, "--onnx", str(target), "-q"], check=True)
 
     archive, index = make_archive(args.data, args.images)
-    result["scoring"] = {"images": args.images}
+    if "score" in phases:
+        score(archive, index, onnx, args.images, result)
+        save()
+    if "scale" in phases:
+        scale(archive, index, onnx, args.scaling_images, result)
+        save()
+    print(json.dumps(result, indent=2))
+
+
+def score(archive: Path, index: Path, onnx: Path, images: int, result: dict) -> None:
+    """The archive on both engines: speed, memory, identical records and maps."""
+    cflowad = [sys.executable, "-m", "cflowad"]
+    result["scoring"] = {"images": images}
     outputs = {}
     for engine in ("local", "ray"):
         out = RUNS / f"scores_{engine}"
         shutil.rmtree(out, ignore_errors=True)
         command = [*cflowad, "predict", str(onnx), str(archive), "--index", str(index)]
         measured = timed([*command, "--out", str(out), "--engine", engine, "-q"])
-        measured["images_per_second"] = round(args.images / measured["seconds"], 2)
+        measured["images_per_second"] = round(images / measured["seconds"], 2)
         result["scoring"][engine] = measured
         outputs[engine] = out
     local, on_ray = (read_shards(outputs[e]) for e in ("local", "ray"))
@@ -207,10 +229,14 @@ def main() -> None:
     for out in outputs.values():
         shutil.rmtree(out)
 
-    subset = RUNS / f"index_{args.scaling_images}.csv"
-    lines = index.read_text().splitlines()[: args.scaling_images + 1]
+
+def scale(archive: Path, index: Path, onnx: Path, images: int, result: dict) -> None:
+    """The Ray engine with 1 and 2 workers on the archive's first ``images`` images."""
+    cflowad = [sys.executable, "-m", "cflowad"]
+    subset = RUNS / f"index_{images}.csv"
+    lines = index.read_text().splitlines()[: images + 1]
     subset.write_text("\n".join(lines) + "\n")
-    result["scaling"] = {"images": args.scaling_images}
+    result["scaling"] = {"images": images}
     for workers in (1, 2):
         out = RUNS / f"scaling_{workers}"
         shutil.rmtree(out, ignore_errors=True)
@@ -218,13 +244,11 @@ def main() -> None:
         measured = timed(
             [*command, "--out", str(out), "--engine", "ray", "--jobs", str(workers), "-q"]
         )
-        measured["images_per_second"] = round(args.scaling_images / measured["seconds"], 2)
+        measured["images_per_second"] = round(images / measured["seconds"], 2)
         manifest = json.loads((out / "archive.json").read_text())
         measured["scoring_images_per_second"] = manifest["images_per_second"]
         result["scaling"][f"ray_workers_{workers}"] = measured
         shutil.rmtree(out)
-    (Path("runs") / "fleet.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

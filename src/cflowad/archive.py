@@ -112,7 +112,7 @@ def _read_index(index: Path, base: Path) -> Iterator[tuple[Path, str | None]]:
     """Rows ``path[,category]`` of a CSV (an optional header row starts with ``path``)."""
     if not index.is_file():
         raise UserError(f"option --index {index}: file not found")
-    with index.open(newline="") as handle:
+    with index.open(newline="", encoding="utf-8-sig") as handle:  # a BOM from Excel
         for line, row in enumerate(csv.reader(handle), start=1):
             if not row or not row[0].strip() or (line == 1 and row[0].strip() == "path"):
                 continue
@@ -449,7 +449,7 @@ def _run_ray(
     context = ray_data.DataContext.get_current()
     context.execution_options.preserve_order = True  # shards complete one after another
     context.enable_progress_bars = False  # cflowad's own progress counts the shards
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     rows = [
         {"items": json.dumps([[item.index, item.image, item.category] for item in batch])}
@@ -458,8 +458,15 @@ def _run_ray(
     ]
     dataset = (
         ray_data.from_items(rows, override_num_blocks=max(1, min(len(rows), 64 * workers)))
-        # reading is I/O: it asks for no CPU, so it never waits for a scoring actor's
-        .map_batches(_read_files, batch_size=1, batch_format="pandas", num_cpus=0)
+        # Reading is I/O: it asks for no CPU, so it never waits for a core an actor
+        # holds; without a CPU to count, only ``concurrency`` bounds its tasks.
+        .map_batches(
+            _read_files,
+            batch_size=1,
+            batch_format="pandas",
+            num_cpus=0,
+            compute=ray_data.TaskPoolStrategy(size=workers),
+        )
         .map_batches(
             _Scorer,
             fn_constructor_kwargs={
@@ -467,11 +474,10 @@ def _run_ray(
                 "out": str(out),
                 "shard_size": shard_size,
             },
-            concurrency=workers,
+            compute=ray_data.ActorPoolStrategy(size=workers),
             num_cpus=1,
             batch_size=1,
             batch_format="pandas",
-            max_restarts=0,  # a scorer that dies fails the run; finished shards stay
         )
     )
     expected = {items[0].index // shard_size: len(items) for items in shards}

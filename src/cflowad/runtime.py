@@ -10,6 +10,7 @@ needs onnxruntime, torch and Pillow.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +37,40 @@ def require_onnxruntime(purpose: str) -> None:
 
 
 def cpu_session(path: Path) -> Any:
-    """An ONNX Runtime CPU session on ``path`` in torch's thread count (as --threads sets it)."""
+    """An ONNX Runtime CPU session on ``path`` in torch's thread count (as --threads sets it).
+
+    Every session of the process allocates from one shared memory arena: each session's
+    own arena grows to its largest batch and keeps it, so four models in one process
+    (a fleet's archive, a server) peaked at 2.4 GB with their own arenas and 1.4 GB with
+    the shared one, at the same speed (measured; allocating per call without an arena:
+    1.2 GB, but 20 to 40 % slower).
+    """
     import onnxruntime
 
+    _register_shared_arena(onnxruntime)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    options.add_session_config_entry("session.use_env_allocators", "1")
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+_shared_arena = threading.Lock()
+_shared_arena_registered: list[bool] = []
+
+
+def _register_shared_arena(onnxruntime: Any) -> None:
+    with _shared_arena:
+        if _shared_arena_registered:
+            return
+        memory = onnxruntime.OrtMemoryInfo(
+            "Cpu",
+            onnxruntime.OrtAllocatorType.ORT_ARENA_ALLOCATOR,
+            0,
+            onnxruntime.OrtMemType.DEFAULT,
+        )
+        # 0, -1, -1, -1: ONNX Runtime's defaults (extend by powers of two)
+        onnxruntime.create_and_register_allocator(memory, onnxruntime.OrtArenaCfg(0, -1, -1, -1))
+        _shared_arena_registered.append(True)
 
 
 class OnnxModel(InferenceEngine):
