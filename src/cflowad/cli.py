@@ -66,6 +66,11 @@ Threads = Annotated[
     ),
 ]
 
+RayAddress = Annotated[
+    str | None,
+    typer.Option(help="Ray cluster to join with --engine ray (default: a local one)."),
+]
+
 
 def _version(value: bool) -> None:
     if value:
@@ -236,10 +241,7 @@ def train(
             'category; pip install "cflowad[ray]").'
         ),
     ] = "local",
-    ray_address: Annotated[
-        str | None,
-        typer.Option(help="Ray cluster to join with --engine ray (default: a local one)."),
-    ] = None,
+    ray_address: RayAddress = None,
     threads: Annotated[
         int | None,
         typer.Option(help="Threads per category with a root (default: cores / --jobs)."),
@@ -405,10 +407,7 @@ def predict(
         int | None,
         typer.Option(help="--engine ray: scoring actors (default: one per CPU of the cluster)."),
     ] = None,
-    ray_address: Annotated[
-        str | None,
-        typer.Option(help="Ray cluster to join with --engine ray (default: a local one)."),
-    ] = None,
+    ray_address: RayAddress = None,
     device: Device = "auto",
     threads: Threads = None,
     skip_bad: SkipBad = False,

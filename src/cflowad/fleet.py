@@ -266,7 +266,8 @@ def _up_to_date(category: Category, record: dict[str, Any] | None, config: Confi
     except (OSError, ValueError, UserError):
         return False
     # a category trained with --skip-bad fingerprints the images it kept
-    kept = [p for p in images if str(p) not in set(record.get("skipped_images", []))]
+    skipped = set(record.get("skipped_images", []))
+    kept = [p for p in images if str(p) not in skipped]
     return bool(
         meta.get("weights_sha256") == record.get("weights_sha256")
         and record.get("fingerprint") == fingerprint(config, kept)
