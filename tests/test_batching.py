@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -127,3 +128,32 @@ def test_close_scores_what_is_queued_then_refuses_more():
 
     scores, batches = _run(go())
     assert scores == pytest.approx([0.1, 0.2, 0.3]) and batches == [2, 1]
+
+
+class _Rendezvous(_Mean):
+    """Each batch waits for a second batch to run beside it: only parallel scoring ends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.meet = threading.Barrier(2, timeout=10)
+
+    def score_batch(self, images: torch.Tensor):
+        self.meet.wait()
+        return super().score_batch(images)
+
+
+def test_in_flight_batches_are_scored_at_once_and_answer_their_own_requests():
+    async def go(in_flight: int):
+        model = _Rendezvous()
+        with ThreadPoolExecutor(in_flight) as pool:
+            batcher = DynamicBatcher(model, pool, max_batch=1, in_flight=in_flight)
+            batcher.start()
+            futures = [batcher.submit(_image(v)) for v in (0.25, 0.75)]
+            results = await asyncio.gather(*futures, return_exceptions=True)
+            await batcher.close()
+        return results
+
+    first, second = _run(go(2))
+    assert (first.score, second.score) == pytest.approx((0.25, 0.75))
+    # one at a time, the first batch waits in vain for a partner: the barrier breaks
+    assert all(isinstance(r, threading.BrokenBarrierError) for r in _run(go(1)))

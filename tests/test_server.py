@@ -86,12 +86,13 @@ def _post(url: str, model: str, data: bytes, **kwargs) -> httpx.Response:
     return httpx.post(f"{url}/v1/models/{model}/predict", content=data, headers=headers, **kwargs)
 
 
-def test_scores_match_predict_for_the_model_and_its_onnx_file(models, images):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_scores_match_predict_for_the_model_and_its_onnx_file(models, images, workers):
     expected = {
         name: cflowad.load(models / name).predict(images, batch_size=1)
         for name in ("brick", "brick.onnx")
     }
-    with serving(create_app(models, ServeSettings(max_wait_ms=50))) as url:
+    with serving(create_app(models, ServeSettings(max_wait_ms=50, workers=workers))) as url:
         listed = httpx.get(f"{url}/v1/models").json()["models"]
         assert {m["name"]: m["format"] for m in listed} == {
             "brick": "model directory",

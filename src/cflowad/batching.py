@@ -43,6 +43,8 @@ class DynamicBatcher:
             so that they do not fight over the cores.
         max_batch: at most this many images per forward pass.
         max_wait_ms: the longest a batch waits for images still arriving.
+        in_flight: batches scored at once (the executor's workers: the server's
+            ``--workers``); the next batch forms while they run.
         on_batch: called with each batch's size (metrics).
     """
 
@@ -52,10 +54,11 @@ class DynamicBatcher:
         executor: Executor,
         max_batch: int = 8,
         max_wait_ms: float = 5.0,
+        in_flight: int = 1,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
-        if max_batch < 1:
-            raise ValueError(f"max_batch={max_batch} must be at least 1")
+        if max_batch < 1 or in_flight < 1:
+            raise ValueError(f"max_batch={max_batch}, in_flight={in_flight}: each at least 1")
         self.model = model
         self._executor = executor
         self._max_batch = max_batch
@@ -66,6 +69,8 @@ class DynamicBatcher:
         self._arriving = 0
         self._closing = False
         self._task: asyncio.Task[None] | None = None
+        self._slots = asyncio.Semaphore(in_flight)
+        self._scoring: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
@@ -107,10 +112,12 @@ class DynamicBatcher:
         while True:
             if not self._queue:
                 if self._closing:
+                    await asyncio.gather(*self._scoring)
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            await self._slots.acquire()  # a free worker: the batch forms for it now
             deadline = loop.time() + self._max_wait
             batch = self._take()
             while len(batch) < self._max_batch and self._arriving and not self._closing:
@@ -121,8 +128,16 @@ class DynamicBatcher:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
                 batch += self._take(self._max_batch - len(batch))
-            if batch:
-                await self._score(batch)
+            if not batch:
+                self._slots.release()
+                continue
+            task = loop.create_task(self._score(batch))
+            self._scoring.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._scoring.discard(task)
+        self._slots.release()
 
     def _take(self, limit: int | None = None) -> list[_Pending]:
         """Up to ``limit`` queued images still awaited (disconnected requests are dropped)."""

@@ -12,6 +12,7 @@ import json
 import sys
 import traceback
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -41,6 +42,7 @@ from cflowad.fleet import FLEET_FILE, Category, find_categories, train_fleet
 from cflowad.inference import ImageResult, Predictor
 from cflowad.model import CFlowAD, is_model_dir
 from cflowad.progress import Reporter
+from cflowad.serve_settings import ServeSettings
 
 __all__ = ["app", "main"]
 
@@ -58,11 +60,12 @@ SkipBad = Annotated[
     typer.Option("--skip-bad", help="Warn about unreadable image files and go on without them."),
 ]
 Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")]
+_SERVE = ServeSettings()  # serve's defaults, one source for the command and the server
 Threads = Annotated[
     int | None,
     typer.Option(
-        help="Torch threads (default: all cores). For throughput, run one process per "
-        "core with --threads 1."
+        help="Threads (default: all cores); ONNX files run in ONNX Runtime on them. "
+        "For throughput, run one process per core with --threads 1."
     ),
 ]
 
@@ -423,9 +426,9 @@ def predict(
     score, anomalous, raw_score, map) and OUT/maps/part-NNNNN/*.npy, a shard at a time;
     a re-run skips the finished shards.
     """
-    _use_threads(threads)
-    reporter = Reporter(enabled=not quiet)
     models = find_models(model_dir, "MODEL")
+    _use_threads(threads, models.values())
+    reporter = Reporter(enabled=not quiet)
     several = not is_model_source(model_dir)
     if output_format == "auto":
         parquet = index is not None or engine != "local" or several
@@ -558,7 +561,6 @@ def test_command(
     quiet: Quiet = False,
 ) -> None:
     """Evaluate on a test split: image/pixel AUROC, AUPRO, F1-max, per defect type."""
-    _use_threads(threads)
     from cflowad.evaluate import evaluate
     from cflowad.report import print_metrics, write_pictures
 
@@ -570,6 +572,7 @@ def test_command(
             jobs = [(c.name, model_dir / c.name, c) for c in categories]
     if json_file.is_dir():
         raise UserError(f"{json_file}: is a folder; --json takes a file name")
+    _use_threads(threads, [model_path for _, model_path, _ in jobs])
     for name, _, _ in jobs:
         if out is not None:
             refuse_foreign(out / name if name else out)  # before any work
@@ -710,12 +713,19 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     max_batch: Annotated[
         int, typer.Option(help="Most images of one model scored in one forward pass.")
-    ] = 8,
+    ] = _SERVE.max_batch,
     max_wait_ms: Annotated[
         float,
         typer.Option(help="Longest a batch waits for requests still arriving, in ms."),
-    ] = 5.0,
+    ] = _SERVE.max_wait_ms,
     threads: Threads = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            help="Batches scored at once, sharing --threads: 1 answers a lone request "
+            "soonest, 2 or more give more requests/s under load (docs/benchmarks.md)."
+        ),
+    ] = _SERVE.workers,
     api_key_file: Annotated[
         Path | None,
         typer.Option(
@@ -723,7 +733,9 @@ def serve(
             "'Authorization: Bearer <key>'."
         ),
     ] = None,
-    max_image_mb: Annotated[float, typer.Option(help="Largest upload accepted, in MB.")] = 50.0,
+    max_image_mb: Annotated[
+        float, typer.Option(help="Largest upload accepted, in MB.")
+    ] = _SERVE.max_image_mb,
     device: Device = "auto",
 ) -> None:
     """Score images over HTTP: POST /v1/models/NAME/predict, with probes, metrics and reloads.
@@ -731,16 +743,17 @@ def serve(
     Needs the serve extra (pip install 'cflowad[serve]'). The OpenAPI page is at
     /docs; SIGHUP or POST /v1/models/NAME/reload loads models from disk again.
     """
-    _use_threads(threads)
-    from cflowad.server import ServeSettings, create_app, run_server
-
     settings = ServeSettings(
         max_batch=max_batch,
         max_wait_ms=max_wait_ms,
         max_image_mb=max_image_mb,
+        workers=workers,
         api_key=_read_api_key(api_key_file),
         device=device,
     )
+    _use_threads(threads, find_models(models).values(), workers)
+    from cflowad.server import create_app, run_server
+
     app_ = create_app(models, settings)
     _check_port(host, port)
     run_server(app_, host, port)
@@ -850,7 +863,7 @@ def watch(
 
     from cflowad.hotfolder import is_watch_output, watch_folder
 
-    _use_threads(threads)
+    _use_threads(threads, [model_dir])
     refuse_foreign(out, is_watch_output)  # before loading the model
     reporter = Reporter(enabled=not quiet)
     model = load(model_dir, device)
@@ -938,7 +951,7 @@ def stream(
     """
     from cflowad.video import is_stream_output, parse_roi, stream_video
 
-    _use_threads(threads)
+    _use_threads(threads, [model_dir])
     region = parse_roi(roi)
     refuse_foreign(out, is_stream_output)  # before loading the model
     reporter = Reporter(enabled=not quiet)
@@ -1039,13 +1052,22 @@ def _jsonl_to_json(source: Path, target: Path) -> None:
         out.write("\n]\n")
 
 
-def _use_threads(threads: int | None) -> None:
-    """Set torch's intra-op threads; the default leaves torch's choice (all cores)."""
-    if threads is None:
-        return
-    if threads < 1:
+def _use_threads(threads: int | None, scoring: Iterable[Path] = (), workers: int = 1) -> None:
+    """Set the threads (default: torch's choice, all cores); with the models a command
+    scores, share them with ONNX Runtime (:func:`cflowad.runtime.share_threads`)."""
+    if threads is not None and threads < 1:
         raise UserError(f"option --threads={threads} must be at least 1")
-    torch.set_num_threads(threads)
+    models = list(scoring)
+    if models:
+        from cflowad.runtime import share_threads
+
+        share_threads(threads, all(_is_onnx(m) for m in models), workers)
+    elif threads is not None:
+        torch.set_num_threads(threads)
+
+
+def _is_onnx(model: Path) -> bool:
+    return model.suffix.lower() == ".onnx" and not model.is_dir()
 
 
 def _readable(files: list[Path]) -> list[int]:

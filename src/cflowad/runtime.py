@@ -20,7 +20,16 @@ from torch import Tensor
 from cflowad.errors import UserError
 from cflowad.inference import InferenceEngine, describe
 
-__all__ = ["INPUT_NAME", "MARK", "OUTPUT_NAMES", "OnnxModel", "cpu_session", "require_onnxruntime"]
+__all__ = [
+    "INPUT_NAME",
+    "MARK",
+    "OUTPUT_NAMES",
+    "OnnxModel",
+    "cpu_session",
+    "require_onnxruntime",
+    "set_num_threads",
+    "share_threads",
+]
 
 # The exported file's contract, shared with cflowad.export which writes it.
 INPUT_NAME = "images"
@@ -36,8 +45,38 @@ def require_onnxruntime(purpose: str) -> None:
         raise UserError(f"{purpose} needs onnxruntime: pip install 'cflowad[onnx]'") from None
 
 
+_threads: list[int] = []  # ONNX Runtime's intra-op threads once set; torch's count until then
+
+
+def set_num_threads(threads: int) -> None:
+    """ONNX Runtime's intra-op threads for the sessions opened from now on (like torch's)."""
+    if threads < 1:
+        raise ValueError(f"threads={threads} must be at least 1")
+    _threads[:] = [threads]
+
+
+def share_threads(threads: int | None, onnx_only: bool, workers: int = 1) -> None:
+    """Share ``threads`` (default: torch's, all cores) between torch and ONNX Runtime.
+
+    Both keep a pool of threads that spin while they wait for work, and two spinning
+    pools on the same cores slow each other: the magnetic_tile ONNX file scoring one
+    image at a time with short pauses between (as a server does) took 53 ms per image
+    with torch on 2 threads beside ONNX Runtime's 2, and 33 ms with torch on one
+    (2 cores, docs/benchmarks.md). So a process that scores only ONNX files keeps
+    torch, which only resizes there, on one thread. ``workers`` batches scored at
+    once share the threads evenly.
+    """
+    total = torch.get_num_threads() if threads is None else threads
+    if total < 1:
+        raise UserError(f"option --threads={total} must be at least 1")
+    each = max(1, total // workers)
+    set_num_threads(each)
+    torch.set_num_threads(1 if onnx_only else each)
+
+
 def cpu_session(path: Path) -> Any:
-    """An ONNX Runtime CPU session on ``path`` in torch's thread count (as --threads sets it).
+    """An ONNX Runtime CPU session on ``path`` in the threads :func:`set_num_threads` gave
+    (torch's thread count until it is called).
 
     Every session of the process allocates from one shared memory arena: each session's
     own arena grows to its largest batch and keeps it, so four models in one process
@@ -49,7 +88,7 @@ def cpu_session(path: Path) -> Any:
 
     _register_shared_arena(onnxruntime)
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
+    options.intra_op_num_threads = _threads[0] if _threads else torch.get_num_threads()
     options.add_session_config_entry("session.use_env_allocators", "1")
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
@@ -74,7 +113,7 @@ def _register_shared_arena(onnxruntime: Any) -> None:
 
 
 class OnnxModel(InferenceEngine):
-    """A file written by ``cflowad export``, run by ONNX Runtime in torch's thread count.
+    """A file written by ``cflowad export``, run by ONNX Runtime (threads: :func:`cpu_session`).
 
     Attributes (from the file's metadata):
         image_size: model input (height, width).

@@ -2,7 +2,8 @@
 
 Every model is a :class:`cflowad.inference.InferenceEngine` (a model directory or an
 ONNX file) behind a :class:`cflowad.batching.DynamicBatcher`; all scoring runs on one
-compute thread, so models share the cores instead of fighting over them. This module
+pool of ``--workers`` compute threads (one by default), so models share the cores
+instead of fighting over them. This module
 adds only HTTP: reading and checking uploads, answers, probes, metrics, reloads and
 the API key. Needs the ``serve`` extra (FastAPI, uvicorn, prometheus-client,
 python-multipart).
@@ -37,6 +38,7 @@ from cflowad.catalog import find_models
 from cflowad.data import decode_image
 from cflowad.errors import UserError
 from cflowad.inference import THRESHOLD, ImageResult, Predictor
+from cflowad.serve_settings import ServeSettings
 
 try:
     import uvicorn
@@ -67,25 +69,6 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    """How the server batches, what it accepts, and who may call it."""
-
-    max_batch: int = 8
-    max_wait_ms: float = 5.0
-    max_image_mb: float = 50.0
-    api_key: str | None = None
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.max_batch < 1:
-            raise UserError(f"option --max-batch={self.max_batch} must be at least 1")
-        if self.max_wait_ms < 0:
-            raise UserError(f"option --max-wait-ms={self.max_wait_ms} must be 0 or more")
-        if self.max_image_mb <= 0:
-            raise UserError(f"option --max-image-mb={self.max_image_mb} must be positive")
 
 
 class _Metrics:
@@ -168,7 +151,9 @@ class ServedModels:
         self.metrics = _Metrics()
         self.served: dict[str, _Served] = {}
         self.failure: str | None = None
-        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cflowad-score")
+        self._compute = ThreadPoolExecutor(
+            max_workers=settings.workers, thread_name_prefix="cflowad-score"
+        )
         self._reloading: dict[str, asyncio.Lock] = {name: asyncio.Lock() for name in sources}
 
     @property
@@ -247,6 +232,7 @@ class ServedModels:
             self._compute,
             max_batch=self.settings.max_batch,
             max_wait_ms=self.settings.max_wait_ms,
+            in_flight=self.settings.workers,
             on_batch=self.metrics.batch_size.labels(name).observe,
         )
         batcher.start()
