@@ -5,8 +5,9 @@
 
 For each model, one after the other on the same machine (nothing else running):
 ``cflowad bench`` at batch 1, 8 and 16; then ``cflowad serve`` with that model alone
-and ``cflowad loadtest`` at concurrency 1, 4 and 16; then, for the ONNX file, a run
-at concurrency 16 with a reload in the middle: errors, requests, and the server's
+and ``cflowad loadtest`` at concurrency 1, 4 and 16, for each ``--workers`` setting;
+then, for the ONNX file with the last of them, a run at concurrency 16 with a
+reload in the middle: errors, requests, and the server's
 resident memory at the start and the end. The load generator runs on the same
 cores as the server, as a camera client on the inspection PC would.
 """
@@ -89,25 +90,30 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/serve_load.json"))
     parser.add_argument("--warmup", type=float, default=30.0)
     parser.add_argument("--reload-only", action="store_true", help="only the reload run")
+    parser.add_argument(
+        "--workers", type=lambda v: [int(w) for w in v.split(",")], default=[1, 2],
+        help="cflowad serve --workers settings to load, comma-separated",
+    )  # fmt: skip
     args = parser.parse_args()
     files = sorted(args.images.iterdir())[:32]
     report: dict[str, object] = json.loads(args.out.read_text()) if args.reload_only else {}
     measured = {"torch": {}, "onnx": {}} if args.reload_only else bench(args.model_dir, args.images)
-    for model, speeds in ((args.model_dir, measured["torch"]), (args.onnx, measured["onnx"])):
-        if not speeds:
-            continue
-        with server(model) as (url, _):
+    models = ((args.model_dir, measured["torch"]), (args.onnx, measured["onnx"]))
+    runs = [(model, speeds, w) for model, speeds in models for w in args.workers if speeds]
+    for model, speeds, workers in runs:
+        with server(model, "--workers", str(workers)) as (url, _):
             levels = run_loadtest(url, model.name, files, [1, 4, 16], args.duration)
         best = max(speeds.values())
-        report[model.name] = {
+        key = model.name if workers == 1 else f"{model.name} --workers {workers}"
+        report[key] = {
             "bench_images_per_second": speeds,
             "bench_batch1_ms": round(1000 / speeds["1"], 1),
             "load": levels,
             "c16_over_best_bench": round(levels[-1]["requests_per_second"] / best, 2),
             "c1_p50_minus_bench_batch1_ms": round(levels[0]["p50_ms"] - 1000 / speeds["1"], 1),
         }
-        print(json.dumps(report[model.name], indent=1), flush=True)
-    with server(args.onnx) as (url, pid):
+        print(key, json.dumps(report[key], indent=1), flush=True)
+    with server(args.onnx, "--workers", str(args.workers[-1])) as (url, pid):
         # warm up until the allocator's arenas stop growing (about 30 s at concurrency 16:
         # 1213 -> 1298 -> 1312 -> 1321 -> 1324 MB at 5, 15, 25, 35, 45 s), then measure
         run_loadtest(url, args.onnx.name, files, [16], args.warmup)
@@ -126,6 +132,7 @@ def main() -> None:
         end_rss = rss_mb(pid)
     report["reload_under_load"] = {
         **levels[0],
+        "workers": args.workers[-1],
         "reload": reload,
         "rss_start_mb": round(start_rss, 1),
         "rss_end_mb": round(end_rss, 1),
