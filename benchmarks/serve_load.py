@@ -6,8 +6,9 @@
 For each model, one after the other on the same machine (nothing else running):
 ``cflowad bench`` at batch 1, 8 and 16; then ``cflowad serve`` with that model alone
 and ``cflowad loadtest`` at concurrency 1, 4 and 16, for each ``--workers`` setting;
-then, for the ONNX file with the last of them, a run at concurrency 16 with a
-reload in the middle: errors, requests, and the server's
+repeated ``--rounds`` times (medians reported); then, for the ONNX file with the
+last ``--workers`` setting, a run at concurrency 16 with a reload in the middle
+(``--reload-seconds 0`` skips it): errors, requests, and the server's
 resident memory at the start and the end. The load generator runs on the same
 cores as the server, as a camera client on the inspection PC would.
 """
@@ -18,6 +19,7 @@ import argparse
 import contextlib
 import json
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -90,6 +92,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/serve_load.json"))
     parser.add_argument("--warmup", type=float, default=30.0)
     parser.add_argument("--reload-only", action="store_true", help="only the reload run")
+    parser.add_argument("--rounds", type=int, default=1, help="bench + servers, repeated")
     parser.add_argument(
         "--workers", type=lambda v: [int(w) for w in v.split(",")], default=[1, 2],
         help="cflowad serve --workers settings to load, comma-separated",
@@ -97,22 +100,43 @@ def main() -> None:
     args = parser.parse_args()
     files = sorted(args.images.iterdir())[:32]
     report: dict[str, object] = json.loads(args.out.read_text()) if args.reload_only else {}
-    measured = {"torch": {}, "onnx": {}} if args.reload_only else bench(args.model_dir, args.images)
-    models = ((args.model_dir, measured["torch"]), (args.onnx, measured["onnx"]))
-    runs = [(model, speeds, w) for model, speeds in models for w in args.workers if speeds]
-    for model, speeds, workers in runs:
-        with server(model, "--workers", str(workers)) as (url, _):
-            levels = run_loadtest(url, model.name, files, [1, 4, 16], args.duration)
-        best = max(speeds.values())
-        key = model.name if workers == 1 else f"{model.name} --workers {workers}"
+    rounds: dict[str, list[dict[str, object]]] = {}
+    for _ in range(0 if args.reload_only else args.rounds):
+        # the host's speed drifts by tens of percent over minutes: bench right before
+        # the servers it is compared with, and report medians over rounds
+        measured = bench(args.model_dir, args.images)
+        models = ((args.model_dir, measured["torch"]), (args.onnx, measured["onnx"]))
+        for model, speeds in models:
+            for workers in args.workers:
+                with server(model, "--workers", str(workers)) as (url, _):
+                    levels = run_loadtest(url, model.name, files, [1, 4, 16], args.duration)
+                key = model.name if workers == 1 else f"{model.name} --workers {workers}"
+                one = {
+                    "bench_images_per_second": speeds,
+                    "bench_batch1_ms": round(1000 / speeds["1"], 1),
+                    "load": levels,
+                    "c16_over_best_bench": round(
+                        levels[-1]["requests_per_second"] / max(speeds.values()), 2
+                    ),
+                    "c1_p50_minus_bench_batch1_ms": round(
+                        levels[0]["p50_ms"] - 1000 / speeds["1"], 1
+                    ),
+                }
+                rounds.setdefault(key, []).append(one)
+                print(key, json.dumps(one, indent=1), flush=True)
+    for key, results in rounds.items():
         report[key] = {
-            "bench_images_per_second": speeds,
-            "bench_batch1_ms": round(1000 / speeds["1"], 1),
-            "load": levels,
-            "c16_over_best_bench": round(levels[-1]["requests_per_second"] / best, 2),
-            "c1_p50_minus_bench_batch1_ms": round(levels[0]["p50_ms"] - 1000 / speeds["1"], 1),
+            "median_c16_over_best_bench": statistics.median(
+                r["c16_over_best_bench"] for r in results
+            ),
+            "median_c1_p50_minus_bench_batch1_ms": statistics.median(
+                r["c1_p50_minus_bench_batch1_ms"] for r in results
+            ),
+            "rounds": results,
         }
-        print(key, json.dumps(report[key], indent=1), flush=True)
+    if args.reload_seconds <= 0:
+        args.out.write_text(json.dumps(report, indent=2))
+        return
     with server(args.onnx, "--workers", str(args.workers[-1])) as (url, pid):
         # warm up until the allocator's arenas stop growing (about 30 s at concurrency 16:
         # 1213 -> 1298 -> 1312 -> 1321 -> 1324 MB at 5, 15, 25, 35, 45 s), then measure

@@ -15,6 +15,7 @@ import torch
 from cflowad import CFlowAD
 from cflowad.cli import main
 from cflowad.data import batches, find_test_set
+from cflowad.errors import UserError
 from cflowad.runtime import OnnxModel
 
 FAST = ["--image-size", "64", "--steps", "20", "--no-compile", "--quiet"]
@@ -174,6 +175,8 @@ def test_onnx_only_processes_give_onnx_runtime_the_threads_and_torch_one(exporte
         runtime.share_threads(4, onnx_only=False, workers=2)  # a model directory as well
         options = OnnxModel(exported)._session.get_session_options()
         assert (torch.get_num_threads(), options.intra_op_num_threads) == (2, 2)
+        with pytest.raises(UserError, match="--workers=3"):
+            runtime.share_threads(2, onnx_only=True, workers=3)
     finally:
         runtime._threads.clear()
         torch.set_num_threads(before)

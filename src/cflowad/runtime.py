@@ -46,6 +46,8 @@ def require_onnxruntime(purpose: str) -> None:
 
 
 _threads: list[int] = []  # ONNX Runtime's intra-op threads once set; torch's count until then
+# torch's count before any command changed it: all cores unless the user set it
+_DEFAULT_THREADS = torch.get_num_threads()
 
 
 def set_num_threads(threads: int) -> None:
@@ -56,7 +58,8 @@ def set_num_threads(threads: int) -> None:
 
 
 def share_threads(threads: int | None, onnx_only: bool, workers: int = 1) -> None:
-    """Share ``threads`` (default: torch's, all cores) between torch and ONNX Runtime.
+    """Share ``threads`` (default: torch's count at import, all cores) between torch and
+    ONNX Runtime.
 
     Both keep a pool of threads that spin while they wait for work, and two spinning
     pools on the same cores slow each other: the magnetic_tile ONNX file scoring one
@@ -66,10 +69,15 @@ def share_threads(threads: int | None, onnx_only: bool, workers: int = 1) -> Non
     torch, which only resizes there, on one thread. ``workers`` batches scored at
     once share the threads evenly.
     """
-    total = torch.get_num_threads() if threads is None else threads
+    total = _DEFAULT_THREADS if threads is None else threads
     if total < 1:
         raise UserError(f"option --threads={total} must be at least 1")
-    each = max(1, total // workers)
+    if workers > total:
+        raise UserError(
+            f"option --workers={workers}: more workers than the {total} threads "
+            "(each worker needs a thread of its own)"
+        )
+    each = total // workers
     set_num_threads(each)
     torch.set_num_threads(1 if onnx_only else each)
 
