@@ -6,8 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from skimage import data as skdata
+
+from cflowad import runtime
 
 
 def make_texture_dataset(
@@ -61,3 +64,13 @@ def trained_model(texture_dataset: Path):
 def make_textures():
     """:func:`make_texture_dataset`, for tests that need several data sets."""
     return make_texture_dataset
+
+
+@pytest.fixture(autouse=True)
+def _threads_restored():
+    """A command run in-process sets torch's and ONNX Runtime's threads for the whole
+    process (`cflowad.runtime.share_threads`); no test leaves them to the next."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+    runtime._threads.clear()

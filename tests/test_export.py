@@ -167,16 +167,11 @@ def test_bench_writes_the_documented_keys_with_onnxruntime(model_dir, texture_da
 def test_onnx_only_processes_give_onnx_runtime_the_threads_and_torch_one(exported, model_dir):
     import cflowad.runtime as runtime
 
-    before = torch.get_num_threads()
-    try:
-        runtime.share_threads(3, onnx_only=True)
-        options = OnnxModel(exported)._session.get_session_options()
-        assert (torch.get_num_threads(), options.intra_op_num_threads) == (1, 3)
-        runtime.share_threads(4, onnx_only=False, workers=2)  # a model directory as well
-        options = OnnxModel(exported)._session.get_session_options()
-        assert (torch.get_num_threads(), options.intra_op_num_threads) == (2, 2)
-        with pytest.raises(UserError, match="--workers=3"):
-            runtime.share_threads(2, onnx_only=True, workers=3)
-    finally:
-        runtime._threads.clear()
-        torch.set_num_threads(before)
+    runtime.share_threads(3, onnx_only=True)  # conftest restores the threads afterwards
+    options = OnnxModel(exported)._session.get_session_options()
+    assert (torch.get_num_threads(), options.intra_op_num_threads) == (1, 3)
+    runtime.share_threads(4, onnx_only=False, workers=2)  # a model directory as well
+    options = OnnxModel(exported)._session.get_session_options()
+    assert (torch.get_num_threads(), options.intra_op_num_threads) == (2, 2)
+    with pytest.raises(UserError, match="--workers=3"):
+        runtime.share_threads(2, onnx_only=True, workers=3)
