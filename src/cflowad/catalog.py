@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cflowad.errors import UserError
 
-__all__ = ["NAME_PATTERN", "find_models", "is_model_source"]
+__all__ = ["NAME_PATTERN", "find_models", "is_model_source", "is_onnx_file"]
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -21,6 +21,11 @@ def is_model_source(path: Path) -> bool:
     """A model directory (with ``model.json``) or an ``.onnx`` file."""
     if path.is_dir():
         return (path / "model.json").is_file()
+    return is_onnx_file(path)
+
+
+def is_onnx_file(path: Path) -> bool:
+    """An ``.onnx`` file (from ``cflowad export``), scored by ONNX Runtime."""
     return path.is_file() and path.suffix.lower() == ".onnx"
 
 

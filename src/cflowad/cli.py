@@ -26,7 +26,7 @@ from typer.exceptions import TyperException
 from cflowad import __version__, load
 from cflowad.allocator import keep_freed_memory
 from cflowad.archive import archive_items, score_archive
-from cflowad.catalog import find_models, is_model_source
+from cflowad.catalog import find_models, is_model_source, is_onnx_file
 from cflowad.config import CONFIG_FIELDS, Config, read_config_file
 from cflowad.data import (
     TestSet,
@@ -751,10 +751,11 @@ def serve(
         api_key=_read_api_key(api_key_file),
         device=device,
     )
-    _use_threads(threads, find_models(models).values(), workers)
+    sources = find_models(models)
+    _use_threads(threads, sources.values(), workers)
     from cflowad.server import create_app, run_server
 
-    app_ = create_app(models, settings)
+    app_ = create_app(sources, settings)
     _check_port(host, port)
     run_server(app_, host, port)
 
@@ -1054,20 +1055,18 @@ def _jsonl_to_json(source: Path, target: Path) -> None:
 
 def _use_threads(threads: int | None, scoring: Iterable[Path] = (), workers: int = 1) -> None:
     """Set the threads (default: torch's choice, all cores); with the models a command
-    scores, share them with ONNX Runtime (:func:`cflowad.runtime.share_threads`)."""
-    if threads is not None and threads < 1:
-        raise UserError(f"option --threads={threads} must be at least 1")
+    scores, share them with ONNX Runtime (:func:`cflowad.runtime.share_threads`, which
+    checks --threads and --workers)."""
     models = list(scoring)
     if models:
         from cflowad.runtime import share_threads
 
-        share_threads(threads, all(_is_onnx(m) for m in models), workers)
-    elif threads is not None:
+        share_threads(threads, all(is_onnx_file(m) for m in models), workers)
+        return
+    if threads is not None and threads < 1:
+        raise UserError(f"option --threads={threads} must be at least 1")
+    if threads is not None:
         torch.set_num_threads(threads)
-
-
-def _is_onnx(model: Path) -> bool:
-    return model.suffix.lower() == ".onnx" and not model.is_dir()
 
 
 def _readable(files: list[Path]) -> list[int]:
