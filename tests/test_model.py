@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -215,6 +216,39 @@ def test_training_precision_is_applied_and_recorded():
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.02)
     with pytest.raises(UserError, match="training_precision"):
         Config(training_precision="float16")
+
+
+@pytest.mark.parametrize(
+    ("float32_ms", "bfloat16_ms", "chosen"),
+    [(2.0, 1.0, "bfloat16"), (1.0, 1.8, "float32"), (1.1, 1.0, "float32")],
+)
+def test_auto_precision_follows_the_measured_speed(monkeypatch, float32_ms, bfloat16_ms, chosen):
+    # Two hosts with the same AVX512-BF16 flag measured bfloat16 2x faster and 1.8x
+    # slower than float32: "auto" follows the probe, and a small edge keeps float32.
+    from cflowad import train
+
+    seconds = {torch.float32: float32_ms / 1e3, torch.bfloat16: bfloat16_ms / 1e3}
+    monkeypatch.setattr(train, "matmul_seconds", seconds.__getitem__)
+    train.bfloat16_is_faster.cache_clear()
+    try:
+        assert train.resolve_precision("auto") == chosen
+        assert train.resolve_precision("float32") == "float32"
+        assert train.resolve_precision("bfloat16") == "bfloat16"
+    finally:
+        train.bfloat16_is_faster.cache_clear()
+
+
+def test_matmul_probe_times_the_product():
+    from cflowad.train import matmul_seconds
+
+    a, b = torch.randn(512, 288), torch.randn(288, 640)
+    start = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    direct = (time.perf_counter() - start) / 20
+    # Same product, same order of magnitude (not a speed target: a broken probe that
+    # times nothing, or loops far more than it says, is off by 10x or more).
+    assert direct / 10 < matmul_seconds(torch.float32) < direct * 10
 
 
 def test_training_falls_back_to_eager_when_compiling_fails(monkeypatch):

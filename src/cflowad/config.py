@@ -30,8 +30,8 @@ class Config:
     ``aspect="auto"`` and a square ``image_size`` N, ``fit`` keeps the training
     images' median aspect ratio: the shorter side is N, the longer one a multiple
     of 32 (``"fixed"`` uses ``image_size`` as given). ``training_precision="auto"``
-    trains the decoders with bfloat16 matrix products where the CPU multiplies
-    bfloat16 natively (scoring is always float32); ``compile_training`` fuses the
+    trains the decoders with bfloat16 matrix products where they measure faster
+    than float32 on this CPU (scoring is always float32); ``compile_training`` fuses the
     training step with torch.compile (falls back to eager if compiling fails).
 
     Example:

@@ -4,13 +4,14 @@ The encoder is frozen, so each training image is encoded once; decoders then tra
 on fiber batches drawn uniformly over (image, y, x) of every scale. Features are
 cached as float16: about 176 KiB per 256 x 256 image with EfficientNet-Lite0
 (40 x 32 x 32 + 112 x 16 x 16 + 320 x 8 x 8 values). Caches above the configured
-budget live in a memory-mapped temporary file instead of RAM. Where the CPU has
-native bfloat16, a step's matrix products run in bfloat16, and torch.compile fuses
-the step; scoring always runs in float32.
+budget live in a memory-mapped temporary file instead of RAM. Where bfloat16
+matrix products measure faster than float32 on this CPU, a step's products run in
+bfloat16; torch.compile fuses the step; scoring always runs in float32.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -157,24 +158,53 @@ def flow_loss(flow: ConditionalFlow, z: Tensor, c: Tensor, objective: str = "nll
     return -F.logsigmoid(log_prob / dim).mean()
 
 
-def native_bfloat16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX tiles)."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+# bfloat16 must beat float32 by this factor on the probe to be chosen: on a host
+# where the two are close, float32 keeps the exact numerics for no loss of speed.
+BFLOAT16_MIN_SPEEDUP = 1.25
+
+
+def matmul_seconds(dtype: torch.dtype) -> float:
+    """Median time of one (512 x 288) @ (288 x 640) product, a training step's typical one."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(512, 288, generator=generator).to(dtype)
+    b = torch.randn(288, 640, generator=generator).to(dtype)
+    for _ in range(5):
+        a @ b
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        times.append((time.perf_counter() - start) / 10)
+    return sorted(times)[len(times) // 2]
+
+
+@functools.cache
+def bfloat16_is_faster() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices clearly faster than float32.
+
+    Measured, not read from CPU flags: two hosts with the same AVX512-BF16 flag
+    differed by 3x. On one, bfloat16 products ran at 175 G/s against 90 for float32
+    and the training step went 18 -> 25 steps/s; on another, a bfloat16 product took
+    1.8x as long as a float32 one and the step went 15 -> 10 steps/s (without
+    native support bfloat16 is emulated and slower still). The probe takes about
+    0.1 s, once per process.
+    """
+    return matmul_seconds(torch.float32) > BFLOAT16_MIN_SPEEDUP * matmul_seconds(torch.bfloat16)
 
 
 def resolve_precision(precision: str, device: torch.device | None = None) -> str:
-    """``"auto"`` -> bfloat16 where :func:`native_bfloat16` (or on CUDA), else float32.
+    """``"auto"`` -> bfloat16 where it is supported on CUDA or measured faster on this CPU
+    (:func:`bfloat16_is_faster`), else float32.
 
-    Training under bfloat16 autocast (matrix products in bfloat16, the rest as
-    PyTorch's autocast chooses) measured 14.5 -> 17.7 steps/s eager and 18.0 ->
-    25.4 compiled on an AVX512-BF16 CPU (benchmarks/training_speed.py), with the
-    same AUROC (README); without native support it would be emulated and slower.
+    Training under bfloat16 autocast runs matrix products in bfloat16 and the rest
+    as PyTorch's autocast chooses; metrics barely move (docs/benchmarks.md), but a
+    run that must be bit-reproducible across hosts should name its precision.
     """
     if precision == "auto":
         if device is not None and device.type == "cuda":
             return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-        return "bfloat16" if native_bfloat16() else "float32"
+        return "bfloat16" if bfloat16_is_faster() else "float32"
     return precision
 
 
