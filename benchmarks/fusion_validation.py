@@ -116,12 +116,15 @@ def fused(terms: list[Tensor], size: tuple[int, int]) -> Tensor:
 def blur(maps: Tensor, sigma: float) -> Tensor:
     """(N, H, W) maps smoothed by a separable Gaussian of ``sigma`` pixels, edges reflected."""
     radius = int(np.ceil(4 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=maps.dtype)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
     kernel = torch.exp(-(x**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()
-    out = F.pad(maps[:, None], (radius, radius, radius, radius), mode="reflect")
-    out = F.conv2d(out, kernel.view(1, 1, 1, -1))
-    return F.conv2d(out, kernel.view(1, 1, -1, 1))[:, 0]
+    out = []
+    for chunk in maps.float().split(16):  # convolution's buffers grow with the kernel
+        padded = F.pad(chunk[:, None], (radius, radius, radius, radius), mode="reflect")
+        rows = F.conv2d(padded, kernel.view(1, 1, 1, -1))
+        out.append(F.conv2d(rows, kernel.view(1, 1, -1, 1))[:, 0])
+    return torch.cat(out).to(maps.dtype)
 
 
 def combinations(fit: list[Tensor]) -> dict[str, Callable[[list[Tensor], tuple[int, int]], Tensor]]:
