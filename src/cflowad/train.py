@@ -164,19 +164,17 @@ BFLOAT16_MIN_SPEEDUP = 1.25
 
 
 def matmul_seconds(dtype: torch.dtype) -> float:
-    """Median time of one (512 x 288) @ (288 x 640) product, a training step's typical one."""
+    """Time of one (512 x 288) @ (288 x 640) product, a training step's typical one
+    (the mean of 10 after 3 to warm up)."""
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(512, 288, generator=generator).to(dtype)
     b = torch.randn(288, 640, generator=generator).to(dtype)
-    for _ in range(5):
+    for _ in range(3):
         a @ b
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(10):
-            a @ b
-        times.append((time.perf_counter() - start) / 10)
-    return sorted(times)[len(times) // 2]
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    return (time.perf_counter() - start) / 10
 
 
 @functools.cache
@@ -187,10 +185,12 @@ def bfloat16_is_faster() -> bool:
     differed by 3x. On one, bfloat16 products ran at 175 G/s against 90 for float32
     and the training step went 18 -> 25 steps/s; on another, a bfloat16 product took
     1.8x as long as a float32 one and the step went 15 -> 10 steps/s (without
-    native support bfloat16 is emulated and slower still). The probe takes about
-    0.1 s, once per process.
+    native support bfloat16 is emulated and slower still). Five alternating rounds,
+    medians compared, so a host's drift hits both alike; under a second, once per process.
     """
-    return matmul_seconds(torch.float32) > BFLOAT16_MIN_SPEEDUP * matmul_seconds(torch.bfloat16)
+    rounds = [(matmul_seconds(torch.float32), matmul_seconds(torch.bfloat16)) for _ in range(5)]
+    float32, bfloat16 = (sorted(times)[len(times) // 2] for times in zip(*rounds, strict=True))
+    return float32 > BFLOAT16_MIN_SPEEDUP * bfloat16
 
 
 def resolve_precision(precision: str, device: torch.device | None = None) -> str:
