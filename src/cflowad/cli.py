@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -1054,19 +1053,13 @@ def _jsonl_to_json(source: Path, target: Path) -> None:
 
 
 def _use_threads(threads: int | None, scoring: Iterable[Path] = (), workers: int = 1) -> None:
-    """Set the threads (default: torch's choice, all cores); with the models a command
-    scores, share them with ONNX Runtime (:func:`cflowad.runtime.share_threads`, which
-    checks --threads and --workers)."""
-    models = list(scoring)
-    if models:
-        from cflowad.runtime import share_threads
+    """Set the threads (default: torch's count at start, all cores), shared with ONNX
+    Runtime when every model the command scores is an ONNX file
+    (:func:`cflowad.runtime.share_threads`, which checks --threads and --workers)."""
+    from cflowad.runtime import share_threads
 
-        share_threads(threads, all(is_onnx_file(m) for m in models), workers)
-        return
-    if threads is not None and threads < 1:
-        raise UserError(f"option --threads={threads} must be at least 1")
-    if threads is not None:
-        torch.set_num_threads(threads)
+    models = list(scoring)
+    share_threads(threads, bool(models) and all(is_onnx_file(m) for m in models), workers)
 
 
 def _readable(files: list[Path]) -> list[int]:
