@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cflowad import CFlowAD, Config, UserError
+from cflowad import CFlowAD, Config, UserError, train
 from cflowad.model import FORMAT_VERSION
 from cflowad.scoring import CFlowNet
 from cflowad.train import training_step_loss
@@ -109,9 +109,9 @@ def test_holdout_never_trains_and_is_seeded():
         min_holdout=3,
         seed=1,
     )
-    train, held = model._split(list(range(10)))
-    assert len(held) == 3 and not set(train) & set(held)
-    assert model._split(list(range(10))) == (train, held)
+    fitted, held = model._split(list(range(10)))
+    assert len(held) == 3 and not set(fitted) & set(held)
+    assert model._split(list(range(10))) == (fitted, held)
     with pytest.raises(UserError, match=r"need at least 5 training images"):
         model._split(list(range(4)))
 
@@ -146,7 +146,12 @@ def test_config_errors_name_the_option():
         Config(image_size=100)
     with pytest.raises(UserError, match=r"objective"):
         Config(objective="mse")
+    with pytest.raises(UserError, match=r"strides"):
+        Config(strides=(8, 8, 16))
+    with pytest.raises(UserError, match=r"finest_batch_factor"):
+        Config(finest_batch_factor=0)
     assert Config(image_size="384x256").image_size == (256, 384)
+    assert Config(strides=(32, 8, 16)).strides == (8, 16, 32)
 
 
 def test_predict_before_fit_is_an_error():
@@ -225,8 +230,6 @@ def test_training_precision_is_applied_and_recorded():
 def test_auto_precision_follows_the_measured_speed(monkeypatch, float32_ms, bfloat16_ms, chosen):
     # Two hosts with the same AVX512-BF16 flag measured bfloat16 2x faster and 1.8x
     # slower than float32: "auto" follows the probe, and a small edge keeps float32.
-    from cflowad import train
-
     seconds = {torch.float32: float32_ms / 1e3, torch.bfloat16: bfloat16_ms / 1e3}
     monkeypatch.setattr(train, "matmul_seconds", seconds.__getitem__)
     train.bfloat16_is_faster.cache_clear()
@@ -289,3 +292,40 @@ def test_compiled_training_step_matches_float32_loss_and_gradients():
     )
     assert fused.item() == pytest.approx(exact.item(), rel=5e-3)
     assert torch.nn.functional.cosine_similarity(fused_grad, exact_grad, dim=0) > 0.999
+
+
+@pytest.mark.parametrize(
+    ("strides", "drawn"), [((8, 16, 32), [24, 8, 8]), ((32, 16), [24, 8]), ((16,), [8])]
+)
+def test_finest_of_several_scales_draws_its_factor_of_fiber_batches(monkeypatch, strides, drawn):
+    shapes: list[list[int]] = []
+
+    def recording_loss(decoders, zs, cs, objective, precision):
+        shapes.append([z.shape[0] for z in zs])
+        assert [c.shape[0] for c in cs] == shapes[-1]
+        return training_step_loss(decoders, zs, cs, objective, precision)
+
+    monkeypatch.setattr(train, "training_step_loss", recording_loss)
+    CFlowAD(
+        compile_training=False,
+        encoder_weights="random",
+        image_size=64,
+        strides=strides,
+        steps=2,
+        fiber_batch_size=8,
+        finest_batch_factor=3,
+        min_holdout=3,
+    ).fit(IMAGES[:6])
+    assert shapes == [drawn, drawn]
+
+
+def test_models_saved_before_the_batch_factor_load_as_trained_on_equal_batches(
+    small_model, tmp_path
+):
+    small_model.save(tmp_path / "model")
+    assert CFlowAD.load(tmp_path / "model").config.finest_batch_factor == 4
+    meta_path = tmp_path / "model" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["finest_batch_factor"]
+    meta_path.write_text(json.dumps(meta))
+    assert CFlowAD.load(tmp_path / "model").config.finest_batch_factor == 1

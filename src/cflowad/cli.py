@@ -179,6 +179,13 @@ def train(
     fiber_batch_size: Annotated[
         int, typer.Option(help="Feature vectors per step and scale.")
     ] = DEFAULTS.fiber_batch_size,
+    finest_batch_factor: Annotated[
+        int,
+        typer.Option(
+            help="The finest of several scales draws this many fiber batches per step "
+            "(it has 16x the coarsest scale's vectors and the cheapest flow)."
+        ),
+    ] = DEFAULTS.finest_batch_factor,
     steps: Annotated[
         int, typer.Option(help="Optimizer steps (one fiber batch per scale each).")
     ] = DEFAULTS.steps,

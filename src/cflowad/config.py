@@ -26,7 +26,9 @@ class Config:
     Defaults follow the paper (8 coupling blocks, clamp 1.9, 128 condition channels,
     fiber batches of 256, objective (7.2)) except where a benchmark in the README
     supports a change: Adam's learning rate is 8e-3 (2e-4 in the paper, which trains
-    for far more steps). ``image_size`` is (height, width), multiples of 32. With
+    for far more steps), and the finest of several scales draws ``finest_batch_factor``
+    (4) fiber batches' worth of vectors per step (see :func:`cflowad.train.fiber_batch_sizes`).
+    ``image_size`` is (height, width), multiples of 32. With
     ``aspect="auto"`` and a square ``image_size`` N, ``fit`` keeps the training
     images' median aspect ratio: the shorter side is N, the longer one a multiple
     of 32 (``"fixed"`` uses ``image_size`` as given). ``training_precision="auto"``
@@ -53,6 +55,7 @@ class Config:
     training_precision: str = "auto"
     compile_training: bool = True
     fiber_batch_size: int = 256
+    finest_batch_factor: int = 4
     steps: int = 3000
     learning_rate: float = 8e-3
     warmup_fraction: float = 0.05
@@ -69,7 +72,8 @@ class Config:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", parse_image_size(self.image_size))
-        object.__setattr__(self, "strides", tuple(int(s) for s in self.strides))
+        # finest first, as the encoder returns its scales (8,16,32 and 32,16,8 are one model)
+        object.__setattr__(self, "strides", tuple(sorted(int(s) for s in self.strides)))
         checks = [
             (self.objective in OBJECTIVES, "objective", f"one of {', '.join(OBJECTIVES)}"),
             (self.decoder in DECODERS, "decoder", f"one of {', '.join(DECODERS)}"),
@@ -92,6 +96,7 @@ class Config:
             ),
             (self.clamp_alpha > 0, "clamp_alpha", "positive"),
             (self.fiber_batch_size >= 2, "fiber_batch_size", "at least 2"),
+            (self.finest_batch_factor >= 1, "finest_batch_factor", "at least 1"),
             (self.steps >= 1, "steps", "at least 1"),
             (self.learning_rate > 0, "learning_rate", "positive"),
             (0 <= self.warmup_fraction < 1, "warmup_fraction", "in [0, 1)"),
@@ -107,7 +112,9 @@ class Config:
             ),
             (self.feature_cache_budget_mb >= 0, "feature_cache_budget_mb", "at least 0"),
             (
-                len(self.strides) >= 1 and all(s in (4, 8, 16, 32) for s in self.strides),
+                len(self.strides) >= 1
+                and len(set(self.strides)) == len(self.strides)
+                and all(s in (4, 8, 16, 32) for s in self.strides),
                 "strides",
                 "a subset of 4, 8, 16, 32",
             ),

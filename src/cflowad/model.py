@@ -236,7 +236,8 @@ class CFlowAD(InferenceEngine):
         if _sha256(weights_path) != meta.get("weights_sha256"):
             raise UserError(f"{weights_path}: checksum mismatch (truncated or modified file)")
         try:
-            config = Config.from_dict(meta["config"])
+            # models written before 0.6 trained every scale on equal fiber batches
+            config = Config.from_dict({"finest_batch_factor": 1, **meta["config"]})
             calibration = meta["calibration"]
             missing = [k for k in _CALIBRATION_KEYS if k not in calibration]
             if missing:
