@@ -275,10 +275,13 @@ def test_compiled_training_step_matches_float32_loss_and_gradients():
     """The fused bfloat16 step (the default) against the plain float32 step."""
     net = CFlowNet.build(Config(encoder_weights="random"), pretrained=False)
     generator = torch.Generator().manual_seed(0)
-    zs = [2 * torch.randn(256, d, generator=generator) for d in net.encoder.channels]
+    zs = [
+        2 * torch.randn(n, 256, d, generator=generator)
+        for n, d in zip((2, 1, 1), net.encoder.channels, strict=True)
+    ]
     cs = [
-        net.codes(k)[torch.randint(len(net.codes(k)), (256,), generator=generator)]
-        for k in range(3)
+        net.codes(k)[torch.randint(len(net.codes(k)), z.shape[:2], generator=generator)]
+        for k, z in enumerate(zs)
     ]
     params = list(net.decoders.parameters())
 
@@ -301,8 +304,8 @@ def test_finest_of_several_scales_draws_its_factor_of_fiber_batches(monkeypatch,
     shapes: list[list[int]] = []
 
     def recording_loss(decoders, zs, cs, objective, precision):
-        shapes.append([z.shape[0] for z in zs])
-        assert [c.shape[0] for c in cs] == shapes[-1]
+        shapes.append([z.shape[0] * z.shape[1] for z in zs])
+        assert [c.shape[:2] for c in cs] == [z.shape[:2] for z in zs]
         return training_step_loss(decoders, zs, cs, objective, precision)
 
     monkeypatch.setattr(train, "training_step_loss", recording_loss)

@@ -27,7 +27,7 @@ class Config:
     fiber batches of 256, objective (7.2)) except where a benchmark in the README
     supports a change: Adam's learning rate is 8e-3 (2e-4 in the paper, which trains
     for far more steps), and the finest of several scales draws ``finest_batch_factor``
-    (4) fiber batches' worth of vectors per step (see :func:`cflowad.train.fiber_batch_sizes`).
+    (4) fiber batches' worth of vectors per step (see :func:`cflowad.train.fiber_batches`).
     ``image_size`` is (height, width), multiples of 32. With
     ``aspect="auto"`` and a square ``image_size`` N, ``fit`` keeps the training
     images' median aspect ratio: the shorter side is N, the longer one a multiple

@@ -211,17 +211,27 @@ def resolve_precision(precision: str, device: torch.device | None = None) -> str
 def training_step_loss(
     decoders: nn.ModuleList, zs: list[Tensor], cs: list[Tensor], objective: str, precision: str
 ) -> Tensor:
-    """Summed loss of one training step over the scales: the part torch.compile fuses."""
+    """Summed loss of one training step over the scales: the part torch.compile fuses.
+
+    ``zs[k]`` and ``cs[k]`` are (fiber batches, fiber batch size, D): a scale that draws
+    several batches (:func:`fiber_batches`) runs each through its own products, so
+    every reduction over vectors has the same length and order on any number of
+    threads. One 1,024-row product split its reduction across 2 threads differently
+    than on 1, and models trained with 1 and 2 threads differed.
+    """
     device = zs[0].device
     total = torch.zeros((), device=device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
         for flow, z, c in zip(cast(list[ConditionalFlow], list(decoders)), zs, cs, strict=True):
-            total = total + flow_loss(flow, z, c, objective).float()
+            losses = [
+                flow_loss(flow, zb, cb, objective).float() for zb, cb in zip(z, c, strict=True)
+            ]
+            total = total + torch.stack(losses).mean()
     return total
 
 
-def fiber_batch_sizes(config: Config) -> list[int]:
-    """Vectors each scale's flow draws per step, finest scale first.
+def fiber_batches(config: Config) -> list[int]:
+    """Fiber batches each scale's flow draws per step, finest scale first.
 
     Equal batches would leave the finest flow short: at strides 8 / 16 / 32 it has 16x
     the coarsest scale's vectors, so 3,000 steps show each of them about once while the
@@ -229,10 +239,10 @@ def fiber_batch_sizes(config: Config) -> list[int]:
     so ``finest_batch_factor`` 4 costs a sixth of the step rate (default trainings on 2
     cores: 15.2 -> 12.8 steps/s); docs/design.md has the synthetic-defect comparison.
     """
-    sizes = [config.fiber_batch_size] * len(config.strides)
-    if len(sizes) > 1:
-        sizes[0] *= config.finest_batch_factor
-    return sizes
+    counts = [1] * len(config.strides)
+    if len(counts) > 1:
+        counts[0] = config.finest_batch_factor
+    return counts
 
 
 def fit_decoders(
@@ -240,7 +250,7 @@ def fit_decoders(
 ) -> dict[str, Any]:
     """Train all decoders jointly with Adam, linear warm-up and cosine decay.
 
-    Every step draws one fiber batch per scale (:func:`fiber_batch_sizes`); the summed
+    Every step draws :func:`fiber_batches` fiber batches per scale; the summed
     loss trains disjoint parameters, so this equals one optimizer per scale. Returns a
     training summary.
     """
@@ -253,7 +263,7 @@ def fit_decoders(
     # fused: one kernel for all parameters, measured 15.3 vs 14.4 steps/s on 2 cores
     optimizer = torch.optim.Adam(net.decoders.parameters(), lr=config.learning_rate, fused=True)
     warmup = max(1, int(config.warmup_fraction * config.steps))
-    sizes = fiber_batch_sizes(config)
+    counts = fiber_batches(config)
 
     def schedule(step: int) -> float:
         if step < warmup:
@@ -282,7 +292,8 @@ def fit_decoders(
         for step in range(config.steps):
             zs, cs = [], []
             for k in range(len(features)):
-                index = torch.randint(features[k].shape[0], (sizes[k],), generator=generator)
+                shape = (counts[k], config.fiber_batch_size)
+                index = torch.randint(features[k].shape[0], shape, generator=generator)
                 zs.append(features[k][index].to(device, torch.float32))
                 cs.append(codes[k][(index % cache.positions[k]).to(device)])
             try:
