@@ -332,3 +332,21 @@ def test_models_saved_before_the_batch_factor_load_as_trained_on_equal_batches(
     del meta["config"]["finest_batch_factor"]
     meta_path.write_text(json.dumps(meta))
     assert CFlowAD.load(tmp_path / "model").config.finest_batch_factor == 1
+
+
+def test_a_scale_with_several_fiber_batches_has_the_loss_of_all_its_vectors_at_once():
+    """Separate products per batch change the summation order, not the objective."""
+    net = CFlowNet.build(Config(encoder_weights="random"), pretrained=False)
+    generator = torch.Generator().manual_seed(0)
+    zs = [torch.randn(4, 64, d, generator=generator) for d in net.encoder.channels]
+    cs = [
+        net.codes(k)[torch.randint(len(net.codes(k)), (4, 64), generator=generator)]
+        for k in range(3)
+    ]
+    flows = list(net.decoders)
+    whole = sum(
+        train.flow_loss(flow, z.flatten(0, 1), c.flatten(0, 1))
+        for flow, z, c in zip(flows, zs, cs, strict=True)
+    )
+    chunked = training_step_loss(net.decoders, zs, cs, "nll", "float32")
+    assert chunked.item() == pytest.approx(float(whole), rel=1e-5)

@@ -236,8 +236,8 @@ def fiber_batches(config: Config) -> list[int]:
     Equal batches would leave the finest flow short: at strides 8 / 16 / 32 it has 16x
     the coarsest scale's vectors, so 3,000 steps show each of them about once while the
     coarsest sees each of its own 17 times. Its 40-dimensional flow is also the cheapest,
-    so ``finest_batch_factor`` 4 costs a sixth of the step rate (default trainings on 2
-    cores: 15.2 -> 12.8 steps/s); docs/design.md has the synthetic-defect comparison.
+    so ``finest_batch_factor`` 4 costs a quarter of the step rate (default trainings on
+    2 cores: 15.2 -> 11.5 steps/s); docs/design.md has the synthetic-defect comparison.
     """
     counts = [1] * len(config.strides)
     if len(counts) > 1:
