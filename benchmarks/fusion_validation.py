@@ -127,17 +127,13 @@ def blur(maps: Tensor, sigma: float) -> Tensor:
     return torch.cat(out).to(maps.dtype)
 
 
-def combinations(fit: list[Tensor]) -> dict[str, Callable[[list[Tensor], tuple[int, int]], Tensor]]:
-    """The kept likelihood terms (99.9 % normaliser) combined otherwise than by their mean."""
-    q999 = [
-        torch.quantile(f.flatten()[torch.randperm(f.numel())[:1_000_000]].float(), 0.999).double()
-        for f in fit
-    ]
+def combinations(
+    kept: Callable[[list[Tensor]], list[Tensor]], scales: int
+) -> dict[str, Callable[[list[Tensor], tuple[int, int]], Tensor]]:
+    """The kept likelihood terms (``fusions``' "lik_q999") combined otherwise than by their mean."""
 
     def terms(ls: list[Tensor], size: tuple[int, int]) -> list[Tensor]:
-        return [
-            up(1 - torch.exp((ll - t).clamp(max=0)), size) for ll, t in zip(ls, q999, strict=True)
-        ]
+        return [up(t, size) for t in kept(ls)]
 
     out: dict[str, Callable[[list[Tensor], tuple[int, int]], Tensor]] = {}
     for sigma in (2.0, 4.0, 8.0):
@@ -150,7 +146,7 @@ def combinations(fit: list[Tensor]) -> dict[str, Callable[[list[Tensor], tuple[i
     out["geometric"] = lambda ls, size: torch.exp(
         sum(torch.log(t.clamp(min=1e-6)) for t in terms(ls, size)) / len(ls)
     )
-    if len(fit) == 3:  # every weighting in steps of 1/6, none below 1/6
+    if scales == 3:  # every weighting in steps of 1/6, none below 1/6
         for w in itertools.product(range(1, 5), repeat=3):
             if sum(w) == 6:
                 out["weights_" + "".join(map(str, w))] = lambda ls, size, w=w: (
@@ -199,10 +195,9 @@ def main() -> None:
     if "--swap" in sys.argv:
         half_a, half_b = half_b, half_a
     fit = log_likelihoods(model, half_a)
-    variants = {
-        name: lambda ls, size, fn=fn: fused(fn(ls), size) for name, fn in fusions(fit).items()
-    }
-    variants.update(combinations(fit))
+    terms = fusions(fit)
+    variants = {name: lambda ls, size, fn=fn: fused(fn(ls), size) for name, fn in terms.items()}
+    variants.update(combinations(terms["lik_q999"], len(fit)))
     clean = [load_image(p) for p in half_b]
     defective, masks = [], []
     rng = np.random.default_rng(7)
