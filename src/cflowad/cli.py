@@ -177,7 +177,7 @@ def train(
         ),
     ] = DEFAULTS.compile_training,
     fiber_batch_size: Annotated[
-        int, typer.Option(help="Feature vectors per step and scale.")
+        int, typer.Option(help="Feature vectors per fiber batch.")
     ] = DEFAULTS.fiber_batch_size,
     finest_batch_factor: Annotated[
         int,
@@ -187,7 +187,8 @@ def train(
         ),
     ] = DEFAULTS.finest_batch_factor,
     steps: Annotated[
-        int, typer.Option(help="Optimizer steps (one fiber batch per scale each).")
+        int,
+        typer.Option(help="Optimizer steps (one fiber batch per scale each, more for the finest)."),
     ] = DEFAULTS.steps,
     learning_rate: Annotated[
         float, typer.Option(help="Adam peak learning rate.")
