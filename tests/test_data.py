@@ -96,7 +96,19 @@ def test_arrays_are_accepted_and_checked():
 def test_bytes_decode_exactly_as_the_file(tmp_path, suffix):
     path = tmp_path / f"image{suffix}"
     Image.fromarray(RGB).save(path)
-    np.testing.assert_array_equal(decode_image(path.read_bytes(), "upload"), load_image(path))
+    decoded = decode_image(path.read_bytes(), "upload")
+    assert decoded.dtype == np.uint8  # 8-bit stays 8-bit until it is resized
+    np.testing.assert_array_equal(decoded / np.float32(255), load_image(path))
+    expected = to_model_input(load_image(path), (24, 32))
+    assert torch.equal(to_model_input(decoded, (24, 32)), expected)
+
+
+def test_sixteen_bit_bytes_decode_to_float_exactly_as_the_file(tmp_path):
+    path = tmp_path / "deep.png"
+    Image.fromarray((RNG.random((30, 40)) * 65535).astype(np.uint16)).save(path)
+    decoded = decode_image(path.read_bytes(), "upload")
+    assert decoded.dtype == np.float32
+    np.testing.assert_array_equal(decoded, load_image(path))
 
 
 @pytest.mark.parametrize(

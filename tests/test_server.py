@@ -30,6 +30,7 @@ import cflowad.server
 from cflowad.cli import main
 from cflowad.data import load_image, to_model_input
 from cflowad.inference import InferenceEngine
+from cflowad.pictures import blend
 from cflowad.server import ServeSettings, create_app
 
 FAST = ["--image-size", "64", "--steps", "30", "--no-compile", "--quiet"]
@@ -148,6 +149,10 @@ def test_outputs_are_pngs_at_the_image_size(models, texture_dataset):
     assert pictures["overlay"].shape == (80, 96, 3)
     np.testing.assert_allclose(pictures["map"] / 65535, expected.maps[0], atol=1.5 / 65535)
     np.testing.assert_array_equal(pictures["mask"] == 255, expected.masks[0])
+    # the upload stays uint8 in the server; its overlay is the float image's
+    rgb = np.asarray(big.convert("RGB")) / np.float32(255)
+    overlay = blend(rgb, expected.maps[0], expected.masks[0])
+    assert np.abs(pictures["overlay"].astype(int) - overlay).max() <= 1
     assert (answer["width"], answer["height"]) == (96, 80)
 
 

@@ -67,14 +67,17 @@ def load_image(item: ImageInput) -> np.ndarray:
 
 
 def decode_image(data: bytes, name: str) -> np.ndarray:
-    """:func:`load_image` for bytes in memory (an upload); errors start with ``name``.
+    """Bytes in memory (an upload) -> RGB (H, W, 3); errors start with ``name``.
 
-    The same decoder as for files, so a file and its bytes give the same array.
+    The same decoder as for files, and like a file waiting for its batch an 8-bit
+    image stays uint8 (:func:`to_model_input` divides by 255 exactly as
+    :func:`load_image` does): a server skips a float copy of every upload, 0.3 ms
+    for a 494 x 361 JPEG. Other depths give float32 in [0, 1].
     """
     if not data:
         raise UserError(f"{name}: empty (0 bytes)")
     with _decode(io.BytesIO(data), name) as image:
-        return _as_float(_image_to_rgb(image, name))
+        return _image_to_rgb(image, name)
 
 
 def _load(item: ImageInput) -> np.ndarray:
@@ -330,8 +333,8 @@ def _array_to_rgb(array: np.ndarray, name: str) -> np.ndarray:
     if array.ndim != 3 or array.shape[2] not in (3, 4):
         raise UserError(f"{name}: expected (H, W), (H, W, 3) or (H, W, 4), got {array.shape}")
     array = array[:, :, :3]
-    if array.dtype == np.uint8:
-        return array.astype(np.float32) / 255.0
+    if array.dtype == np.uint8:  # as a decoded 8-bit file: to_model_input divides
+        return array
     if array.dtype == np.uint16:
         return array.astype(np.float32) / 65535.0
     array = array.astype(np.float32)

@@ -38,13 +38,15 @@ def blend(
     predicted: np.ndarray | None = None,
     truth: np.ndarray | None = None,
 ) -> np.ndarray:
-    """RGB uint8 at the image's size: heat map over the image, predicted outline white,
-    true outline green.
+    """RGB uint8 at the image's size (``image``: float in [0, 1] or uint8): heat map over
+    the image, predicted outline white, true outline green.
 
     Maps are on the readable 0-1 scale with the pixel threshold at 0.5, so one colour
     scale fits every image and every model: blue is normal, green the threshold, red
     the most anomalous; a picture's colours never depend on the other images.
     """
+    if image.dtype == np.uint8:  # an upload as decode_image gives it
+        image = image / 255.0
     heat = colormaps["jet"](np.clip(anomaly_map, 0, 1))[..., :3]
     blended = 0.55 * image + 0.45 * heat
     for mask, colour in ((truth, (0.0, 1.0, 0.0)), (predicted, (1.0, 1.0, 1.0))):
