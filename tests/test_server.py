@@ -370,6 +370,9 @@ def test_loadtest_smoke(models, images, tmp_path, capsys):
     for level in levels:
         assert level["ok"] > 0 and level["errors"] == {} and level["requests"] == level["ok"]
         assert 0 < level["p50_ms"] <= level["p95_ms"] <= level["p99_ms"]
+        # the server's own clock starts after the client's and stops before it
+        assert 0 < level["server_p50_ms"] < level["p50_ms"]
+        assert level["server_p50_ms"] <= level["server_p99_ms"]
 
 
 def test_the_command_serves_reloads_on_sighup_and_stops(models, images, tmp_path):
