@@ -121,6 +121,10 @@ def main() -> None:
                     "c1_p50_minus_bench_batch1_ms": round(
                         levels[0]["p50_ms"] - 1000 / speeds["1"], 1
                     ),
+                    # the same without the co-located client: the server's own latency_ms
+                    "c1_server_p50_minus_bench_batch1_ms": round(
+                        levels[0]["server_p50_ms"] - 1000 / speeds["1"], 1
+                    ),
                 }
                 rounds.setdefault(key, []).append(one)
                 print(key, json.dumps(one, indent=1), flush=True)
@@ -131,6 +135,9 @@ def main() -> None:
             ),
             "median_c1_p50_minus_bench_batch1_ms": statistics.median(
                 r["c1_p50_minus_bench_batch1_ms"] for r in results
+            ),
+            "median_c1_server_p50_minus_bench_batch1_ms": statistics.median(
+                r["c1_server_p50_minus_bench_batch1_ms"] for r in results
             ),
             "rounds": results,
         }

@@ -7,7 +7,7 @@ through the same engine (:mod:`cflowad.inference`).
 
 from __future__ import annotations
 
-__version__ = "0.6.0"
+__version__ = "0.6.1"
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
