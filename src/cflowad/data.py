@@ -71,8 +71,9 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
 
     The same decoder as for files, and like a file waiting for its batch an 8-bit
     image stays uint8 (:func:`to_model_input` divides by 255 exactly as
-    :func:`load_image` does): a server skips a float copy of every upload, 0.3 ms
-    for a 494 x 361 JPEG. Other depths give float32 in [0, 1].
+    :func:`load_image` does): a server skips a float copy and its range check for
+    every upload (0.2 ms of a 494 x 361 JPEG's 0.7) and holds a quarter of the
+    memory per waiting image. Other depths give float32 in [0, 1].
     """
     if not data:
         raise UserError(f"{name}: empty (0 bytes)")
