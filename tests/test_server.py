@@ -375,6 +375,24 @@ def test_loadtest_smoke(models, images, tmp_path, capsys):
         assert level["server_p50_ms"] <= level["server_p99_ms"]
 
 
+def test_loadtest_without_the_servers_latency_reports_none(images, tmp_path):
+    """A proxy that rewrites the answers hides latency_ms: the client's figures stay."""
+    from fastapi import FastAPI
+
+    from cflowad.loadtest import run_loadtest
+
+    bare = FastAPI()
+
+    @bare.post("/v1/models/m/predict")
+    async def predict() -> dict[str, float]:
+        return {"score": 0.1}
+
+    with serving(bare, ready=False) as url:
+        (level,) = run_loadtest(url, "m", images[:1], [2], duration=0.5, max_requests=20)
+    assert level["ok"] == level["requests"] > 0 and level["p50_ms"] > 0
+    assert level["server_p50_ms"] is None and level["server_p99_ms"] is None
+
+
 def test_the_command_serves_reloads_on_sighup_and_stops(models, images, tmp_path):
     key = tmp_path / "key"
     key.write_text("k3y\n")

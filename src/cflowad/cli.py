@@ -825,8 +825,7 @@ def loadtest(
             (
                 f"concurrency {r['concurrency']}",
                 f"{r['requests_per_second']:.1f} req/s, p50 {r['p50_ms']:.1f} / p95 "
-                f"{r['p95_ms']:.1f} / p99 {r['p99_ms']:.1f} ms (server's own p50 "
-                f"{r['server_p50_ms']:.1f} ms), {r['ok']} ok, "
+                f"{r['p95_ms']:.1f} / p99 {r['p99_ms']:.1f} ms{_server_part(r)}, {r['ok']} ok, "
                 f"errors {r['errors'] or 0}",
             )
             for r in results
@@ -835,6 +834,11 @@ def loadtest(
     )
     if any(r["errors"] for r in results):
         raise typer.Exit(1)
+
+
+def _server_part(level: dict[str, Any]) -> str:
+    served = level["server_p50_ms"]
+    return "" if served is None else f" (server's own p50 {served:.1f} ms)"
 
 
 @app.command()

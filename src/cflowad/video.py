@@ -281,8 +281,7 @@ def _annotate(frame: Frame, result: ImageResult, roi: Roi | None) -> np.ndarray:
 
     picture = frame.rgb.copy()
     x, y = (roi[0], roi[1]) if roi else (0, 0)
-    region = _crop(frame.rgb, roi).astype(np.float32) / 255.0
-    blended = blend(region, result.anomaly_map, result.mask)
+    blended = blend(_crop(frame.rgb, roi), result.anomaly_map, result.mask)
     picture[y : y + blended.shape[0], x : x + blended.shape[1]] = blended
     image = Image.fromarray(picture)
     draw = ImageDraw.Draw(image)
