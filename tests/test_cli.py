@@ -126,6 +126,10 @@ def test_user_errors_are_one_line_and_exit_2(model_dir, tmp_path, capsys):
     assert "model.json" in _error_line(capsys)
     assert main(["train", "--bogus"]) == 2
     assert "--bogus" in _error_line(capsys)
+    for weights, name in (("2,x,1", "--scale-weights"), ("2,1", "scale_weights")):
+        args = ["train", str(tmp_path), "--out", str(tmp_path / "m"), "--scale-weights", weights]
+        assert main(args) == 2
+        assert name in _error_line(capsys)
 
 
 def test_predict_pictures_show_each_image_beside_its_heat_map(model_dir, texture_dataset, tmp_path):

@@ -350,3 +350,26 @@ def test_a_scale_with_several_fiber_batches_has_the_loss_of_all_its_vectors_at_o
     )
     chunked = training_step_loss(net.decoders, zs, cs, "nll", "float32")
     assert chunked.item() == pytest.approx(float(whole), rel=1e-5)
+
+
+def test_scale_weights_are_saved_loaded_and_exported(tmp_path):
+    """The weighted fusion is part of the model: model.json records it, a loaded model
+    and its ONNX file give the same maps, and thresholds are calibrated on it."""
+    pytest.importorskip("onnxruntime")
+    from cflowad.runtime import OnnxModel
+
+    options = dict(compile_training=False, encoder_weights="random", image_size=64, steps=20)
+    weighted = CFlowAD(**options, min_holdout=3, scale_weights=(4, 1, 1)).fit(IMAGES[:6])
+    equal = CFlowAD(**options, min_holdout=3).fit(IMAGES[:6])
+    weighted.save(tmp_path / "model")
+    meta = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert meta["config"]["scale_weights"] == [4.0, 1.0, 1.0]
+    loaded = CFlowAD.load(tmp_path / "model")
+    assert loaded.config.scale_weights == (4.0, 1.0, 1.0)
+    before, after = weighted.predict(IMAGES[6:]), loaded.predict(IMAGES[6:])
+    assert all(np.array_equal(a, b) for a, b in zip(before.maps, after.maps, strict=True))
+    assert weighted.calibration["pixel_threshold_raw"] != equal.calibration["pixel_threshold_raw"]
+    weighted.export_onnx(tmp_path / "model.onnx")
+    onnx = OnnxModel(tmp_path / "model.onnx").predict(IMAGES[6:])
+    for a, b in zip(before.maps, onnx.maps, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)

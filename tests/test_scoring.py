@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from cflowad import Config
 from cflowad.calibration import order_statistic_threshold, raw_from_readable
+from cflowad.errors import UserError
 from cflowad.metrics import pixel_auroc
 from cflowad.scoring import CFlowNet, readable
 
@@ -75,6 +76,54 @@ def test_raw_map_is_the_mean_of_the_likelihood_terms_by_hand(net):
     np.testing.assert_allclose(net.raw_map(values).numpy(), expected, rtol=0, atol=1e-6)
     extreme = [torch.full((1, h, w), -1e8) for h, w in net.feature_sizes]
     assert net.raw_map(extreme).max().item() == pytest.approx(1.0)
+
+
+def test_scale_weights_give_the_weighted_mean_by_hand(net):
+    """With ``scale_weights`` the raw map is the weighted mean of the same terms, still in
+    [0, 1): a scale weighted 4 of 6 can move it by at most 4/6, however extreme."""
+    weighted = CFlowNet.build(
+        Config(encoder_weights="random", image_size=128, scale_weights=(4, 1, 1)), pretrained=False
+    )
+    good = _good_maps(net, 20, (1.0, 1.0, 1.0), seed=2)
+    weighted.fit_reference(good)
+    values = _good_maps(net, 2, (3.0, 3.0, 3.0), seed=3)
+    terms = []
+    for k, value in enumerate(values):
+        term = 1 - np.exp(np.minimum(0.0, value.double().numpy() - weighted.reference[k].item()))
+        upsampled = F.interpolate(torch.from_numpy(term)[:, None], size=SIZE, mode="bilinear")
+        terms.append(upsampled[:, 0].numpy())
+    expected = (4 * terms[0] + terms[1] + terms[2]) / 6
+    np.testing.assert_allclose(weighted.raw_map(values).numpy(), expected, rtol=0, atol=1e-6)
+    assert not np.allclose(expected, np.mean(terms, axis=0), atol=1e-3)  # weights do count
+    calm = [torch.full((1, h, w), 1e3) for h, w in weighted.feature_sizes]
+    finest_extreme = [v.clone() for v in calm]
+    finest_extreme[0].fill_(-1e8)
+    assert weighted.raw_map(calm).max().item() == 0
+    assert weighted.raw_map(finest_extreme).max().item() == pytest.approx(4 / 6)
+
+
+def test_equal_scale_weights_are_the_default_bit_for_bit(net):
+    net.fit_reference(_good_maps(net, 20, (1.0, 1.0, 1.0), seed=2))
+    equal = CFlowNet.build(
+        Config(encoder_weights="random", image_size=128, scale_weights=(2, 2, 2)), pretrained=False
+    )
+    equal.reference.copy_(net.reference)
+    values = _good_maps(net, 2, (3.0, 3.0, 3.0), seed=5)
+    assert torch.equal(net.raw_map(values), equal.raw_map(values))
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        ((1, 1), "one positive weight per stride"),
+        ((1, 0, 1), "one positive weight per stride"),
+        ((1, float("nan"), 1), "one positive weight per stride"),
+        (("a", 1, 1), "must be numbers"),
+    ],
+)
+def test_scale_weights_are_checked(weights, message):
+    with pytest.raises(UserError, match=f"scale_weights.*{message}"):
+        Config(scale_weights=weights)
 
 
 def test_reference_is_the_held_out_quantile(net):

@@ -7,7 +7,7 @@ through the same engine (:mod:`cflowad.inference`).
 
 from __future__ import annotations
 
-__version__ = "0.6.1"
+__version__ = "0.7.0"
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Any

@@ -217,6 +217,14 @@ def train(
     score_top_k: Annotated[
         float, typer.Option(help="Image score: mean of this top fraction of the map (0: maximum).")
     ] = DEFAULTS.score_top_k,
+    scale_weights: Annotated[
+        str | None,
+        typer.Option(
+            help="Weights of the scales in the map, comma-separated, finest first (default: "
+            "equal). Each scale's term stays bounded; weighting the finest scale sharpens "
+            "maps of small defects, the coarsest helps large ones (docs/design.md)."
+        ),
+    ] = None,
     feature_cache_budget_mb: Annotated[
         int,
         typer.Option(
@@ -283,6 +291,13 @@ def train(
         except ValueError:
             raise UserError(
                 f"option --strides={strides!r} must be integers, e.g. 8,16,32"
+            ) from None
+    if "scale_weights" in given:
+        try:
+            given["scale_weights"] = tuple(float(x) for x in given["scale_weights"].split(","))
+        except ValueError:
+            raise UserError(
+                f"option --scale-weights={scale_weights!r} must be numbers, e.g. 2,1,1"
             ) from None
     for name in ("weights_file", "feature_cache_dir"):
         if given.get(name) is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ class Config:
     trains the decoders with bfloat16 matrix products where they measure faster
     than float32 on this CPU (scoring is always float32); ``compile_training`` fuses the
     training step with torch.compile (falls back to eager if compiling fails).
+    ``scale_weights`` (finest scale first; ``None``: equal, the default) weights each
+    scale's bounded term in the map; training does not depend on it, thresholds do.
 
     Example:
         >>> Config(image_size=(256, 384)).image_size
@@ -66,6 +69,7 @@ class Config:
     pixel_fpr: float = 0.01
     feature_pooling: int = 1
     score_top_k: float = 0.0
+    scale_weights: tuple[float, ...] | None = None
     feature_cache_budget_mb: int = 4096
     feature_cache_dir: str | None = None
     seed: int = 0
@@ -74,6 +78,14 @@ class Config:
         object.__setattr__(self, "image_size", parse_image_size(self.image_size))
         # finest first, as the encoder returns its scales (8,16,32 and 32,16,8 are one model)
         object.__setattr__(self, "strides", tuple(sorted(int(s) for s in self.strides)))
+        if self.scale_weights is not None:  # finest scale first, as the strides are sorted
+            try:
+                weights = tuple(float(w) for w in self.scale_weights)
+            except (TypeError, ValueError):
+                raise UserError(
+                    f"option scale_weights={self.scale_weights!r} must be numbers, e.g. 2,1,1"
+                ) from None
+            object.__setattr__(self, "scale_weights", weights)
         checks = [
             (self.objective in OBJECTIVES, "objective", f"one of {', '.join(OBJECTIVES)}"),
             (self.decoder in DECODERS, "decoder", f"one of {', '.join(DECODERS)}"),
@@ -117,6 +129,15 @@ class Config:
                 and all(s in (4, 8, 16, 32) for s in self.strides),
                 "strides",
                 "a subset of 4, 8, 16, 32",
+            ),
+            (
+                self.scale_weights is None
+                or (
+                    len(self.scale_weights) == len(self.strides)
+                    and all(math.isfinite(w) and w > 0 for w in self.scale_weights)
+                ),
+                "scale_weights",
+                "one positive weight per stride, finest first (omit it for equal weights)",
             ),
         ]
         for ok, name, what in checks:

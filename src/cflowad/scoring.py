@@ -42,7 +42,8 @@ class CFlowNet(nn.Module):
     reliability weighting with no parameter. An unseen feature, however extreme its
     log-likelihood (the coarsest flow reaches -1e8 nats on unseen content), saturates
     at 1. The raw map is the mean of the upsampled terms, so it lies in [0, 1) and no
-    scale can outweigh the others by magnitude: each contributes at most 1/K.
+    scale can outweigh the others by magnitude: each contributes at most 1/K (with
+    ``scale_weights``, a weighted mean: at most its share of the weights).
 
     The raw image score is the raw map's maximum, as in the paper (or the mean of
     its top ``score_top_k`` fraction). Scores and maps are then put on the readable
@@ -57,6 +58,7 @@ class CFlowNet(nn.Module):
         super().__init__()
         self.image_size = config.image_size
         self.score_top_k = config.score_top_k
+        self.scale_weights = list(config.scale_weights or [1.0] * len(config.strides))
         self.feature_pooling = config.feature_pooling
         self.encoder = encoder
         self.feature_sizes = [
@@ -162,8 +164,9 @@ class CFlowNet(nn.Module):
     def raw_map(self, log_likelihoods: list[Tensor]) -> Tensor:
         """Per-scale log-likelihood maps -> raw anomaly map (B, H, W) in [0, 1).
 
-        Upsampling is linear, so the mean of the upsampled terms is computed as
-        ``1 - mean(up(exp(min(0, l_k - m_k))))``, in place on the full-size map.
+        Upsampling is linear, so the weighted mean of the upsampled terms is computed as
+        ``1 - sum(w_k up(exp(min(0, l_k - m_k)))) / sum(w_k)``, in place on the full-size
+        map (equal weights unless the config's ``scale_weights`` says otherwise).
         """
         total = torch.zeros(())
         for k, log_likelihood in enumerate(log_likelihoods):
@@ -171,8 +174,9 @@ class CFlowNet(nn.Module):
             upsampled = F.interpolate(
                 likelihood[:, None], size=self.image_size, mode="bilinear", align_corners=False
             )
-            total = upsampled if k == 0 else total.add_(upsampled)
-        return total[:, 0].mul_(-1 / len(log_likelihoods)).add_(1)
+            weight = self.scale_weights[k]
+            total = upsampled.mul_(weight) if k == 0 else total.add_(upsampled, alpha=weight)
+        return total[:, 0].mul_(-1 / sum(self.scale_weights)).add_(1)
 
     def raw_score(self, raw_maps: Tensor) -> Tensor:
         """(B, H, W) raw maps -> (B,) raw image scores: max, or mean of the top fraction."""
