@@ -64,15 +64,20 @@ def test_one_scale_a_thousandfold_louder_cannot_decide_the_map(net):
     assert ours > 0.95 > pixel_auroc([old], [truth])
 
 
-def test_raw_map_is_the_mean_of_the_likelihood_terms_by_hand(net):
-    net.fit_reference(_good_maps(net, 20, (1.0, 1.0, 1.0), seed=2))
-    values = _good_maps(net, 2, (3.0, 3.0, 3.0), seed=3)
+def _terms_by_hand(net: CFlowNet, values: list[torch.Tensor]) -> list[np.ndarray]:
+    """Each scale's term 1 - exp(min(0, l_k - m_k)) in float64, upsampled to SIZE."""
     terms = []
     for k, value in enumerate(values):
         term = 1 - np.exp(np.minimum(0.0, value.double().numpy() - net.reference[k].item()))
         upsampled = F.interpolate(torch.from_numpy(term)[:, None], size=SIZE, mode="bilinear")
         terms.append(upsampled[:, 0].numpy())
-    expected = np.mean(terms, axis=0)
+    return terms
+
+
+def test_raw_map_is_the_mean_of_the_likelihood_terms_by_hand(net):
+    net.fit_reference(_good_maps(net, 20, (1.0, 1.0, 1.0), seed=2))
+    values = _good_maps(net, 2, (3.0, 3.0, 3.0), seed=3)
+    expected = np.mean(_terms_by_hand(net, values), axis=0)
     np.testing.assert_allclose(net.raw_map(values).numpy(), expected, rtol=0, atol=1e-6)
     extreme = [torch.full((1, h, w), -1e8) for h, w in net.feature_sizes]
     assert net.raw_map(extreme).max().item() == pytest.approx(1.0)
@@ -87,11 +92,7 @@ def test_scale_weights_give_the_weighted_mean_by_hand(net):
     good = _good_maps(net, 20, (1.0, 1.0, 1.0), seed=2)
     weighted.fit_reference(good)
     values = _good_maps(net, 2, (3.0, 3.0, 3.0), seed=3)
-    terms = []
-    for k, value in enumerate(values):
-        term = 1 - np.exp(np.minimum(0.0, value.double().numpy() - weighted.reference[k].item()))
-        upsampled = F.interpolate(torch.from_numpy(term)[:, None], size=SIZE, mode="bilinear")
-        terms.append(upsampled[:, 0].numpy())
+    terms = _terms_by_hand(weighted, values)
     expected = (4 * terms[0] + terms[1] + terms[2]) / 6
     np.testing.assert_allclose(weighted.raw_map(values).numpy(), expected, rtol=0, atol=1e-6)
     assert not np.allclose(expected, np.mean(terms, axis=0), atol=1e-3)  # weights do count

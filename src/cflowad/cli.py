@@ -12,7 +12,7 @@ import json
 import sys
 import traceback
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -53,6 +53,20 @@ app = typer.Typer(
     help="CFLOW-AD anomaly detection: train on good images, flag and localize defects.",
 )
 DEFAULTS = Config()
+
+
+def _comma_separated(
+    text: str, name: str, kind: Callable[[str], Any], example: str
+) -> tuple[Any, ...]:
+    """``"8,16,32"`` -> (8, 16, 32), or a one-line error naming the option."""
+    try:
+        return tuple(kind(x) for x in text.split(","))
+    except ValueError:
+        what = "integers" if kind is int else "numbers"
+        option = "--" + name.replace("_", "-")
+        raise UserError(f"option {option}={text!r} must be {what}, e.g. {example}") from None
+
+
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 SkipBad = Annotated[
     bool,
@@ -285,20 +299,9 @@ def train(
     }
     if given.pop("random_weights", False):
         given["encoder_weights"] = "random"
-    if "strides" in given:
-        try:
-            given["strides"] = tuple(int(x) for x in given["strides"].split(","))
-        except ValueError:
-            raise UserError(
-                f"option --strides={strides!r} must be integers, e.g. 8,16,32"
-            ) from None
-    if "scale_weights" in given:
-        try:
-            given["scale_weights"] = tuple(float(x) for x in given["scale_weights"].split(","))
-        except ValueError:
-            raise UserError(
-                f"option --scale-weights={scale_weights!r} must be numbers, e.g. 2,1,1"
-            ) from None
+    for name, kind, example in (("strides", int, "8,16,32"), ("scale_weights", float, "2,1,1")):
+        if name in given:
+            given[name] = _comma_separated(given[name], name, kind, example)
     for name in ("weights_file", "feature_cache_dir"):
         if given.get(name) is not None:
             given[name] = str(given[name])
