@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cflowad.archive import read_shards
+from cflowad.fleet.archive import read_shards
 
 RUNS = Path("runs/fleet")
 SETS = ("magnetic_tile", "visa_capsules")

@@ -30,8 +30,9 @@ import torch
 from torch.nn import functional as F
 
 from cflowad import CFlowAD
-from cflowad.data import batches, find_test_set, load_mask
-from cflowad.metrics import aupro, image_auroc, pixel_auroc
+from cflowad.data.datasets import find_test_set, load_mask
+from cflowad.data.images import batches
+from cflowad.results.metrics import aupro, image_auroc, pixel_auroc
 
 
 def option(name: str, default: str) -> str:

@@ -29,10 +29,11 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from cflowad import CFlowAD, Config
-from cflowad.data import batches, find_test_set, find_training_images, load_image, load_mask
-from cflowad.metrics import aupro, image_auroc, pixel_auroc
-from cflowad.scoring import CFlowNet
-from cflowad.synthetic import paste_defects
+from cflowad.data.datasets import find_test_set, find_training_images, load_mask
+from cflowad.data.images import batches, load_image
+from cflowad.data.synthetic import paste_defects
+from cflowad.method.scoring import CFlowNet
+from cflowad.results.metrics import aupro, image_auroc, pixel_auroc
 
 
 class Loaded:

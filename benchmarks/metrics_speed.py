@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from cflowad.metrics import aupro, pixel_auroc
+from cflowad.results.metrics import aupro, pixel_auroc
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cflowad.data import find_test_set
+from cflowad.data.datasets import find_test_set
 
 ROOT = Path("runs/predict_memory")
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import httpx
 
-from cflowad.loadtest import run_loadtest
+from cflowad.line.loadtest import run_loadtest
 
 CLI = [sys.executable, "-m", "cflowad"]
 

@@ -25,9 +25,9 @@ import numpy as np
 from PIL import Image
 
 import cflowad
-from cflowad.allocator import keep_freed_memory
-from cflowad.hotfolder import watch_folder
-from cflowad.video import stream_video
+from cflowad.common.allocator import keep_freed_memory
+from cflowad.line.stream import stream_video
+from cflowad.line.watch import watch_folder
 
 
 def make_video(images: list[Path], path: Path, seconds: int = 10, fps: int = 30) -> Path:

@@ -15,9 +15,9 @@ import sys
 
 import numpy as np
 
-from cflowad.config import Config
-from cflowad.scoring import CFlowNet
-from cflowad.train import FeatureCache, fit_decoders
+from cflowad.method.config import Config
+from cflowad.method.scoring import CFlowNet
+from cflowad.method.train import FeatureCache, fit_decoders
 
 
 def main() -> None:

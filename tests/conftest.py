@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from cflowad import runtime
+import cflowad.engine.threads
 
 
 def make_texture_dataset(
@@ -69,8 +69,8 @@ def make_textures():
 @pytest.fixture(autouse=True)
 def _threads_restored():
     """A command run in-process sets torch's and ONNX Runtime's threads for the whole
-    process (`cflowad.runtime.share_threads`); no test leaves them to the next."""
+    process (`cflowad.engine.threads.share_threads`); no test leaves them to the next."""
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
-    runtime._threads.clear()
+    cflowad.engine.threads._threads.clear()

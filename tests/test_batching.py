@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from cflowad.batching import DynamicBatcher
-from cflowad.inference import InferenceEngine
+from cflowad.engine.inference import InferenceEngine
+from cflowad.line.batching import DynamicBatcher
 
 
 class _Mean(InferenceEngine):

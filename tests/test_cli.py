@@ -286,16 +286,17 @@ def test_train_reads_a_config_file_and_flags_override_it(texture_dataset, tmp_pa
 
 
 def test_the_command_reference_in_docs_is_current():
-    from cflowad.cli_docs import cli_reference
+    from cflowad.cli.docs import cli_reference
 
     written = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
-    assert written == cli_reference(), "run: python -m cflowad.cli_docs > docs/cli.md"
+    assert written == cli_reference(), "run: python -m cflowad.cli.docs > docs/cli.md"
 
 
 def test_the_onnx_path_imports_neither_the_trainer_nor_timm():
     code = (
-        "import sys, cflowad, cflowad.runtime; "
-        "print(sorted(m for m in ('cflowad.model', 'cflowad.train', 'timm') if m in sys.modules))"
+        "import sys, cflowad, cflowad.runtime, cflowad.engine.onnx, cflowad.engine.loading; "
+        "print(sorted(m for m in ('cflowad.model', 'cflowad.engine.model', 'cflowad.method.train', "
+        "'timm') if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

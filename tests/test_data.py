@@ -7,16 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cflowad.data import (
-    batches,
-    decode_image,
-    find_test_set,
-    find_training_images,
-    load_image,
-    load_mask,
-    to_model_input,
-)
-from cflowad.errors import UserError
+from cflowad.common.errors import UserError
+from cflowad.data.datasets import find_test_set, find_training_images, load_mask
+from cflowad.data.images import batches, decode_image, load_image, to_model_input
 
 RNG = np.random.default_rng(0)
 RGB = (RNG.random((30, 40, 3)) * 255).astype(np.uint8)

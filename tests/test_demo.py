@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cflowad.data import load_image
-from cflowad.demo import elpv_split
+from cflowad.data.images import load_image
+from cflowad.results.demo import elpv_split
 
 
 def test_elpv_split_is_disjoint_seeded_and_labelled():

@@ -7,9 +7,9 @@ import pytest
 import torch
 from skimage import data as skdata
 
-from cflowad.data import to_model_input
-from cflowad.encoder import Encoder, fold_batch_norms, load_lite_classifier
-from cflowad.errors import UserError
+from cflowad.common.errors import UserError
+from cflowad.data.images import to_model_input
+from cflowad.method.encoder import Encoder, fold_batch_norms, load_lite_classifier
 
 LITES = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]
 

@@ -14,9 +14,10 @@ import torch
 
 from cflowad import CFlowAD
 from cflowad.cli import main
-from cflowad.data import batches, find_test_set
-from cflowad.errors import UserError
-from cflowad.runtime import OnnxModel
+from cflowad.common.errors import UserError
+from cflowad.data.datasets import find_test_set
+from cflowad.data.images import batches
+from cflowad.engine.onnx import OnnxModel
 
 FAST = ["--image-size", "64", "--steps", "20", "--no-compile", "--quiet"]
 
@@ -165,13 +166,13 @@ def test_bench_writes_the_documented_keys_with_onnxruntime(model_dir, texture_da
 
 
 def test_onnx_only_processes_give_onnx_runtime_the_threads_and_torch_one(exported, model_dir):
-    import cflowad.runtime as runtime
+    import cflowad.engine.threads as threads
 
-    runtime.share_threads(3, onnx_only=True)  # conftest restores the threads afterwards
+    threads.share_threads(3, onnx_only=True)  # conftest restores the threads afterwards
     options = OnnxModel(exported)._session.get_session_options()
     assert (torch.get_num_threads(), options.intra_op_num_threads) == (1, 3)
-    runtime.share_threads(4, onnx_only=False, workers=2)  # a model directory as well
+    threads.share_threads(4, onnx_only=False, workers=2)  # a model directory as well
     options = OnnxModel(exported)._session.get_session_options()
     assert (torch.get_num_threads(), options.intra_op_num_threads) == (2, 2)
     with pytest.raises(UserError, match="--workers=3"):
-        runtime.share_threads(2, onnx_only=True, workers=3)
+        threads.share_threads(2, onnx_only=True, workers=3)

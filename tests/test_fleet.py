@@ -22,9 +22,9 @@ import ray
 import torch
 
 from cflowad import CFlowAD
-from cflowad.archive import read_shards
 from cflowad.cli import main
-from cflowad.fleet import FLEET_FILE
+from cflowad.fleet.archive import read_shards
+from cflowad.fleet.training import FLEET_FILE
 
 FAST = ["--steps", "20", "--image-size", "64", "--encoder-weights", "random", "--no-compile"]
 CATEGORIES = ("a", "b", "c")

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from cflowad.flows import ConditionalFlow, positional_encoding, random_rotation
-from cflowad.train import flow_loss
+from cflowad.method.flows import ConditionalFlow, positional_encoding, random_rotation
+from cflowad.method.train import flow_loss
 
 
 def _flow(dim: int = 7, condition_dim: int = 4, blocks: int = 3, seed: int = 0) -> ConditionalFlow:

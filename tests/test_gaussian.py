@@ -13,9 +13,9 @@ from sklearn.covariance import ledoit_wolf as sklearn_ledoit_wolf
 
 from cflowad import CFlowAD, UserError
 from cflowad.cli import main
-from cflowad.flows import ConditionalFlow
-from cflowad.gaussian import GaussianDecoder, ledoit_wolf
-from cflowad.train import flow_loss
+from cflowad.method.flows import ConditionalFlow
+from cflowad.method.gaussian import GaussianDecoder, ledoit_wolf
+from cflowad.method.train import flow_loss
 
 RNG = np.random.default_rng(0)
 
@@ -74,7 +74,7 @@ def test_a_gaussian_model_fits_saves_loads_and_exports(texture_dataset, tmp_path
     with pytest.raises(UserError, match="weights do not match"):
         CFlowAD.load(tmp_path / "gaussian")
     # the ONNX file scores as PyTorch does
-    from cflowad.runtime import OnnxModel
+    from cflowad.engine.onnx import OnnxModel
 
     checked = model.export_onnx(tmp_path / "gaussian.onnx")
     assert checked["max_relative_difference"] < 1e-3

@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from cflowad.metrics import aupro, f1_max, image_auroc, pixel_auroc, pro_curve
+from cflowad.results.metrics import aupro, f1_max, image_auroc, pixel_auroc, pro_curve
 
 
 def brute_pro_curve(maps, masks):

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from cflowad import CFlowAD, Config, UserError, train
-from cflowad.model import FORMAT_VERSION
-from cflowad.scoring import CFlowNet
-from cflowad.train import training_step_loss
+from cflowad import CFlowAD, Config, UserError
+from cflowad.engine.model import FORMAT_VERSION
+from cflowad.method import train
+from cflowad.method.scoring import CFlowNet
+from cflowad.method.train import training_step_loss
 
 RNG = np.random.default_rng(0)
 IMAGES = [RNG.random((70 + 3 * i, 50 + 5 * i, 3), dtype=np.float32) for i in range(10)]
@@ -163,7 +164,7 @@ def test_predict_before_fit_is_an_error():
 def test_end_to_end_on_real_textures_finds_pasted_defects(trained_model, texture_dataset):
     from sklearn.metrics import roc_auc_score
 
-    from cflowad.data import find_test_set, load_mask
+    from cflowad.data.datasets import find_test_set, load_mask
 
     test = find_test_set(texture_dataset)
     prediction = trained_model.predict(test.images)
@@ -194,7 +195,7 @@ def test_auto_aspect_keeps_the_training_images_shape():
 
 
 def test_feature_cache_over_budget_is_memory_mapped_with_equal_content(small_model):
-    from cflowad.train import encode
+    from cflowad.method.train import encode
 
     in_memory = encode(small_model.net, IMAGES[:3], budget_mb=4096)
     on_disk = encode(small_model.net, IMAGES[:3], budget_mb=0)
@@ -242,7 +243,7 @@ def test_auto_precision_follows_the_measured_speed(monkeypatch, float32_ms, bflo
 
 
 def test_matmul_probe_times_the_product():
-    from cflowad.train import matmul_seconds
+    from cflowad.method.train import matmul_seconds
 
     a, b = torch.randn(512, 288), torch.randn(288, 640)
     start = time.perf_counter()
@@ -356,7 +357,7 @@ def test_scale_weights_are_saved_loaded_and_exported(tmp_path):
     """The weighted fusion is part of the model: model.json records it, a loaded model
     and its ONNX file give the same maps, and thresholds are calibrated on it."""
     pytest.importorskip("onnxruntime")
-    from cflowad.runtime import OnnxModel
+    from cflowad.engine.onnx import OnnxModel
 
     options = dict(compile_training=False, encoder_weights="random", image_size=64, steps=20)
     weighted = CFlowAD(**options, min_holdout=3, scale_weights=(4, 1, 1)).fit(IMAGES[:6])

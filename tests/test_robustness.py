@@ -13,9 +13,9 @@ import torch
 import cflowad
 from cflowad import CFlowAD, UserError
 from cflowad.cli import main
-from cflowad.data import batches
-from cflowad.files import MARKER, is_output_dir, staged_directory
-from cflowad.inference import as_images
+from cflowad.data.files import MARKER, is_output_dir, staged_directory
+from cflowad.data.images import batches
+from cflowad.engine.inference import as_images
 
 FAST = ["--image-size", "64", "--steps", "20", "--no-compile", "--quiet"]
 RNG = np.random.default_rng(1)
@@ -91,7 +91,7 @@ def test_a_failed_run_keeps_what_it_scored_and_leaves_the_old_output(
     images = _patch_images(texture_dataset)
     assert main(["predict", str(model_dir), images[0], "--out", str(out), "-q"]) == 0
     before = (out / "predictions.json").read_text()
-    from cflowad.model import CFlowAD as Model
+    from cflowad.engine.model import CFlowAD as Model
 
     real = Model.score_batch
     calls = []
@@ -152,7 +152,7 @@ def test_what_counts_as_one_image(small_model, texture_dataset, tmp_path):
 
 
 def test_predict_iter_streams_with_bounded_decoding(small_model, monkeypatch):
-    import cflowad.data as data
+    import cflowad.data.images as data
 
     decoded = []
     real = data.load_image
@@ -175,7 +175,7 @@ def test_predict_iter_streams_with_bounded_decoding(small_model, monkeypatch):
 
 
 def test_batches_never_run_far_ahead_of_the_consumer(monkeypatch):
-    import cflowad.data as data
+    import cflowad.data.images as data
 
     decoded = []
     monkeypatch.setattr(data, "load_image", lambda item: decoded.append(1) or item)
@@ -187,7 +187,7 @@ def test_batches_never_run_far_ahead_of_the_consumer(monkeypatch):
 
 
 def test_cache_dir_is_used_and_a_full_disk_is_one_line(small_model, tmp_path, monkeypatch):
-    from cflowad.train import encode
+    from cflowad.method.train import encode
 
     used = []
     real = np.memmap

@@ -10,10 +10,10 @@ import torch
 from torch.nn import functional as F
 
 from cflowad import Config
-from cflowad.calibration import order_statistic_threshold, raw_from_readable
-from cflowad.errors import UserError
-from cflowad.metrics import pixel_auroc
-from cflowad.scoring import CFlowNet, readable
+from cflowad.common.errors import UserError
+from cflowad.method.calibration import order_statistic_threshold, raw_from_readable
+from cflowad.method.scoring import CFlowNet, readable
+from cflowad.results.metrics import pixel_auroc
 
 SIZE = (128, 128)
 

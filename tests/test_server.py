@@ -26,12 +26,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import cflowad
-import cflowad.server
+import cflowad.line.server
 from cflowad.cli import main
-from cflowad.data import load_image, to_model_input
-from cflowad.inference import InferenceEngine
-from cflowad.pictures import blend
-from cflowad.server import ServeSettings, create_app
+from cflowad.data.images import load_image, to_model_input
+from cflowad.engine.inference import InferenceEngine
+from cflowad.line.server import ServeSettings, create_app
+from cflowad.results.pictures import blend
 
 FAST = ["--image-size", "64", "--steps", "30", "--no-compile", "--quiet"]
 
@@ -254,7 +254,7 @@ def test_not_ready_until_every_model_is_loaded_and_warmed(tmp_path, monkeypatch,
         assert gate.wait(60)
         return engine
 
-    monkeypatch.setattr(cflowad.server, "load", slow_load)
+    monkeypatch.setattr(cflowad.line.server, "load", slow_load)
     with serving(create_app(_fake_models(tmp_path)), ready=False) as url:
         assert httpx.get(f"{url}/healthz").json() == {"status": "alive"}
         ready = httpx.get(f"{url}/readyz")
@@ -271,7 +271,7 @@ def test_not_ready_until_every_model_is_loaded_and_warmed(tmp_path, monkeypatch,
 
 def test_a_client_that_disconnects_frees_its_place(tmp_path, monkeypatch, images):
     engine = _MeanEngine(delay=0.6)
-    monkeypatch.setattr(cflowad.server, "load", lambda path, device: engine)
+    monkeypatch.setattr(cflowad.line.server, "load", lambda path, device: engine)
     body = images[0].read_bytes()
     with serving(create_app(_fake_models(tmp_path), ServeSettings(max_batch=1))) as url:
         with threading_pool(2) as pool:
@@ -379,7 +379,7 @@ def test_loadtest_without_the_servers_latency_reports_none(images, tmp_path):
     """A proxy that rewrites the answers hides latency_ms: the client's figures stay."""
     from fastapi import FastAPI
 
-    from cflowad.loadtest import run_loadtest
+    from cflowad.line.loadtest import run_loadtest
 
     bare = FastAPI()
 

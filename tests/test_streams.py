@@ -18,12 +18,12 @@ import pytest
 import torch
 from PIL import Image
 
-import cflowad.cli
+import cflowad.cli.streams
 from cflowad.cli import main
-from cflowad.errors import UserError
-from cflowad.hotfolder import watch_folder
-from cflowad.inference import InferenceEngine
-from cflowad.video import stream_video
+from cflowad.common.errors import UserError
+from cflowad.engine.inference import InferenceEngine
+from cflowad.line.stream import stream_video
+from cflowad.line.watch import watch_folder
 
 FPS = 10
 SIZE = (64, 96)  # height, width
@@ -147,7 +147,7 @@ def test_live_drops_frames_to_keep_latency_bounded(tmp_path):
 
 
 def test_stream_command_errors_are_one_line(video, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cflowad.cli, "load", lambda path, device: _Brightest())
+    monkeypatch.setattr(cflowad.cli.streams, "load", lambda path, device: _Brightest())
     text = tmp_path / "notes.mp4"
     text.write_text("not a video")
     truncated = tmp_path / "cut.mp4"
@@ -265,7 +265,7 @@ def test_kill_9_midway_neither_loses_nor_rescores(tmp_path):
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from pathlib import Path
         from test_streams import _Brightest
-        from cflowad.hotfolder import watch_folder
+        from cflowad.line.watch import watch_folder
         watch_folder(_Brightest(delay=0.1), Path({str(inbox)!r}), Path({str(out)!r}),
                      settle=0.1, batch_size=2, once=True)
         """
@@ -325,7 +325,7 @@ def test_a_network_stream_that_stops_is_retried_then_ends_with_one_line(tmp_path
 
 
 def test_the_journal_drops_only_a_torn_last_line(tmp_path):
-    from cflowad.hotfolder import _read_journal
+    from cflowad.line.watch import _read_journal
 
     journal = tmp_path / "results.jsonl"
 

@@ -1,24 +1,14 @@
-"""An exported model scored by ONNX Runtime, through the same engine as :class:`CFlowAD`.
+"""Old import path of the ONNX Runtime engine and the thread settings, kept for users'
+code: see :mod:`cflowad.engine.onnx` and :mod:`cflowad.engine.threads`."""
 
-ONNX Runtime fuses what PyTorch runs op by op: the magnetic_tile model scored 59
-images/s at batch 1 in it against 36 in PyTorch on 2 cores (docs/benchmarks.md).
-``cflowad export`` once, then give the ``.onnx`` file wherever a model directory
-goes. This module imports neither the trainer nor timm: a line that only scores
-needs onnxruntime, torch and Pillow.
-"""
-
-from __future__ import annotations
-
-import json
-import threading
-from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor
-
-from cflowad.errors import UserError
-from cflowad.inference import InferenceEngine, describe
+from cflowad.engine.onnx import INPUT_NAME as INPUT_NAME
+from cflowad.engine.onnx import MARK as MARK
+from cflowad.engine.onnx import OUTPUT_NAMES as OUTPUT_NAMES
+from cflowad.engine.onnx import OnnxModel as OnnxModel
+from cflowad.engine.onnx import cpu_session as cpu_session
+from cflowad.engine.onnx import require_onnxruntime as require_onnxruntime
+from cflowad.engine.threads import set_num_threads as set_num_threads
+from cflowad.engine.threads import share_threads as share_threads
 
 __all__ = [
     "INPUT_NAME",
@@ -30,150 +20,3 @@ __all__ = [
     "set_num_threads",
     "share_threads",
 ]
-
-# The exported file's contract, shared with cflowad.export which writes it.
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("scores", "anomalous", "maps", "masks", "raw_scores")
-MARK = "cflowad_version"
-
-
-def require_onnxruntime(purpose: str) -> None:
-    """A one-line user error naming ``purpose`` and the extra to install, if it is missing."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        raise UserError(f"{purpose} needs onnxruntime: pip install 'cflowad[onnx]'") from None
-
-
-_threads: list[int] = []  # ONNX Runtime's intra-op threads once set; torch's count until then
-# torch's count before any command changed it: all cores unless the user set it
-_DEFAULT_THREADS = torch.get_num_threads()
-
-
-def set_num_threads(threads: int) -> None:
-    """ONNX Runtime's intra-op threads for the sessions opened from now on (like torch's)."""
-    if threads < 1:
-        raise ValueError(f"threads={threads} must be at least 1")
-    _threads[:] = [threads]
-
-
-def share_threads(threads: int | None, onnx_only: bool, workers: int = 1) -> None:
-    """Share ``threads`` (default: torch's count at import, all cores) between torch and
-    ONNX Runtime.
-
-    Both keep a pool of threads that spin while they wait for work, and two spinning
-    pools on the same cores slow each other: the magnetic_tile ONNX file scoring one
-    image at a time with short pauses between (as a server does) took 53 ms per image
-    with torch on 2 threads beside ONNX Runtime's 2, and 33 ms with torch on one
-    (2 cores, docs/benchmarks.md). So a process that scores only ONNX files keeps
-    torch, which only resizes there, on one thread. ``workers`` batches scored at
-    once share the threads evenly.
-    """
-    total = _DEFAULT_THREADS if threads is None else threads
-    if total < 1:
-        raise UserError(f"option --threads={total} must be at least 1")
-    if workers > total:
-        raise UserError(
-            f"option --workers={workers}: more workers than the {total} threads "
-            "(each worker needs a thread of its own)"
-        )
-    each = total // workers
-    set_num_threads(each)
-    torch.set_num_threads(1 if onnx_only else each)
-
-
-def cpu_session(path: Path) -> Any:
-    """An ONNX Runtime CPU session on ``path`` in the threads :func:`set_num_threads` gave
-    (torch's thread count until it is called).
-
-    Every session of the process allocates from one shared memory arena: each session's
-    own arena grows to its largest batch and keeps it, so four models in one process
-    (a fleet's archive, a server) peaked at 2.4 GB with their own arenas and 1.4 GB with
-    the shared one, at the same speed (measured; allocating per call without an arena:
-    1.2 GB, but 20 to 40 % slower).
-    """
-    import onnxruntime
-
-    _register_shared_arena(onnxruntime)
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = _threads[0] if _threads else torch.get_num_threads()
-    options.add_session_config_entry("session.use_env_allocators", "1")
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-_shared_arena = threading.Lock()
-_shared_arena_registered: list[bool] = []
-
-
-def _register_shared_arena(onnxruntime: Any) -> None:
-    with _shared_arena:
-        if _shared_arena_registered:
-            return
-        memory = onnxruntime.OrtMemoryInfo(
-            "Cpu",
-            onnxruntime.OrtAllocatorType.ORT_ARENA_ALLOCATOR,
-            0,
-            onnxruntime.OrtMemType.DEFAULT,
-        )
-        # 0, -1, -1, -1: ONNX Runtime's defaults (extend by powers of two)
-        onnxruntime.create_and_register_allocator(memory, onnxruntime.OrtArenaCfg(0, -1, -1, -1))
-        _shared_arena_registered.append(True)
-
-
-class OnnxModel(InferenceEngine):
-    """A file written by ``cflowad export``, run by ONNX Runtime (threads: :func:`cpu_session`).
-
-    Attributes (from the file's metadata):
-        image_size: model input (height, width).
-        image_threshold_raw: the image threshold before the readable scale.
-        pixel_threshold_raw: the pixel threshold before the readable scale.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        require_onnxruntime(f"{path}: scoring an ONNX file")
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise UserError(f"{self.path}: ONNX file not found")
-        try:
-            self._session = cpu_session(self.path)
-        except Exception as error:  # ONNX Runtime's own errors for a broken or foreign file
-            first = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
-            raise UserError(f"{self.path}: not a readable ONNX model ({first})") from None
-        meta = self._session.get_modelmeta().custom_metadata_map
-        if MARK not in meta:
-            raise UserError(f"{self.path}: not written by cflowad export")
-        outputs = tuple(o.name for o in self._session.get_outputs())
-        if outputs != OUTPUT_NAMES or "image_threshold_raw" not in meta:
-            raise UserError(
-                f"{self.path}: exported by cflowad {meta[MARK]} in an older layout; "
-                "export the model again with this cflowad (cflowad export)"
-            )
-        height, width = (int(v) for v in meta["image_size"].split(","))
-        self.image_size = (height, width)
-        self.image_threshold_raw = float(meta["image_threshold_raw"])
-        self.pixel_threshold_raw = float(meta["pixel_threshold_raw"])
-        self._metadata = dict(meta)
-
-    def describe(self) -> dict[str, Any]:
-        """The summary the model directory gives, from the file's metadata.
-
-        ``weights_sha256`` is the source model's weights; files exported before
-        cflowad 0.3 lack it and the training summary (``None`` and ``{}``).
-        """
-        meta = self._metadata
-        calibration = json.loads(meta.get("calibration", "{}"))
-        calibration.setdefault("image_threshold_raw", self.image_threshold_raw)
-        calibration.setdefault("pixel_threshold_raw", self.pixel_threshold_raw)
-        return describe(
-            meta.get("backbone", ""),
-            meta.get("decoder", "flow"),
-            self.image_size,
-            calibration,
-            json.loads(meta.get("training", "{}")),
-            meta.get("weights_sha256") or None,
-        )
-
-    def score_batch(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(B, 3, H, W) at :attr:`image_size` -> readable scores, readable maps, raw scores."""
-        scores, _, maps, _, raw = self._session.run(None, {INPUT_NAME: images.numpy()})
-        return torch.from_numpy(scores), torch.from_numpy(maps), torch.from_numpy(raw)

@@ -1,0 +1,109 @@
+"""Options and helpers shared by several commands: one definition of each."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cflowad.common.errors import UserError
+from cflowad.data.images import list_images, readable
+from cflowad.line.catalog import is_onnx_file
+from cflowad.method.config import Config
+
+__all__ = [
+    "DEFAULTS",
+    "Device",
+    "Quiet",
+    "RayAddress",
+    "SkipBad",
+    "Threads",
+    "comma_separated",
+    "image_files",
+    "keep_readable",
+    "skipped",
+    "summary_table",
+    "use_threads",
+]
+
+DEFAULTS = Config()  # every option's default comes from Config
+
+
+def comma_separated(
+    text: str, name: str, kind: Callable[[str], Any], example: str
+) -> tuple[Any, ...]:
+    """``"8,16,32"`` -> (8, 16, 32), or a one-line error naming the option."""
+    try:
+        return tuple(kind(x) for x in text.split(","))
+    except ValueError:
+        what = "integers" if kind is int else "numbers"
+        option = "--" + name.replace("_", "-")
+        raise UserError(f"option {option}={text!r} must be {what}, e.g. {example}") from None
+
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+SkipBad = Annotated[
+    bool,
+    typer.Option("--skip-bad", help="Warn about unreadable image files and go on without them."),
+]
+Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")]
+Threads = Annotated[
+    int | None,
+    typer.Option(
+        help="Threads (default: all cores); ONNX files run in ONNX Runtime on them. "
+        "For throughput, run one process per core with --threads 1."
+    ),
+]
+RayAddress = Annotated[
+    str | None,
+    typer.Option(help="Ray cluster to join with --engine ray (default: a local one)."),
+]
+
+skipped: list[str] = []  # files skipped by --skip-bad in this run; main() counts them at the end
+
+
+def use_threads(threads: int | None, scoring: Iterable[Path] = (), workers: int = 1) -> None:
+    """Set the threads (default: torch's count at start, all cores), shared with ONNX
+    Runtime when every model the command scores is an ONNX file
+    (:func:`cflowad.engine.threads.share_threads`, which checks --threads and --workers)."""
+    from cflowad.engine.threads import share_threads
+
+    models = list(scoring)
+    share_threads(threads, bool(models) and all(is_onnx_file(m) for m in models), workers)
+
+
+def keep_readable(files: list[Path]) -> list[int]:
+    """Indices of the files that decode; a warning per other file and a count (--skip-bad)."""
+    keep, errors = readable(files)
+    for error in errors:
+        print(f"cflowad: warning: skipped {error}", file=sys.stderr)
+    skipped.extend(errors)
+    if not keep:
+        raise UserError(f"none of the {len(files)} image files could be read")
+    return keep
+
+
+def image_files(items: list[Path]) -> list[Path]:
+    """Files given, with folders expanded to their images; missing files are user errors."""
+    files: list[Path] = []
+    for item in items:
+        files.extend(list_images(item) if item.is_dir() else [item])
+    for file in files:
+        if not file.is_file():
+            raise UserError(f"{file}: file not found")
+    return files
+
+
+def summary_table(rows: list[tuple[str, str]], quiet: bool) -> None:
+    """A command's closing summary: one row per (name, value), unless --quiet."""
+    if quiet:
+        return
+    table = Table(show_header=False, box=None)
+    for key, value in rows:
+        table.add_row(key, value)
+    Console(highlight=False).print(table)

@@ -1,0 +1,176 @@
+"""ONNX export: the whole scoring network and its thresholds in one file.
+
+Production lines often run models in ONNX Runtime or another engine, without
+Python or PyTorch. The exported graph takes images already resized to the model's
+input size and returns, per image, the score, the decision, the anomaly map and
+the mask, exactly as :meth:`CFlowAD.predict` computes them before maps are resized
+back to each image's own size. Thresholds and normalization constants are in the
+graph; the input contract is in the file's metadata. When ONNX Runtime is
+installed the file is checked against PyTorch before it replaces anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from cflowad.common.errors import UserError
+from cflowad.common.version import __version__
+from cflowad.engine.inference import THRESHOLD
+from cflowad.engine.onnx import INPUT_NAME, MARK, OUTPUT_NAMES
+from cflowad.method.config import Config
+from cflowad.method.scoring import CFlowNet
+
+__all__ = ["export_onnx", "is_cflowad_onnx", "write_onnx"]
+
+
+class _Decisions(nn.Module):
+    """CFlowNet plus its decisions: images -> scores, decisions, maps, masks, raw scores."""
+
+    def __init__(self, net: CFlowNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        scores, maps, raw = self.net(images)
+        return scores, scores > THRESHOLD, maps, maps > THRESHOLD, raw
+
+
+def write_onnx(
+    module: nn.Module, example: Tensor, path: Path, output_names: Sequence[str] | None = None
+) -> None:
+    """Export ``module`` (images -> outputs) to ``path`` with a dynamic batch dimension."""
+    # torch.onnx prints its stages to stdout; progress is the caller's to show.
+    with contextlib.redirect_stdout(io.StringIO()):
+        program = torch.onnx.export(
+            module,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=None if output_names is None else list(output_names),
+            dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
+        )
+    if program is None:
+        raise RuntimeError("torch.onnx.export returned no program")
+    program.save(str(path))
+
+
+def is_cflowad_onnx(path: Path) -> bool:
+    """Whether ``path`` is an ONNX file that cflowad wrote (so exporting may replace it)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # any unreadable or foreign file is simply not ours
+        return False
+    return any(p.key == MARK for p in model.metadata_props)
+
+
+def export_onnx(
+    net: CFlowNet,
+    config: Config,
+    calibration: dict[str, Any],
+    training: dict[str, Any],
+    weights_sha256: str | None,
+    path: Path,
+) -> dict[str, Any]:
+    """Write a fitted network (on the CPU) as an ONNX file with a dynamic batch.
+
+    Takes the parts of a model rather than the :class:`CFlowAD` facade, which calls
+    it: the exporter needs no trainer. The file is written next to ``path`` and moved
+    into place only after the check, so a failed export leaves an existing file
+    untouched.
+
+    Returns:
+        What was written and checked (see :meth:`CFlowAD.export_onnx`).
+    """
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+    except ImportError:
+        raise UserError(
+            "ONNX export needs the onnx and onnxscript packages: pip install 'cflowad[onnx]'"
+        ) from None
+    path = Path(path)
+    if path.exists() and not (path.is_file() and is_cflowad_onnx(path)):
+        raise UserError(f"{path}: exists and was not written by cflowad; choose another --onnx")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    height, width = config.image_size
+    wrapper = _Decisions(net).eval()
+    example = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(0))
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    start = time.perf_counter()
+    try:
+        write_onnx(wrapper, example, staging, OUTPUT_NAMES)
+        onnx_model = onnx.load(str(staging))
+        metadata = {
+            MARK: __version__,
+            "backbone": config.backbone,
+            "decoder": config.decoder,
+            "input": (
+                f"{INPUT_NAME}: float32 (N, 3, {height}, {width}), RGB in [0, 1], each image "
+                "resized to that size by antialiased bilinear interpolation"
+            ),
+            "outputs": (
+                "scores (N,) and maps (N, H, W) from 0 to 1 with both thresholds at 0.5; "
+                "anomalous (N,) = scores > 0.5; masks (N, H, W) = maps > 0.5; raw_scores (N,)"
+            ),
+            "image_size": f"{height},{width}",
+            "image_threshold_raw": repr(calibration["image_threshold_raw"]),
+            "pixel_threshold_raw": repr(calibration["pixel_threshold_raw"]),
+            # what cflowad serve's model list shows, the same as for the model directory
+            "weights_sha256": weights_sha256 or "",
+            "calibration": json.dumps(calibration),
+            "training": json.dumps(training),
+        }
+        for key, value in metadata.items():
+            onnx_model.metadata_props.add(key=key, value=value)
+        onnx.save(onnx_model, str(staging))
+        difference = _check_with_onnxruntime(staging, wrapper, example)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+    return {
+        "onnx": str(path),
+        "megabytes": round(path.stat().st_size / 2**20, 1),
+        "seconds": round(time.perf_counter() - start, 1),
+        "max_relative_difference": difference,
+    }
+
+
+@torch.inference_mode()
+def _check_with_onnxruntime(file: Path, wrapper: _Decisions, example: Tensor) -> float | None:
+    """Max relative difference of ONNX Runtime's maps and scores from PyTorch's, or None.
+
+    Runs batches of 2 and 1, which also proves the batch dimension dynamic. Scores
+    and maps lie in [0, 1], so the bound 1e-3 of the largest value catches any real
+    mismatch (a missing constant is order 1) while float32 rounding stays far below.
+    """
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    session = onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for images in (example, example[:1]):
+        expected = wrapper(images)
+        got = session.run(None, {INPUT_NAME: images.numpy()})
+        for name, eager, ours in zip(OUTPUT_NAMES, expected, got, strict=True):
+            if eager.dtype == torch.bool:
+                continue
+            eager_np = eager.numpy()
+            scale = max(float(np.abs(eager_np).max()), 1e-12)
+            worst = max(worst, float(np.abs(ours - eager_np).max()) / scale)
+            if worst > 1e-3:
+                raise RuntimeError(f"ONNX Runtime's {name} differ from PyTorch's by {worst:.2e}")
+    return worst

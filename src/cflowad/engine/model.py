@@ -1,0 +1,386 @@
+"""The façade: ``CFlowAD(...).fit(data)``, ``.predict(images)``, ``.save()``, ``.load()``.
+
+A model is a directory: ``model.safetensors`` (encoder and decoder weights, so a model
+directory runs on a machine without internet) and ``model.json`` (format version,
+configuration, scale references, thresholds, training summary). Loading never
+unpickles. Scoring is :class:`cflowad.engine.inference.InferenceEngine`'s, shared with the
+ONNX runtime; this module adds fitting, calibration and the file format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from cflowad.common.errors import UserError
+from cflowad.common.progress import Reporter
+from cflowad.common.version import __version__
+from cflowad.data.datasets import find_training_images
+from cflowad.data.files import staged_directory
+from cflowad.data.images import ImageInput, batches, median_aspect_ratio
+from cflowad.engine.device import resolve_device
+from cflowad.engine.export import export_onnx
+from cflowad.engine.inference import InferenceEngine, describe
+from cflowad.method.calibration import order_statistic_threshold
+from cflowad.method.config import Config
+from cflowad.method.scoring import CFlowNet
+from cflowad.method.train import encode, fit_decoders, fit_gaussians, training_features
+
+__all__ = ["CFlowAD", "is_model_dir"]
+
+FORMAT = "cflowad-model"
+FORMAT_VERSION = 3
+# What changed in each version, for the one-line message that an old model gets.
+_RETRAIN = {
+    2: "it fuses the scales by unbounded z-scores, which let the coarsest scale swamp the "
+    "others; its held-out statistics were not saved, so it cannot be converted",
+}
+# model.json's calibration entry; the weights file holds the same values as buffers
+_CALIBRATION_KEYS = ("reference", "image_threshold_raw", "pixel_threshold_raw")
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "model.json"
+
+
+class CFlowAD(InferenceEngine):
+    """CFLOW-AD with per-image calibrated scores.
+
+    Args:
+        config: a :class:`Config`; or give its fields as keyword arguments.
+        device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda[:N]"``.
+
+    Example:
+        >>> model = CFlowAD(encoder_weights="random", image_size=64, steps=2, min_holdout=2,
+        ...                 compile_training=False, device="cpu")
+        >>> rng = np.random.default_rng(0)
+        >>> images = [rng.random((80, 60, 3), dtype=np.float32) for _ in range(6)]
+        >>> prediction = model.fit(images).predict(images[:2])
+        >>> prediction.maps[0].shape, prediction.anomalous.dtype
+        ((80, 60), dtype('bool'))
+    """
+
+    def __init__(
+        self, config: Config | None = None, device: str | torch.device = "auto", **fields: Any
+    ) -> None:
+        if config is not None and fields:
+            raise TypeError("give either a Config or keyword fields, not both")
+        self.config = config if config is not None else Config(**fields)
+        self.device = resolve_device(device)
+        self.net = CFlowNet.build(
+            self.config, pretrained=self.config.encoder_weights == "pretrained"
+        )
+        self.net.eval().to(self.device)
+        self.calibration: dict[str, Any] | None = None
+        self.training: dict[str, Any] = {}
+        self.weights_sha256: str | None = None  # of the saved weights file, once saved or loaded
+
+    def fit(
+        self, data: str | Path | Sequence[ImageInput], reporter: Reporter | None = None
+    ) -> CFlowAD:
+        """Train on defect-free images and calibrate thresholds on held-out ones.
+
+        A seeded ``holdout_fraction`` of the images (at least ``min_holdout``) never
+        trains the flows: it fits each scale's reference and the image and pixel
+        thresholds at the target false-positive rates (a warning says when it is too
+        small for them). With ``calibrate_on_train`` all images train and calibrate
+        (optimistic thresholds).
+
+        Args:
+            data: an MVTec category (its ``train/good`` is used), a folder of images,
+                or a list of paths or (H, W[, C]) arrays.
+            reporter: progress output.
+
+        Returns:
+            This model, fitted (so that ``CFlowAD().fit(data).predict(...)`` reads).
+        """
+        reporter = reporter or Reporter(enabled=False)
+        items = _training_items(data)
+        resolved = self.config.resolve_size(median_aspect_ratio(items))
+        if resolved != self.config:
+            reporter.log(
+                f"input size {resolved.image_size[1]}x{resolved.image_size[0]} "
+                "(width x height) keeps the training images' median aspect ratio"
+            )
+            self.config = resolved
+            self.net = CFlowNet(resolved, self.net.encoder).eval().to(self.device)
+        train_items, calibration_items = self._split(items)
+        reporter.log(
+            f"{len(train_items)} training images, {len(calibration_items)} for calibration"
+            + (" (the same images)" if self.config.calibrate_on_train else "")
+        )
+        start = time.perf_counter()
+        cache = encode(
+            self.net,
+            train_items,
+            budget_mb=self.config.feature_cache_budget_mb,
+            reporter=reporter,
+            cache_dir=self.config.feature_cache_dir,
+        )
+        encode_seconds = time.perf_counter() - start
+        if self.config.decoder == "gaussian":
+            summary = fit_gaussians(self.net, cache, reporter)
+        else:
+            summary = fit_decoders(self.net, cache, self.config, reporter)
+        self.calibration = self._calibrate(calibration_items, reporter)
+        self.training = {
+            "n_train": len(train_items),
+            "n_calibration": len(calibration_items),
+            "encode_seconds": round(encode_seconds, 2),
+            "feature_cache_mb": round(cache.nbytes / 2**20, 1),
+            "feature_cache_on_disk": cache.on_disk,
+            **summary,
+            "total_seconds": round(time.perf_counter() - start, 2),
+        }
+        return self
+
+    @property
+    def image_size(self) -> tuple[int, int]:  # type: ignore[override]
+        """Model input (height, width): every image is resized to it for scoring."""
+        return self.config.image_size
+
+    @torch.inference_mode()
+    def score_batch(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, 3, H, W) at :attr:`image_size` -> readable scores, readable maps, raw scores."""
+        self._require_fitted()
+        scores, maps, raw = self.net(images.to(self.device))
+        return scores.cpu(), maps.cpu(), raw.cpu()
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the model directory atomically; replaces only an earlier cflowad model.
+
+        Args:
+            directory: the folder to write; missing, empty, or a cflowad model.
+
+        Returns:
+            ``directory`` as a Path.
+        """
+        self._require_fitted()
+        target = Path(directory)
+        with staged_directory(target, is_model_dir, "--out") as staging:
+            weights = staging / WEIGHTS_FILE
+            save_file(
+                {k: v.contiguous() for k, v in self.net.state_dict().items()},
+                str(weights),
+                metadata={"format": FORMAT},
+            )
+            self.weights_sha256 = _sha256(weights)
+            meta = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "cflowad_version": __version__,
+                "weights_sha256": self.weights_sha256,
+                "config": self.config.to_dict(),
+                "calibration": self.calibration,
+                "training": self.training,
+            }
+            (staging / META_FILE).write_text(json.dumps(meta, indent=2))
+        return target
+
+    def export_onnx(self, path: str | Path) -> dict[str, Any]:
+        """Write the scoring network with its thresholds as ONNX (see :mod:`cflowad.engine.export`).
+
+        Args:
+            path: the ``.onnx`` file; an existing file is replaced only if cflowad wrote it.
+
+        Returns:
+            What was written and checked: ``onnx``, ``megabytes``, ``seconds`` and
+            ``max_relative_difference`` from PyTorch in ONNX Runtime (None without it).
+        """
+        calibration = self._require_fitted()
+        try:
+            return export_onnx(
+                self.net.to("cpu"),
+                self.config,
+                calibration,
+                self.training,
+                self.weights_sha256,
+                Path(path),
+            )
+        finally:
+            self.net.to(self.device)
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "auto") -> CFlowAD:
+        """Rebuild a saved model; errors name the file that is missing or broken.
+
+        Args:
+            directory: a model directory from :meth:`save` or ``cflowad train``.
+            device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda[:N]"``.
+
+        Returns:
+            The fitted model, scoring exactly as when it was saved.
+        """
+        root = Path(directory)
+        meta_path, weights_path = root / META_FILE, root / WEIGHTS_FILE
+        if not root.is_dir():
+            raise UserError(f"{root}: model directory not found")
+        for path in (meta_path, weights_path):
+            if not path.is_file():
+                raise UserError(f"{path}: missing (not a cflowad model directory?)")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise UserError(f"{meta_path}: not valid JSON ({error})") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise UserError(f"{meta_path}: not a cflowad model file")
+        version = meta.get("format_version")
+        if version in _RETRAIN:
+            raise UserError(
+                f"{meta_path}: format version {version} needs retraining with this cflowad "
+                f"(cflowad train): {_RETRAIN[version]}"
+            )
+        if version != FORMAT_VERSION:
+            raise UserError(
+                f"{meta_path}: format version {version} is not supported (this cflowad "
+                f"reads {FORMAT_VERSION}; a newer cflowad wrote it?)"
+            )
+        if _sha256(weights_path) != meta.get("weights_sha256"):
+            raise UserError(f"{weights_path}: checksum mismatch (truncated or modified file)")
+        try:
+            # models written before 0.6 trained every scale on equal fiber batches
+            config = Config.from_dict({"finest_batch_factor": 1, **meta["config"]})
+            calibration = meta["calibration"]
+            missing = [k for k in _CALIBRATION_KEYS if k not in calibration]
+            if missing:
+                raise KeyError(", ".join(missing))
+            state = load_file(str(weights_path))
+        except (KeyError, TypeError) as error:
+            raise UserError(f"{meta_path}: incomplete model description ({error})") from None
+        except SafetensorError as error:
+            raise UserError(f"{weights_path}: unreadable weights ({error})") from None
+        model = cls.__new__(cls)
+        model.config = config
+        model.device = resolve_device(device)
+        model.net = CFlowNet.build(config, pretrained=False)
+        try:
+            model.net.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            raise UserError(
+                f"{weights_path}: weights do not match the model ({str(error).splitlines()[0]})"
+            ) from None
+        model.net.eval().to(model.device)
+        model.net.refresh_conditions()
+        model.calibration = calibration
+        model.training = meta.get("training", {})
+        model.weights_sha256 = meta["weights_sha256"]
+        return model
+
+    def describe(self) -> dict[str, Any]:
+        """Backbone, decoder, input size, thresholds, weights checksum, training summary."""
+        return describe(
+            self.config.backbone,
+            self.config.decoder,
+            self.image_size,
+            self._require_fitted(),
+            self.training,
+            self.weights_sha256,
+        )
+
+    def _split(self, items: list[ImageInput]) -> tuple[list[ImageInput], list[ImageInput]]:
+        config = self.config
+        if config.calibrate_on_train:
+            if len(items) < 2:
+                raise UserError("need at least 2 training images")
+            return items, items
+        holdout = max(config.min_holdout, round(config.holdout_fraction * len(items)))
+        if len(items) < holdout + 2:
+            raise UserError(
+                f"need at least {holdout + 2} training images ({holdout} are held out to "
+                f"calibrate thresholds), got {len(items)}; or use --calibrate-on-train"
+            )
+        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(config.seed))
+        held = set(order[:holdout].tolist())
+        return (
+            [x for i, x in enumerate(items) if i not in held],
+            [x for i, x in enumerate(items) if i in held],
+        )
+
+    @torch.inference_mode()
+    def _calibrate(self, items: list[ImageInput], reporter: Reporter) -> dict[str, Any]:
+        """Fit the scales' references, then both thresholds, on defect-free images.
+
+        The reference of each scale is a high quantile of its held-out log-likelihoods
+        per dimension (:meth:`CFlowNet.fit_reference`); the thresholds are order statistics of the
+        held-out raw scores and map values (:mod:`cflowad.method.calibration`).
+        """
+        per_batch: list[list[Tensor]] = []
+        with reporter.task("calibrating", len(items)) as task:
+            for batch, _ in batches(items, self.config.image_size, 16):
+                features = training_features(self.net, batch.to(self.device))
+                per_batch.append(
+                    [self.net.scale_log_likelihood(k, f) for k, f in enumerate(features)]
+                )
+                task.advance(len(batch))
+        scales = range(len(self.net.decoders))
+        self.net.fit_reference([torch.cat([b[k] for b in per_batch]) for k in scales])
+        raw_maps = [self.net.raw_map(log_likelihoods).cpu() for log_likelihoods in per_batch]
+        raw_scores = torch.cat([self.net.raw_score(m) for m in raw_maps]).double().numpy()
+        pixels = torch.cat([m.flatten() for m in raw_maps]).double().numpy()
+        image = order_statistic_threshold(raw_scores, self.config.image_fpr)
+        pixel = order_statistic_threshold(pixels, self.config.pixel_fpr)
+        if not image.enough_images:
+            reporter.warn(
+                f"{image.n} held-out images cannot show a {self.config.image_fpr:.2%} "
+                f"false-positive rate: the image threshold is their highest score, which "
+                f"achieves about {image.achievable_fpr:.2%}; {image.images_needed()} "
+                "held-out images are needed (more training images, --holdout-fraction, "
+                "or a larger --image-fpr)"
+            )
+        self.net.image_threshold.fill_(image.value)
+        self.net.pixel_threshold.fill_(pixel.value)
+        return {
+            "reference": self.net.reference.tolist(),
+            "image_threshold_raw": image.value,
+            "pixel_threshold_raw": pixel.value,
+            "image_fpr": self.config.image_fpr,
+            "image_fpr_achievable": image.achievable_fpr,
+            "pixel_fpr": self.config.pixel_fpr,
+            "pixel_fpr_achievable": pixel.achievable_fpr,
+            "n_images": len(items),
+            "raw_score_median": float(np.median(raw_scores)),
+        }
+
+    def _require_fitted(self) -> dict[str, Any]:
+        if self.calibration is None:
+            raise UserError("the model is not fitted: call fit() or CFlowAD.load() first")
+        return self.calibration
+
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{f.name}={getattr(self.config, f.name)!r}"
+            for f in dataclasses.fields(self.config)
+            if getattr(self.config, f.name) != f.default
+        )
+        return f"CFlowAD({fields})"
+
+
+def _training_items(data: str | Path | Sequence[ImageInput]) -> list[ImageInput]:
+    if isinstance(data, (str, Path)):
+        return list(find_training_images(Path(data)))
+    items = list(data)
+    if not items:
+        raise UserError("no images given")
+    return items
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def is_model_dir(path: Path) -> bool:
+    """Whether ``path`` holds a cflowad model and nothing else (so saving may replace it)."""
+    return path.is_dir() and {p.name for p in path.iterdir()} <= {WEIGHTS_FILE, META_FILE}

@@ -1,0 +1,211 @@
+"""The exportable network: images -> features -> log-likelihood maps -> anomaly map -> score.
+
+:class:`CFlowNet` is a plain ``nn.Module`` whose ``forward`` is whole-tensor code
+with no data-dependent Python control flow, so it traces and exports unchanged.
+Every constant it uses (per-scale normalization, precomputed conditions) belongs
+to the model, so an image's map never depends on the other images in its batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from cflowad.method.config import Config
+from cflowad.method.encoder import Encoder
+from cflowad.method.flows import ConditionalFlow, positional_encoding
+from cflowad.method.gaussian import GaussianDecoder
+
+__all__ = ["REFERENCE_QUANTILE", "CFlowNet", "readable"]
+
+# The quantile of held-out good log-likelihoods that normalizes each scale.
+REFERENCE_QUANTILE = 0.999
+
+
+class CFlowNet(nn.Module):
+    """Frozen encoder plus one decoder per scale (a conditional flow, or the appendix's
+    Gaussian model), with a bounded scale fusion.
+
+    Each scale's log-likelihood per dimension ``l_k = log p_k / D_k`` becomes a
+    likelihood before the scales meet, as in the paper: the term of scale k is
+
+        a_k = 1 - exp(min(0, l_k - m_k)),
+
+    with ``m_k`` the 99.9th percentile of ``l_k`` over held-out good images: the
+    paper normalizes each scale's likelihood by its maximum over the test set; the
+    held-out images' near-maximum is the same normalizer fitted on good images only,
+    robust to one extreme position, and a constant of the model, so a map never
+    depends on its batch. A scale whose good positions spread widely gets a small
+    ``exp(l_k - m_k)`` on ordinary positions too, so its variations weigh less: a
+    reliability weighting with no parameter. An unseen feature, however extreme its
+    log-likelihood (the coarsest flow reaches -1e8 nats on unseen content), saturates
+    at 1. The raw map is the mean of the upsampled terms, so it lies in [0, 1) and no
+    scale can outweigh the others by magnitude: each contributes at most 1/K (with
+    ``scale_weights``, a weighted mean: at most its share of the weights).
+
+    The raw image score is the raw map's maximum, as in the paper (or the mean of
+    its top ``score_top_k`` fraction). Scores and maps are then put on the readable
+    scale of :mod:`cflowad.method.calibration`, where both thresholds sit at 0.5.
+    """
+
+    reference: Tensor
+    image_threshold: Tensor
+    pixel_threshold: Tensor
+
+    def __init__(self, config: Config, encoder: Encoder) -> None:
+        super().__init__()
+        self.image_size = config.image_size
+        self.score_top_k = config.score_top_k
+        self.scale_weights = list(config.scale_weights or [1.0] * len(config.strides))
+        self.feature_pooling = config.feature_pooling
+        self.encoder = encoder
+        self.feature_sizes = [
+            (config.image_size[0] // s, config.image_size[1] // s) for s in encoder.strides
+        ]
+        self.decoders = nn.ModuleList(
+            GaussianDecoder(dim, height * width)
+            if config.decoder == "gaussian"
+            else ConditionalFlow(
+                dim,
+                config.condition_dim,
+                config.coupling_blocks,
+                config.clamp_alpha,
+                seed=config.seed + k,
+            )
+            for k, (dim, (height, width)) in enumerate(
+                zip(encoder.channels, self.feature_sizes, strict=True)
+            )
+        )
+        for k, (height, width) in enumerate(self.feature_sizes):
+            code = positional_encoding(config.condition_dim, height, width)
+            self.register_buffer(f"code_{k}", code.flatten(1).T.contiguous(), persistent=False)
+            self.register_buffer(f"conditions_{k}", torch.empty(0), persistent=False)
+        self.register_buffer("reference", torch.zeros(len(self.decoders)))
+        self.register_buffer("image_threshold", torch.tensor(0.5))
+        self.register_buffer("pixel_threshold", torch.tensor(0.5))
+
+    @classmethod
+    def build(cls, config: Config, pretrained: bool) -> CFlowNet:
+        """The network for ``config``; the encoder gets ImageNet weights if ``pretrained``."""
+        encoder = Encoder.create(
+            config.backbone,
+            config.strides,
+            "pretrained" if pretrained else "random",
+            config.weights_file,
+            seed=config.seed,
+        )
+        return cls(config, encoder)
+
+    def codes(self, k: int) -> Tensor:
+        """Positional condition of scale k, (H_k * W_k, C) in row-major position order."""
+        return getattr(self, f"code_{k}")
+
+    @torch.no_grad()
+    def refresh_conditions(self) -> None:
+        """Precompute every block's condition term for the model's image size.
+
+        Call after the decoder weights change (end of training, loading).
+        """
+        for k, decoder in enumerate(self.decoders):
+            if isinstance(decoder, ConditionalFlow):
+                # Below 16 rows (a 4 x 4 map or smaller) BLAS picks its kernel by thread
+                # count, and rounds differently on one thread (measured): padded, the
+                # conditions and so the model are the same on any number of threads.
+                codes = self.codes(k)
+                rows = codes.shape[0]
+                padded = torch.cat([codes, codes[-1:].expand(max(0, 16 - rows), -1)])
+                setattr(self, f"conditions_{k}", decoder.condition(padded)[:, :rows].contiguous())
+
+    def decoder(self, k: int) -> ConditionalFlow:
+        """The flow of scale k (typed: ``nn.ModuleList`` items are plain modules)."""
+        decoder = self.decoders[k]
+        if not isinstance(decoder, ConditionalFlow):
+            raise TypeError(f"scale {k} has a {type(decoder).__name__}, not a flow")
+        return decoder
+
+    def features(self, images: Tensor) -> list[Tensor]:
+        """(B, 3, H, W) in [0, 1] -> the flows' inputs [(B, D_k, H_k, W_k)].
+
+        With ``feature_pooling`` p > 1 each position's feature is the mean over its
+        p x p neighbourhood (as PatchCore's local aggregation), padding excluded.
+        """
+        features = self.encoder(images)
+        if self.feature_pooling == 1:
+            return features
+        p = self.feature_pooling
+        return [
+            F.avg_pool2d(f, p, stride=1, padding=p // 2, count_include_pad=False) for f in features
+        ]
+
+    def log_likelihoods(self, images: Tensor) -> list[Tensor]:
+        """log p(z | c) / D per position: (B, 3, H, W) in [0, 1] -> [(B, H_k, W_k)]."""
+        return [self.scale_log_likelihood(k, f) for k, f in enumerate(self.features(images))]
+
+    def scale_log_likelihood(self, k: int, features: Tensor) -> Tensor:
+        """(B, D, H_k, W_k) features of scale k -> (B, H_k, W_k) log-likelihood per dim."""
+        batch, dim, height, width = features.shape
+        z = features.flatten(2).transpose(1, 2)  # (B, H*W, D)
+        decoder = self.decoders[k]
+        if isinstance(decoder, GaussianDecoder):
+            log_prob = decoder.log_prob(z)
+        else:
+            log_prob = self.decoder(k).log_prob_conditioned(z, getattr(self, f"conditions_{k}"))
+        return (log_prob / dim).view(batch, height, width)
+
+    @torch.no_grad()
+    def fit_reference(self, good: list[Tensor]) -> None:
+        """Set each scale's ``m_k`` from held-out good log-likelihood maps [(N, H_k, W_k)]."""
+        for k, values in enumerate(good):
+            flat = values.detach().double().flatten().cpu().numpy()
+            self.reference[k] = float(np.quantile(flat, REFERENCE_QUANTILE))
+
+    def raw_map(self, log_likelihoods: list[Tensor]) -> Tensor:
+        """Per-scale log-likelihood maps -> raw anomaly map (B, H, W) in [0, 1).
+
+        Upsampling is linear, so the weighted mean of the upsampled terms is computed as
+        ``1 - sum(w_k up(exp(min(0, l_k - m_k)))) / sum(w_k)``, in place on the full-size
+        map (equal weights unless the config's ``scale_weights`` says otherwise).
+        """
+        total = torch.zeros(())
+        for k, log_likelihood in enumerate(log_likelihoods):
+            likelihood = torch.exp((log_likelihood - self.reference[k]).clamp(max=0))
+            upsampled = F.interpolate(
+                likelihood[:, None], size=self.image_size, mode="bilinear", align_corners=False
+            )
+            weight = self.scale_weights[k]
+            total = upsampled.mul_(weight) if k == 0 else total.add_(upsampled, alpha=weight)
+        return total[:, 0].mul_(-1 / sum(self.scale_weights)).add_(1)
+
+    def raw_score(self, raw_maps: Tensor) -> Tensor:
+        """(B, H, W) raw maps -> (B,) raw image scores: max, or mean of the top fraction."""
+        flat = raw_maps.flatten(1)
+        if self.score_top_k <= 0:
+            return flat.amax(dim=1)
+        count = max(1, round(self.score_top_k * flat.shape[1]))
+        return flat.topk(count, dim=1).values.mean(dim=1)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, 3, H, W) in [0, 1] -> readable scores (B,), readable maps (B, H, W), raw scores."""
+        raw_maps = self.raw_map(self.log_likelihoods(images))
+        raw_scores = self.raw_score(raw_maps)
+        return (
+            readable(raw_scores, self.image_threshold),
+            readable(raw_maps, self.pixel_threshold),
+            raw_scores,
+        )
+
+
+def readable(raw: Tensor, threshold: Tensor) -> Tensor:
+    """Raw values in [0, 1] -> 0 at 0, 0.5 at ``threshold``, 1 at 1, linear in between.
+
+    Inside the exported graph; :func:`cflowad.method.calibration.raw_from_readable` inverts it.
+
+    Example:
+        >>> readable(torch.tensor([0.0, 0.2, 0.6, 1.0]), torch.tensor(0.2)).tolist()
+        [0.0, 0.5, 0.75, 1.0]
+    """
+    t = threshold.clamp(1e-6, 1 - 1e-6)
+    below, above = 0.5 / t, 0.5 / (1 - t)
+    return torch.where(raw <= t, raw * below, raw * above + (0.5 - above * t))
