@@ -239,6 +239,56 @@ def test_hot_folder_waits_for_slow_writers_rejects_corrupt_files_and_resumes(tmp
     assert files == ["slow.png", "renamed.png", "later.png"]
 
 
+@pytest.mark.parametrize("reopens", [True, False], ids=["closes-and-appends", "keeps-open"])
+def test_a_writer_that_pauses_midway_is_waited_for_not_rejected(tmp_path, reopens):
+    """A slow share: half the file, a 2 s pause (far past --settle), then the rest.
+
+    Before 0.8 the half file was rejected as truncated after the settle time, and the
+    rest landed as a second broken file: one good image, never scored.
+    """
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    stop, thread, _ = _watch_in_thread(_Brightest(), inbox, out, reject_after=6.0)
+    try:
+        data = _png(inbox, defect=True)
+        target = inbox / "slow.png"
+        with target.open("wb") as handle:
+            handle.write(data[: len(data) // 2])
+            handle.flush()
+            if reopens:
+                handle.close()
+            time.sleep(2.0)
+            if reopens:
+                handle = target.open("ab")  # a second writer session
+            handle.write(data[len(data) // 2 :])
+            handle.close()
+        journal = out / "results.jsonl"
+        _wait_for(lambda: journal.is_file() and len(_lines(journal)) == 1)
+    finally:
+        stop.set()
+        thread.join(30)
+    (record,) = _lines(out / "results.jsonl")
+    assert record["file"] == "slow.png" and record["anomalous"]
+    assert record["bytes"] == len(data)
+    assert not any((out / "rejected").iterdir())
+
+
+def test_an_unreadable_file_is_rejected_only_after_reject_after(tmp_path):
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    stop, thread, _ = _watch_in_thread(_Brightest(), inbox, out, reject_after=2.0)
+    try:
+        (inbox / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+        written = time.monotonic()
+        _wait_for(lambda: (out / "rejected" / "corrupt.png").exists())
+        waited = time.monotonic() - written
+    finally:
+        stop.set()
+        thread.join(30)
+    assert 2.0 <= waited < 10.0
+    assert [r["file"] for r in _lines(out / "rejected" / "rejected.jsonl")] == ["corrupt.png"]
+
+
 def test_move_done_finishes_a_move_that_a_crash_interrupted(tmp_path):
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     inbox.mkdir()

@@ -12,6 +12,7 @@ from cflowad.cli.options import Device, Quiet, Threads, summary_table, use_threa
 from cflowad.common.progress import Reporter
 from cflowad.data.files import refuse_foreign
 from cflowad.engine.loading import load
+from cflowad.line.watch import REJECT_AFTER, SETTLE, is_watch_output, watch_folder
 
 __all__ = ["stream", "watch"]
 
@@ -31,8 +32,19 @@ def watch(
         bool, typer.Option("--pictures", help="Also write OUT/pictures/<name>.png.")
     ] = False,
     settle: Annotated[
-        float, typer.Option(help="Seconds a file must stop changing before it is read.")
-    ] = 0.5,
+        float,
+        typer.Option(
+            help="Seconds a file must stop changing before it is read (a file its writer "
+            "closed is read at once where inotify tells)."
+        ),
+    ] = SETTLE,
+    reject_after: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a file that does not decode must stay unchanged before it moves "
+            "to OUT/rejected (until then it may still be being written, e.g. on a slow share)."
+        ),
+    ] = REJECT_AFTER,
     batch_size: Annotated[int, typer.Option(help="Files ready together, scored together.")] = 8,
     poll: Annotated[
         bool, typer.Option("--poll", help="Watch by polling (network shares; no inotify).")
@@ -47,12 +59,11 @@ def watch(
     """Score every image that arrives in INBOX exactly once; Ctrl-C stops.
 
     OUT/results.jsonl is the journal: a restart (even after kill -9) neither loses
-    nor rescores a file. Unreadable files move to OUT/rejected with the reason.
+    nor rescores a file. Files that stay unreadable for --reject-after seconds move to
+    OUT/rejected with the reason.
     Needs the stream extra (pip install 'cflowad[stream]').
     """
     import threading
-
-    from cflowad.line.watch import is_watch_output, watch_folder
 
     use_threads(threads, [model_dir])
     refuse_foreign(out, is_watch_output)  # before loading the model
@@ -68,6 +79,7 @@ def watch(
             move_done=move_done,
             pictures=pictures,
             settle=settle,
+            reject_after=reject_after,
             batch_size=batch_size,
             poll=poll,
             once=once,

@@ -2,13 +2,16 @@
 
 The journal ``OUT/results.jsonl`` is the truth: a file is done when its record is
 there (written and flushed before the file is moved with ``--move-done``), so a
-restart, even after ``kill -9``, neither loses nor rescores a file. A file counts
-once its size and modification time have held still for ``settle`` seconds, so a
-camera still writing it is waited for; a file renamed into place counts when it
-appears. Files are keyed by name, size and modification time: a new image under an
-old name is a new file. Events come from watchdog (inotify; polling where inotify
-is missing, or with ``poll=True`` for network shares), with a full scan every few
-seconds as a safety net.
+restart, even after ``kill -9``, neither loses nor rescores a file. A file is read
+once its writer has closed it (inotify's close-after-write event, where the platform
+has it) or once its size and modification time have held still for ``settle``
+seconds; a file renamed into place counts when it appears. A file that does not
+decode then is taken as not finished yet (a writer on a slow share may pause for
+seconds mid-file and append the rest later): it is read again when it changes, and
+rejected only once it has stayed unchanged for ``reject_after`` seconds. Files are
+keyed by name, size and modification time: a new image under an old name is a new
+file. Events come from watchdog (inotify; polling where inotify is missing, or with
+``poll=True`` for network shares), with a full scan every few seconds as a safety net.
 """
 
 from __future__ import annotations
@@ -32,9 +35,13 @@ from cflowad.data.files import refuse_foreign, replace_file
 from cflowad.data.images import IMAGE_SUFFIXES, load_image
 from cflowad.engine.inference import Predictor
 
-__all__ = ["JOURNAL", "WatchSummary", "is_watch_output", "watch_folder"]
+__all__ = ["JOURNAL", "REJECT_AFTER", "SETTLE", "WatchSummary", "is_watch_output", "watch_folder"]
 
 JOURNAL = "results.jsonl"
+SETTLE = 0.5  # s a file must hold still before it is read, unless its writer closed it
+# s an unreadable file must hold still before it is rejected: a writer on a slow share
+# may pause for seconds mid-file
+REJECT_AFTER = 10.0
 _RESCAN_SECONDS = 5.0
 
 
@@ -60,6 +67,8 @@ class _Candidate:
     first_seen: float  # monotonic; the arrival, for the delay figure
     first_seen_at: str  # the same as a timestamp, for the record
     changed_at: float  # when the size or time last changed
+    closed: Key | None = None  # the file as its writer last closed it
+    unreadable: Key | None = None  # the file as it last failed to decode
 
 
 Key = tuple[str, int, int]  # name, bytes, modification time (ns)
@@ -72,7 +81,8 @@ def watch_folder(
     *,
     move_done: bool = False,
     pictures: bool = False,
-    settle: float = 0.5,
+    settle: float = SETTLE,
+    reject_after: float = REJECT_AFTER,
     batch_size: int = 8,
     poll: bool = False,
     once: bool = False,
@@ -89,7 +99,10 @@ def watch_folder(
         out: output folder: the journal, ``maps/``, ``rejected/``, ``done/``, ``pictures/``.
         move_done: move each scored file to ``out/done/`` once its record is written.
         pictures: write ``out/pictures/<name>.png``, the image beside its heat map.
-        settle: seconds a file's size and time must hold still before it is read.
+        settle: seconds a file's size and time must hold still before it is read
+            (a file its writer has closed is read at once, where inotify tells).
+        reject_after: seconds a file that does not decode must stay unchanged before
+            it is moved to ``rejected/`` (until then it may still be being written).
         batch_size: files that are ready together are scored together, up to this many.
         poll: watch by polling (network shares); inotify is used otherwise.
         once: score what is there (waiting for files still being written), then return.
@@ -100,20 +113,22 @@ def watch_folder(
         raise UserError(f"INBOX {inbox}: folder not found")
     if out.resolve() == inbox.resolve() or inbox.resolve() in out.resolve().parents:
         raise UserError(f"--out {out}: must not be inside INBOX {inbox}")
-    if settle < 0 or batch_size < 1:
-        raise UserError("options --settle must be 0 or more and --batch-size at least 1")
+    if settle < 0 or reject_after < 0 or batch_size < 1:
+        raise UserError(
+            "options --settle and --reject-after must be 0 or more and --batch-size at least 1"
+        )
     refuse_foreign(out, is_watch_output)
     folder = _HotFolder(model, inbox, out, move_done, pictures, reporter)
     stop = stop or threading.Event()
     wake = threading.Event()
-    observer = _start_observer(inbox, wake, poll, folder.reporter)
+    observer = _start_observer(inbox, wake, folder.closed, poll, folder.reporter)
     last_report = time.monotonic()
     try:
         with folder.journal_path.open("a") as journal:
             while not stop.is_set():
-                ready, waiting = folder.scan(settle)
+                ready, waiting = folder.scan(settle, reject_after)
                 for start in range(0, len(ready), batch_size):
-                    folder.score(ready[start : start + batch_size], journal)
+                    folder.score(ready[start : start + batch_size], journal, reject_after)
                 if time.monotonic() - last_report > 10 and folder.summary.scored:
                     folder.reporter.log(_progress(folder.summary))
                     last_report = time.monotonic()
@@ -155,11 +170,20 @@ class _HotFolder:
         self.journal_path = out / JOURNAL
         self.done = _read_journal(self.journal_path)
         self.arriving: dict[str, _Candidate] = {}
+        self.closed = _ClosedNames()  # filled by the observer's close-after-write events
         self.summary = WatchSummary()
 
-    def scan(self, settle: float) -> tuple[list[tuple[Path, Key, _Candidate]], int]:
-        """Files whose size and time held still for ``settle`` s, and how many still change."""
+    def scan(
+        self, settle: float, reject_after: float
+    ) -> tuple[list[tuple[Path, Key, _Candidate]], int]:
+        """Files ready to read, and how many are still being written (or may be).
+
+        Ready: closed by its writer since it last changed, or unchanged for ``settle``
+        s; a file that failed to decode only once it changes again, or once it has
+        been unchanged for ``reject_after`` s (then it is read a last time).
+        """
         ready, waiting, now = [], 0, time.monotonic()
+        closed = self.closed.take()
         for path in sorted(self.inbox.iterdir()):
             if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
@@ -181,21 +205,37 @@ class _HotFolder:
                 self.arriving[path.name] = seen
             elif (seen.size, seen.modified_ns) != key[1:]:
                 seen.size, seen.modified_ns, seen.changed_at = stat.st_size, stat.st_mtime_ns, now
-            if now - seen.changed_at < settle or stat.st_size == 0:
+            if path.name in closed:
+                seen.closed = key
+            still = now - seen.changed_at
+            if seen.unreadable == key:
+                is_ready = still >= reject_after
+            else:
+                is_ready = seen.closed == key or still >= settle
+            if not is_ready or stat.st_size == 0:
                 waiting += 1
                 continue
             ready.append((path, key, seen))
         return ready, waiting
 
-    def score(self, batch: list[tuple[Path, Key, _Candidate]], journal: Any) -> None:
-        """Score ``batch``; write each record (flushed, synced), then move the file."""
+    def score(
+        self, batch: list[tuple[Path, Key, _Candidate]], journal: Any, reject_after: float
+    ) -> None:
+        """Score ``batch``; write each record (flushed, synced), then move the file.
+
+        A file that does not decode is rejected only if it has stayed unchanged for
+        ``reject_after`` s; before that it is taken as still being written.
+        """
         images, kept = [], []
         for path, key, seen in batch:
             try:
                 images.append(load_image(path))
             except UserError as error:
-                if _key(path) == key:  # unchanged, so truly unreadable (not still arriving)
+                unchanged = _key(path) == key
+                if unchanged and time.monotonic() - seen.changed_at >= reject_after:
                     self._reject(path, str(error))
+                elif unchanged:
+                    seen.unreadable = key  # read again when it changes, or to reject it
                 continue
             kept.append((path, key, seen))
         if not images:
@@ -296,10 +336,30 @@ def _journal_key(line: bytes) -> Key | None:
         return None
 
 
-def _start_observer(inbox: Path, wake: threading.Event, poll: bool, reporter: Reporter) -> Any:
-    """A watchdog observer that sets ``wake`` on any change; polling where inotify fails."""
+class _ClosedNames:
+    """Names of the files that a writer closed since the last scan (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._names: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, name: str) -> None:
+        with self._lock:
+            self._names.add(name)
+
+    def take(self) -> set[str]:
+        with self._lock:
+            names, self._names = self._names, set()
+        return names
+
+
+def _start_observer(
+    inbox: Path, wake: threading.Event, closed: _ClosedNames, poll: bool, reporter: Reporter
+) -> Any:
+    """A watchdog observer that sets ``wake`` on any change and records close-after-write
+    events (inotify's IN_CLOSE_WRITE) in ``closed``; polling where inotify fails."""
     try:
-        from watchdog.events import FileSystemEvent, FileSystemEventHandler
+        from watchdog.events import EVENT_TYPE_CLOSED, FileSystemEvent, FileSystemEventHandler
         from watchdog.observers import Observer
         from watchdog.observers.polling import PollingObserver
     except ImportError:
@@ -307,6 +367,8 @@ def _start_observer(inbox: Path, wake: threading.Event, poll: bool, reporter: Re
 
     class Wake(FileSystemEventHandler):
         def on_any_event(self, event: FileSystemEvent) -> None:
+            if event.event_type == EVENT_TYPE_CLOSED and not event.is_directory:
+                closed.add(os.path.basename(os.fsdecode(event.src_path)))
             wake.set()
 
     kinds: list[Any] = [PollingObserver] if poll else [Observer, PollingObserver]
