@@ -300,3 +300,22 @@ def test_the_onnx_path_imports_neither_the_trainer_nor_timm():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (
+            ["bench", "model", "--batch-size", "1,x"],
+            "--batch-size='1,x' must be integers, e.g. 1,16",
+        ),
+        (
+            ["loadtest", "http://127.0.0.1:9", "a.png", "--model", "m", "--concurrency", "4,a"],
+            "--concurrency='4,a' must be integers, e.g. 1,4,16",
+        ),
+        (["train", "data", "--out", "m", "--strides", "8,x"], "--strides='8,x' must be integers"),
+    ],
+)
+def test_every_comma_separated_option_is_a_one_line_error(arguments, message, capsys):
+    assert main(arguments) == 2
+    assert message in _error_line(capsys)

@@ -10,7 +10,15 @@ from typing import Annotated
 
 import typer
 
-from cflowad.cli.options import Device, Quiet, Threads, image_files, summary_table, use_threads
+from cflowad.cli.options import (
+    Device,
+    Quiet,
+    Threads,
+    comma_separated,
+    image_files,
+    summary_table,
+    use_threads,
+)
 from cflowad.common.errors import UserError
 from cflowad.common.progress import Reporter
 from cflowad.data.files import replace_file
@@ -77,10 +85,7 @@ def bench(
     """Time the whole predict path against the encoder alone; optionally training."""
     from cflowad.engine.bench import run_bench
 
-    try:
-        sizes = [int(s) for s in batch_size.split(",")]
-    except ValueError:
-        raise UserError(f"option --batch-size={batch_size!r} must be integers, e.g. 1,16") from None
+    sizes = list(comma_separated(batch_size, "batch_size", int, "1,16"))
     if any(s < 1 for s in sizes) or repeats < 1:
         raise UserError("options --batch-size and --repeats must be at least 1")
     use_threads(threads)

@@ -37,7 +37,8 @@ DEFAULTS = Config()  # every option's default comes from Config
 def comma_separated(
     text: str, name: str, kind: Callable[[str], Any], example: str
 ) -> tuple[Any, ...]:
-    """``"8,16,32"`` -> (8, 16, 32), or a one-line error naming the option."""
+    """``"8,16,32"`` -> (8, 16, 32), or a one-line error naming the option: the one parser
+    of every comma-separated option (--strides, --scale-weights, --batch-size, --concurrency)."""
     try:
         return tuple(kind(x) for x in text.split(","))
     except ValueError:

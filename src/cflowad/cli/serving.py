@@ -8,7 +8,15 @@ from typing import Annotated, Any
 
 import typer
 
-from cflowad.cli.options import Device, Quiet, Threads, image_files, summary_table, use_threads
+from cflowad.cli.options import (
+    Device,
+    Quiet,
+    Threads,
+    comma_separated,
+    image_files,
+    summary_table,
+    use_threads,
+)
 from cflowad.common.errors import UserError
 from cflowad.common.progress import Reporter
 from cflowad.data.files import replace_file
@@ -107,12 +115,7 @@ def loadtest(
     """
     from cflowad.line.loadtest import run_loadtest
 
-    try:
-        levels = [int(c) for c in concurrency.split(",")]
-    except ValueError:
-        raise UserError(
-            f"option --concurrency={concurrency!r} must be integers, e.g. 1,4,16"
-        ) from None
+    levels = list(comma_separated(concurrency, "concurrency", int, "1,4,16"))
     reporter = Reporter(enabled=not quiet)
     reporter.log(f"load on {url} model {model}: concurrency {levels}, {duration:g} s each")
     results = run_loadtest(
