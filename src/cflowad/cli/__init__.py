@@ -4,7 +4,7 @@ Each group of commands is a module of this package (options shared between comma
 are in :mod:`cflowad.cli.options`, the error contract in :mod:`cflowad.cli.app`).
 """
 
-from cflowad.cli import demo, deploy, scoring, serving, streams, training
+from cflowad.cli import demo, deploy, scoring, serving, streams, studio, training
 from cflowad.cli.app import app, main
 
 __all__ = ["app", "main"]
@@ -19,3 +19,4 @@ app.command()(serving.serve)
 app.command()(serving.loadtest)
 app.command()(streams.watch)
 app.command()(streams.stream)
+app.command()(studio.studio)

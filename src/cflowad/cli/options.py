@@ -23,9 +23,11 @@ __all__ = [
     "RayAddress",
     "SkipBad",
     "Threads",
+    "check_port",
     "comma_separated",
     "image_files",
     "keep_readable",
+    "read_api_key",
     "skipped",
     "summary_table",
     "use_threads",
@@ -108,3 +110,32 @@ def summary_table(rows: list[tuple[str, str]], quiet: bool) -> None:
     for key, value in rows:
         table.add_row(key, value)
     Console(highlight=False).print(table)
+
+
+def read_api_key(path: Path | None) -> str | None:
+    """The key in --api-key-file: one word, or a one-line error naming the option."""
+    if path is None:
+        return None
+    if not path.is_file():
+        raise UserError(f"option --api-key-file={path}: file not found")
+    key = path.read_text().strip()
+    if not key or any(c.isspace() for c in key):
+        raise UserError(f"option --api-key-file={path}: the key must be one word, not empty")
+    return key
+
+
+def check_port(host: str, port: int) -> None:
+    """One clear line for a port that is taken or an address that is not ours."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise UserError(f"option --port={port} must be 0 to 65535")
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as error:
+        raise UserError(
+            f"options --host={host} --port={port}: cannot listen there ({error.strerror})"
+        ) from None

@@ -12,12 +12,13 @@ from cflowad.cli.options import (
     Device,
     Quiet,
     Threads,
+    check_port,
     comma_separated,
     image_files,
+    read_api_key,
     summary_table,
     use_threads,
 )
-from cflowad.common.errors import UserError
 from cflowad.common.progress import Reporter
 from cflowad.data.files import replace_file
 from cflowad.line.catalog import find_models
@@ -66,26 +67,37 @@ def serve(
         float, typer.Option(help="Largest upload accepted, in MB.")
     ] = _SERVE.max_image_mb,
     device: Device = "auto",
+    reload_every: Annotated[
+        float,
+        typer.Option(
+            help="Seconds between checks of the model files: a model whose files changed is "
+            "reloaded, and one copied into a MODELS folder is served (0: only on SIGHUP or "
+            "POST /v1/models/NAME/reload)."
+        ),
+    ] = _SERVE.follow_seconds,
 ) -> None:
     """Score images over HTTP: POST /v1/models/NAME/predict, with probes, metrics and reloads.
 
     Needs the serve extra (pip install 'cflowad[serve]'). The OpenAPI page is at
-    /docs; SIGHUP or POST /v1/models/NAME/reload loads models from disk again.
+    /docs. A model replaced on disk (a new threshold saved in cflowad studio, a new
+    training) is served within --reload-every seconds; the old one answers until the
+    new one is warm, and a broken file is refused with the old one serving on.
     """
     settings = ServeSettings(
         max_batch=max_batch,
         max_wait_ms=max_wait_ms,
         max_image_mb=max_image_mb,
         workers=workers,
-        api_key=_read_api_key(api_key_file),
+        api_key=read_api_key(api_key_file),
         device=device,
+        follow_seconds=reload_every,
     )
     sources = find_models(models)
     use_threads(threads, sources.values(), workers)
     from cflowad.line.server import create_app, run_server
 
-    app_ = create_app(sources, settings)
-    _check_port(host, port)
+    app_ = create_app(models, settings)
+    check_port(host, port)
     run_server(app_, host, port)
 
 
@@ -125,7 +137,7 @@ def loadtest(
         levels,
         duration,
         max_requests=max_requests,
-        api_key=_read_api_key(api_key_file),
+        api_key=read_api_key(api_key_file),
         on_level=lambda r: reporter.log(
             f"concurrency {r['concurrency']}: {r['requests_per_second']:.1f} requests/s, "
             f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
@@ -155,31 +167,3 @@ def loadtest(
 def _server_part(level: dict[str, Any]) -> str:
     served = level["server_p50_ms"]
     return "" if served is None else f" (server's own p50 {served:.1f} ms)"
-
-
-def _read_api_key(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    if not path.is_file():
-        raise UserError(f"option --api-key-file={path}: file not found")
-    key = path.read_text().strip()
-    if not key or any(c.isspace() for c in key):
-        raise UserError(f"option --api-key-file={path}: the key must be one word, not empty")
-    return key
-
-
-def _check_port(host: str, port: int) -> None:
-    """One clear line for a port that is taken or an address that is not ours."""
-    import socket
-
-    if not 0 <= port <= 65535:
-        raise UserError(f"option --port={port} must be 0 to 65535")
-    try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((host, port))
-    except OSError as error:
-        raise UserError(
-            f"options --host={host} --port={port}: cannot listen there ({error.strerror})"
-        ) from None

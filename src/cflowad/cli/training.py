@@ -199,17 +199,26 @@ def train(
     ] = None,
     skip_bad: SkipBad = False,
     quiet: Quiet = False,
+    progress_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write the current step's progress (step, done, total, per_second, "
+            "eta_seconds) to this JSON file, replaced as it advances: for a dashboard "
+            "(cflowad studio reads it)."
+        ),
+    ] = None,
 ) -> None:
     """Train a model on defect-free images; thresholds are calibrated on held-out ones.
 
     A root of categories trains one model per category into OUT/<category> and lists
     them in OUT/fleet.json; a re-run skips the categories already trained the same way.
 
-    Every option but --out, --config, --device, --skip-bad, --quiet and the fleet's
+    Every option but --out, --config, --device, --skip-bad, --quiet, --progress-file and
+    the fleet's
     (--jobs, --engine, --ray-address, --threads) is a field of cflowad.Config under
     the same name; the model's model.json records them all.
     """
-    reporter = Reporter(enabled=not quiet)
+    reporter = Reporter(enabled=not quiet, progress_file=progress_file)
     given = {
         name: value
         for name, value in ctx.params.items()

@@ -32,7 +32,7 @@ from cflowad.data.images import ImageInput, batches, median_aspect_ratio
 from cflowad.engine.device import resolve_device
 from cflowad.engine.export import export_onnx
 from cflowad.engine.inference import InferenceEngine, describe
-from cflowad.method.calibration import order_statistic_threshold
+from cflowad.method.calibration import false_positive_rate, order_statistic_threshold
 from cflowad.method.config import Config
 from cflowad.method.scoring import CFlowNet
 from cflowad.method.train import encode, fit_decoders, fit_gaussians, training_features
@@ -275,6 +275,25 @@ class CFlowAD(InferenceEngine):
         model.weights_sha256 = meta["weights_sha256"]
         return model
 
+    def set_image_threshold(self, raw: float, source: str = "set by hand") -> None:
+        """Move the image threshold to ``raw`` (the readable scale follows: it is 0.5 again).
+
+        The achievable false-positive rate is recomputed on the held-out scores when the
+        model has them (models from 0.9 on); save the model to keep the change.
+        """
+        calibration = self._require_fitted()
+        if not 0 < raw < 1:
+            raise UserError(f"image threshold {raw}: a raw score strictly between 0 and 1")
+        held = calibration.get("holdout_raw_scores")
+        self.net.image_threshold.fill_(raw)
+        self.calibration = {
+            **calibration,
+            "image_threshold_raw": float(raw),
+            "image_fpr": None,
+            "image_fpr_achievable": false_positive_rate(held, raw) if held else None,
+            "image_threshold_source": source,
+        }
+
     def describe(self) -> dict[str, Any]:
         """Backbone, decoder, input size, thresholds, weights checksum, training summary."""
         return describe(
@@ -348,6 +367,9 @@ class CFlowAD(InferenceEngine):
             "pixel_fpr_achievable": pixel.achievable_fpr,
             "n_images": len(items),
             "raw_score_median": float(np.median(raw_scores)),
+            # every held-out score, so that a threshold moved later (cflowad studio)
+            # knows its false-positive rate
+            "holdout_raw_scores": [round(float(v), 9) for v in raw_scores],
         }
 
     def _require_fitted(self) -> dict[str, Any]:

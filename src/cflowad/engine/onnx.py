@@ -116,6 +116,14 @@ class OnnxModel(InferenceEngine):
         self.pixel_threshold_raw = float(meta["pixel_threshold_raw"])
         self._metadata = dict(meta)
 
+    @property
+    def calibration(self) -> dict[str, Any]:
+        """The calibration the model directory had (held-out scores too, from 0.9 on)."""
+        calibration: dict[str, Any] = json.loads(self._metadata.get("calibration", "{}"))
+        calibration.setdefault("image_threshold_raw", self.image_threshold_raw)
+        calibration.setdefault("pixel_threshold_raw", self.pixel_threshold_raw)
+        return calibration
+
     def describe(self) -> dict[str, Any]:
         """The summary the model directory gives, from the file's metadata.
 
@@ -123,14 +131,11 @@ class OnnxModel(InferenceEngine):
         cflowad 0.3 lack it and the training summary (``None`` and ``{}``).
         """
         meta = self._metadata
-        calibration = json.loads(meta.get("calibration", "{}"))
-        calibration.setdefault("image_threshold_raw", self.image_threshold_raw)
-        calibration.setdefault("pixel_threshold_raw", self.pixel_threshold_raw)
         return describe(
             meta.get("backbone", ""),
             meta.get("decoder", "flow"),
             self.image_size,
-            calibration,
+            self.calibration,
             json.loads(meta.get("training", "{}")),
             meta.get("weights_sha256") or None,
         )

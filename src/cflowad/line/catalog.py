@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cflowad.common.errors import UserError
 
-__all__ = ["NAME_PATTERN", "find_models", "is_model_source", "is_onnx_file"]
+__all__ = ["NAME_PATTERN", "find_models", "is_model_source", "is_onnx_file", "scan_models"]
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -66,3 +66,18 @@ def find_models(path: Path, option: str = "MODELS") -> dict[str, Path]:
                 "digits, '.', '_' and '-'"
             )
     return found
+
+
+def scan_models(folder: Path) -> dict[str, Path]:
+    """Name -> path of the models directly in ``folder`` whose names fit a URL; none is fine.
+
+    For a folder that models come and go in (``cflowad serve`` on a folder, the studio's
+    workspace); names starting with '.' are staging folders and are skipped.
+    """
+    if not folder.is_dir():
+        return {}
+    return {
+        child.name: child
+        for child in sorted(folder.iterdir())
+        if NAME_PATTERN.fullmatch(child.name) and is_model_source(child)
+    }

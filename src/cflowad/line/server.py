@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,7 +38,7 @@ from cflowad.data.images import decode_image
 from cflowad.engine.inference import THRESHOLD, ImageResult, Predictor
 from cflowad.engine.loading import load
 from cflowad.line.batching import DynamicBatcher
-from cflowad.line.catalog import find_models
+from cflowad.line.catalog import find_models, scan_models
 from cflowad.line.settings import ServeSettings
 
 try:
@@ -62,7 +62,17 @@ except ImportError as missing:  # pragma: no cover - depends on the installed ex
         "pip install 'cflowad[serve]'"
     ) from None
 
-__all__ = ["OUTPUTS", "ServeSettings", "ServedModels", "create_app", "run_server"]
+__all__ = [
+    "OUTPUTS",
+    "BodyLimit",
+    "ServeSettings",
+    "ServedModels",
+    "add_serving_routes",
+    "create_app",
+    "run_server",
+    "send_json",
+    "too_large_message",
+]
 
 log = logging.getLogger("cflowad.serve")
 OUTPUTS = ("map", "mask", "overlay")
@@ -138,6 +148,15 @@ class _Served:
         }
 
 
+def _signature(path: Path) -> tuple[int, ...] | None:
+    """What changes when a model's files are replaced: their sizes and modification times."""
+    files = [path / "model.json", path / "model.safetensors"] if path.is_dir() else [path]
+    try:
+        return tuple(v for f in files for v in (f.stat().st_mtime_ns, f.stat().st_size))
+    except OSError:
+        return None  # being replaced right now: look again next time
+
+
 class ServedModels:
     """The models of one server: loading with warm-up, lookup, and reload without downtime.
 
@@ -156,11 +175,13 @@ class ServedModels:
             max_workers=settings.workers, thread_name_prefix="cflowad-score"
         )
         self._reloading: dict[str, asyncio.Lock] = {name: asyncio.Lock() for name in sources}
+        self._signatures: dict[str, tuple[int, ...] | None] = {}
+        self.broken: dict[str, str] = {}  # name -> why it does not load (added while running)
 
     @property
     def ready(self) -> bool:
-        """Every model loaded and warmed up."""
-        return len(self.served) == len(self.sources)
+        """Every model loaded and warmed up (a model added while running may be broken)."""
+        return len(self.served) + len(self.broken) == len(self.sources)
 
     def get(self, name: str) -> _Served:
         """The model serving ``name`` now; 404 for a name not in MODELS (names are never paths)."""
@@ -168,8 +189,22 @@ class ServedModels:
             raise HTTPException(404, f"unknown model {name!r}; GET /v1/models lists them")
         served = self.served.get(name)
         if served is None:
+            if name in self.broken:
+                raise HTTPException(503, f"model {name!r} does not load: {self.broken[name]}")
             raise HTTPException(503, f"model {name!r} is still loading; see /readyz")
         return served
+
+    def get_or_error(self, name: str) -> _Served:
+        """:meth:`get` outside a request: a UserError that says why."""
+        try:
+            return self.get(name)
+        except HTTPException as error:
+            raise UserError(str(error.detail)) from None
+
+    def compute(self, function: Callable[[], Any]) -> Future[Any]:
+        """Run ``function`` on the compute pool that scores every model's batches: other
+        work that scores (a folder, a live source) takes turns with requests."""
+        return self._compute.submit(function)
 
     async def load_all(self) -> None:
         """Load and warm every model, one after the other (at start-up)."""
@@ -183,6 +218,56 @@ class ServedModels:
                 log.error("%s", self.failure)
                 return
         log.info("ready: %d model%s", len(self.served), "" if len(self.served) == 1 else "s")
+
+    async def add(self, name: str, path: Path) -> None:
+        """Serve a model that appeared while running; one that does not load is listed in
+        :attr:`broken` (with why) instead of stopping the server."""
+        self.sources[name] = path
+        self._reloading[name] = asyncio.Lock()
+        self._signatures[name] = _signature(path)
+        try:
+            self.served[name] = await self._load(name, revision=1)
+            self.broken.pop(name, None)
+            log.info("serving new model %s", name)
+        except Exception as error:
+            self.broken[name] = str(error) if isinstance(error, UserError) else repr(error)
+            log.error("model %s does not load: %s", name, self.broken[name])
+
+    async def sync(self, root: Path | None = None) -> None:
+        """Reload every model whose files changed on disk, and serve the models that
+        appeared in ``root``: a new threshold or a promoted revision is served without a
+        restart. A change that does not load is refused (the old model serves on) and
+        tried again only when the files change again."""
+        if root is not None:
+            for name, path in scan_models(root).items():
+                if name not in self.sources:
+                    await self.add(name, path)
+        for name, path in list(self.sources.items()):
+            signature = _signature(path)
+            if signature is None or signature == self._signatures.get(name):
+                continue
+            self._signatures[name] = signature
+            if name in self.broken or name not in self.served:
+                if name in self.broken:
+                    await self.add(name, path)
+                continue
+            try:
+                await self.reload(name)
+            except UserError as error:
+                log.error(
+                    "%s changed on disk but does not load, still serving the old one: %s",
+                    name,
+                    error,
+                )
+
+    async def follow(self, root: Path | None = None, interval: float = 2.0) -> None:
+        """:meth:`sync` every ``interval`` seconds, until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.sync(root)
+            except Exception:  # never a silent dead task: keep following, say why
+                log.exception("following model files")
 
     async def reload(self, name: str) -> _Served:
         """Load ``name`` from disk again and switch to it; on a UserError the old one serves on."""
@@ -219,6 +304,7 @@ class ServedModels:
 
     async def _load(self, name: str, revision: int) -> _Served:
         path = self.sources[name]
+        self._signatures.setdefault(name, _signature(path))
         loop = asyncio.get_running_loop()
         # A thread of its own that ends with the load: torch in a lasting second thread
         # keeps a second OpenMP team alive, and with more OpenMP threads than cores the
@@ -260,15 +346,28 @@ def create_app(models: Path | dict[str, Path], settings: ServeSettings | None = 
     """The FastAPI app serving ``models`` (a path as ``cflowad serve`` takes, or name -> path).
 
     Models load in the background once the app starts: /healthz answers at once,
-    /readyz turns 200 when every model has scored a warm-up image.
+    /readyz turns 200 when every model has scored a warm-up image. A model whose files
+    change on disk is reloaded (the old one serves until the new one is warm), and a
+    model copied into a MODELS folder is served too, without a restart.
     """
     settings = settings or ServeSettings()
     sources = find_models(models) if isinstance(models, Path) else dict(models)
+    root = (
+        models
+        if isinstance(models, Path)
+        and models.resolve() not in {p.resolve() for p in sources.values()}
+        else None
+    )
     host = ServedModels(sources, settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loading = asyncio.create_task(host.load_all())
+        async def load_then_follow() -> None:
+            await host.load_all()
+            if host.failure is None and settings.follow_seconds > 0:
+                await host.follow(root, settings.follow_seconds)
+
+        loading = asyncio.create_task(load_then_follow())
         loop = asyncio.get_running_loop()
         hangup = threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGHUP")
         if hangup:
@@ -287,6 +386,22 @@ def create_app(models: Path | dict[str, Path], settings: ServeSettings | None = 
         summary="CFLOW-AD anomaly detection: scores, decisions and heat maps per image.",
         lifespan=lifespan,
     )
+    add_serving_routes(app, host)
+    app.add_middleware(
+        BodyLimit, limit=int(settings.max_image_mb * 2**20), message=too_large_message(settings)
+    )
+    if settings.api_key is not None:
+        app.add_middleware(_ApiKey, key=settings.api_key)  # added last: runs first
+    return app
+
+
+def add_serving_routes(app: FastAPI, host: ServedModels) -> None:
+    """The serving API on ``app``: probes, /metrics and /v1, with JSON errors.
+
+    ``cflowad serve`` and ``cflowad studio`` both answer through it, on one engine.
+    """
+    settings = host.settings
+    sources = host.sources
     app.state.models = host
     metrics = host.metrics
 
@@ -303,7 +418,7 @@ def create_app(models: Path | dict[str, Path], settings: ServeSettings | None = 
 
     @app.exception_handler(_TooLarge)
     async def _too_large(request: Request, error: _TooLarge) -> JSONResponse:
-        return JSONResponse({"error": _too_large_message(settings)}, 413)
+        return JSONResponse({"error": too_large_message(settings)}, 413)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, error: Exception) -> JSONResponse:
@@ -373,15 +488,8 @@ def create_app(models: Path | dict[str, Path], settings: ServeSettings | None = 
             )
         return JSONResponse({"reloaded": True, **served.describe()})
 
-    app.add_middleware(
-        _BodyLimit, limit=int(settings.max_image_mb * 2**20), message=_too_large_message(settings)
-    )
-    if settings.api_key is not None:
-        app.add_middleware(_ApiKey, key=settings.api_key)  # added last: runs first
-    return app
 
-
-class _BodyLimit:
+class BodyLimit:
     """413 for a Content-Length over ``limit`` before reading, or once the body passes it.
 
     Pure ASGI (not BaseHTTPMiddleware), so handlers keep the raw ``receive`` that
@@ -397,7 +505,7 @@ class _BodyLimit:
             return
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.limit:
-            await _send_json(send, 413, {"error": self.message})
+            await send_json(send, 413, {"error": self.message})
             return
         received = 0
 
@@ -423,7 +531,7 @@ class _ApiKey:
         if scope["type"] == "http" and scope["path"] != "/healthz":
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
-                await _send_json(
+                await send_json(
                     send,
                     401,
                     {"error": "missing or wrong API key: send Authorization: Bearer <key>"},
@@ -433,7 +541,7 @@ class _ApiKey:
         await self.app(scope, receive, send)
 
 
-async def _send_json(
+async def send_json(
     send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None
 ) -> None:
     response = JSONResponse(body, status)
@@ -447,7 +555,7 @@ async def _send_json(
     await send({"type": "http.response.body", "body": response.body})
 
 
-def _too_large_message(settings: ServeSettings) -> str:
+def too_large_message(settings: ServeSettings) -> str:
     return f"image over the limit of {settings.max_image_mb:g} MB (cflowad serve --max-image-mb)"
 
 

@@ -29,6 +29,7 @@ class ServeSettings:
     workers: int = 1
     api_key: str | None = None
     device: str = "auto"
+    follow_seconds: float = 2.0  # how often model files are checked for changes; 0: never
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -37,5 +38,7 @@ class ServeSettings:
             raise UserError(f"option --max-wait-ms={self.max_wait_ms} must be 0 or more")
         if self.max_image_mb <= 0:
             raise UserError(f"option --max-image-mb={self.max_image_mb} must be positive")
+        if self.follow_seconds < 0:
+            raise UserError(f"option --reload-every={self.follow_seconds} must be 0 or more")
         if self.workers < 1:
             raise UserError(f"option --workers={self.workers} must be at least 1")

@@ -30,6 +30,7 @@ from cflowad.common.errors import UserError
 from cflowad.common.progress import Reporter
 from cflowad.data.files import refuse_foreign
 from cflowad.engine.inference import ImageResult, Predictor
+from cflowad.line.watch import OnResult
 
 __all__ = ["Frame", "StreamSummary", "is_stream_output", "parse_roi", "stream_video"]
 
@@ -96,6 +97,8 @@ def stream_video(
     retries: int = 3,
     backoff: float = 1.0,
     reporter: Reporter | None = None,
+    stop: threading.Event | None = None,
+    on_result: OnResult | None = None,
 ) -> StreamSummary:
     """Score ``source`` (a video file, a camera index, or an rtsp/http URL) into ``out``.
 
@@ -113,6 +116,9 @@ def stream_video(
         retries: reconnect attempts of a network or camera source that breaks.
         backoff: seconds before the first retry, doubled each time.
         reporter: progress lines.
+        stop: set it to stop after the frames being scored (the studio detaching a source).
+        on_result: called with each scored frame (as scored, cropped to ``roi``), its
+            result and its record (the studio's live view); it must return quickly.
     """
     if every < 1 or debounce < 1 or batch_size < 1 or retries < 0:
         raise UserError("options --every, --debounce and --batch-size must be at least 1")
@@ -134,10 +140,12 @@ def stream_video(
     try:
         with (out / "frames.jsonl").open("w") as lines:
             for batch in _batches(frames, every, 1 if live else batch_size):
+                if stop is not None and stop.is_set():
+                    break
                 size = _check_size(batch, size, roi, source)
                 crops = [_crop(f.rgb, roi) for f in batch]
                 results = model.predict_iter(crops, batch_size=len(crops))
-                for frame, result in zip(batch, results, strict=True):
+                for frame, crop, result in zip(batch, crops, results, strict=True):
                     latency = (time.monotonic() - frame.arrived) * 1000
                     record = {
                         "frame": frame.index,
@@ -152,6 +160,8 @@ def stream_video(
                     summary.anomalous += result.anomalous
                     summary.latencies_ms.append(latency)
                     summary.events += events.add(frame, result)
+                    if on_result is not None:
+                        on_result(crop, result, record)
                     if video_out is not None or (save_anomalous and result.anomalous):
                         picture = _annotate(frame, result, roi)
                         if save_anomalous and result.anomalous:

@@ -21,6 +21,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,9 +34,19 @@ from cflowad.common.errors import UserError
 from cflowad.common.progress import Reporter
 from cflowad.data.files import refuse_foreign, replace_file
 from cflowad.data.images import IMAGE_SUFFIXES, load_image
-from cflowad.engine.inference import Predictor
+from cflowad.engine.inference import ImageResult, Predictor
 
-__all__ = ["JOURNAL", "REJECT_AFTER", "SETTLE", "WatchSummary", "is_watch_output", "watch_folder"]
+__all__ = [
+    "JOURNAL",
+    "REJECT_AFTER",
+    "SETTLE",
+    "OnResult",
+    "WatchSummary",
+    "is_watch_output",
+    "watch_folder",
+]
+
+OnResult = Callable[[np.ndarray, ImageResult, dict[str, Any]], None]
 
 JOURNAL = "results.jsonl"
 SETTLE = 0.5  # s a file must hold still before it is read, unless its writer closed it
@@ -88,6 +99,7 @@ def watch_folder(
     once: bool = False,
     stop: threading.Event | None = None,
     reporter: Reporter | None = None,
+    on_result: OnResult | None = None,
 ) -> WatchSummary:
     """Score new images in ``inbox`` until ``stop`` is set (or, with ``once``, until the
     folder holds nothing new); records go to ``out/results.jsonl``.
@@ -108,6 +120,8 @@ def watch_folder(
         once: score what is there (waiting for files still being written), then return.
         stop: set it to stop (the command sets it on Ctrl-C).
         reporter: progress lines.
+        on_result: called with each image, its result and its record once the record is
+            written (the studio's live view); it must return quickly.
     """
     if not inbox.is_dir():
         raise UserError(f"INBOX {inbox}: folder not found")
@@ -118,7 +132,7 @@ def watch_folder(
             "options --settle and --reject-after must be 0 or more and --batch-size at least 1"
         )
     refuse_foreign(out, is_watch_output)
-    folder = _HotFolder(model, inbox, out, move_done, pictures, reporter)
+    folder = _HotFolder(model, inbox, out, move_done, pictures, reporter, on_result)
     stop = stop or threading.Event()
     wake = threading.Event()
     observer = _start_observer(inbox, wake, folder.closed, poll, folder.reporter)
@@ -155,8 +169,10 @@ class _HotFolder:
         move_done: bool,
         pictures: bool,
         reporter: Reporter | None,
+        on_result: OnResult | None = None,
     ) -> None:
         self.model, self.inbox, self.out = model, inbox, out
+        self.on_result = on_result
         self.move_done, self.pictures = move_done, pictures
         self.reporter = reporter or Reporter(enabled=False)
         for name in (
@@ -270,6 +286,8 @@ class _HotFolder:
             self.summary.scored += 1
             self.summary.anomalous += result.anomalous
             self.summary.delays.append(time.monotonic() - seen.first_seen)
+            if self.on_result is not None:
+                self.on_result(image, result, record)
 
     def _reject(self, path: Path, reason: str) -> None:
         target = _move(path, self.out / "rejected")

@@ -21,7 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Threshold", "order_statistic_threshold", "raw_from_readable"]
+__all__ = [
+    "Threshold",
+    "false_positive_rate",
+    "order_statistic_threshold",
+    "raw_from_readable",
+]
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,23 @@ def order_statistic_threshold(values: np.ndarray, fpr: float) -> Threshold:
     above = min(above, n - 1)
     value = float(np.partition(flat, n - 1 - above)[n - 1 - above])
     return Threshold(value, fpr, (above + 1) / (n + 1), n)
+
+
+def false_positive_rate(values: np.ndarray | list[float], threshold: float) -> float:
+    """The conformal false-positive rate of ``value > threshold`` on held-out good values.
+
+    ``(m + 1) / (n + 1)`` with m of the n values above: the rate that
+    :func:`order_statistic_threshold` reports as achievable, for any threshold (the
+    studio's slider).
+
+    Example:
+        >>> false_positive_rate(np.arange(199.0), 197.0)
+        0.01
+    """
+    flat = np.asarray(values, dtype=np.float64).ravel()
+    if flat.size == 0:
+        raise ValueError("no held-out values")
+    return (int((flat > threshold).sum()) + 1) / (flat.size + 1)
 
 
 def raw_from_readable(value: np.ndarray | float, threshold: float) -> np.ndarray:
