@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -436,3 +437,30 @@ def test_the_command_serves_reloads_on_sighup_and_stops(models, images, tmp_path
         )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("cflowad: error: options --host")
+
+
+def test_serve_follows_model_files(models, texture_dataset, tmp_path):
+    """A model replaced on disk is served without a restart; one copied in is added."""
+    folder = tmp_path / "models"
+    shutil.copytree(models / "brick", folder / "brick")
+    image = sorted((texture_dataset / "test" / "good").iterdir())[0].read_bytes()
+    with serving(create_app(folder, ServeSettings(follow_seconds=0.2))) as url:
+        before = httpx.post(f"{url}/v1/models/brick/predict", content=image).json()
+        model = cflowad.CFlowAD.load(models / "brick", device="cpu")
+        model.set_image_threshold(before["raw_score"] / 2)
+        staging = tmp_path / "staging"
+        model.save(staging)
+        os.rename(folder / "brick", tmp_path / "old")
+        os.rename(staging, folder / "brick")
+        shutil.copytree(models / "brick", folder / "copy")
+        deadline = time.monotonic() + 30
+        after = before
+        while time.monotonic() < deadline and after["revision"] == before["revision"]:
+            time.sleep(0.2)
+            after = httpx.post(f"{url}/v1/models/brick/predict", content=image).json()
+        while time.monotonic() < deadline and httpx.get(f"{url}/v1/models/copy").status_code != 200:
+            time.sleep(0.2)
+        listed = {m["name"] for m in httpx.get(f"{url}/v1/models").json()["models"]}
+    assert after["revision"] == before["revision"] + 1
+    assert after["anomalous"] and not before["anomalous"]
+    assert listed == {"brick", "copy"}

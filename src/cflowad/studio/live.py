@@ -45,7 +45,7 @@ class _Source:
         self.events: deque[dict[str, Any]] = deque(maxlen=50)
         self.frame: bytes | None = None
         self.count = 0
-        self.state = "starting"
+        self.state = "starting"  # then running (waiting for images or frames), then ended
         self.error: str | None = None
         self.changed = threading.Condition()
         self.thread: threading.Thread | None = None
@@ -169,6 +169,7 @@ class LiveSources:
     def _run(self, source: _Source) -> None:
         spec = source.spec
         out = self.workspace.live / spec["id"]
+        source.state = "running"
         try:
             model: Predictor = self.model_for(spec["model"])
             if spec["kind"] == "folder":

@@ -237,8 +237,10 @@ function renderRuns() {
   const run = state.runs.find((r) => r.id === select.value);
   if (run) {
     const status = `${run.state}: ${run.done} of ${run.total} scored` + (run.failed ? `, ${run.failed} unreadable` : "") + (run.error ? ` (${run.error})` : "");
-    if ($("#run-status").textContent !== status) {
-      $("#run-status").textContent = status;
+    const box = $("#run-status");
+    if (box.dataset.key !== `${run.id}|${status}`) {  // another run, or this one moved on
+      box.dataset.key = `${run.id}|${status}`;
+      box.textContent = status;
       if (!$("#view-review").hidden) loadGallery();
     }
   }

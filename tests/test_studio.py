@@ -1,0 +1,155 @@
+"""What sits behind the studio's page: workspace files, revisions, marks, thresholds,
+the progress file, and the server following model files. The page itself is driven in
+a real browser in tests/test_studio_browser.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cflowad.common.errors import UserError
+from cflowad.common.progress import Reporter
+from cflowad.engine.model import CFlowAD
+from cflowad.method.calibration import false_positive_rate, order_statistic_threshold
+from cflowad.studio.workspace import Workspace, fingerprint, read_records
+
+
+@pytest.fixture(scope="module")
+def gaussian_model(texture_dataset, tmp_path_factory) -> Path:
+    """A model directory fitted in seconds (the Gaussian decoder), as cflowad train writes."""
+    out = tmp_path_factory.mktemp("gaussian") / "brick"
+    CFlowAD(decoder="gaussian", image_size=64, image_fpr=0.2, seed=0).fit(texture_dataset).save(out)
+    return out
+
+
+def test_workspace_starts_and_resumes(tmp_path):
+    root = tmp_path / "ws"
+    Workspace(root).open()
+    assert json.loads((root / "studio.json").read_text())["format"] == "cflowad-studio"
+    secret = Workspace(root).open().secret
+    assert secret == Workspace(root).open().secret  # CSRF tokens survive a restart
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="other files"):
+        Workspace(tmp_path / "busy").open()
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+def test_paths_stay_inside_the_allowed_folders(tmp_path):
+    allowed = tmp_path / "data"
+    (allowed / "parts").mkdir(parents=True)
+    (tmp_path / "secret").mkdir()
+    (allowed / "escape").symlink_to(tmp_path / "secret")
+    workspace = Workspace(tmp_path / "ws", [allowed]).open()
+    assert workspace.resolve("data", "parts") == (allowed / "parts").resolve()
+    for relative in ("../secret", "parts/../../secret", "/etc", "escape", "escape/x"):
+        with pytest.raises(UserError):
+            workspace.resolve("data", relative)
+    with pytest.raises(UserError, match="unknown folder"):
+        workspace.resolve("etc", "")
+
+
+def test_revisions_promotion_and_outside_changes(tmp_path, gaussian_model):
+    workspace = Workspace(tmp_path / "ws").open()
+    shutil.copytree(gaussian_model, workspace.models / "brick")  # as a user copies a model in
+    assert workspace.sync_models() == ["brick"]
+    assert workspace.sync_models() == []  # nothing changed: no new revision
+    first = workspace.served_revision("brick")
+    assert first is not None and first.number == 1 and first.created["kind"] == "imported"
+    # a threshold revision: a new model directory, its old one kept
+    model = CFlowAD.load(first.path, device="cpu")
+    model.set_image_threshold(0.99)
+    model.save(workspace.revision_path("brick", 2))
+    workspace.record_created(
+        "brick", 2, "threshold", fingerprint(workspace.revision_path("brick", 2)) or ""
+    )
+    workspace.promote("brick", 2)
+    served = json.loads((workspace.models / "brick" / "model.json").read_text())
+    assert served["calibration"]["image_threshold_raw"] == 0.99
+    assert CFlowAD.load(workspace.models / "brick", device="cpu").net.image_threshold == 0.99
+    workspace.promote("brick", 1)  # restored: the old threshold is served again
+    restored = json.loads((workspace.models / "brick" / "model.json").read_text())
+    assert restored["calibration"]["image_threshold_raw"] == first_threshold(first.path)
+    assert [e["event"] for e in workspace.history("brick")] == [
+        "created", "promoted", "created", "promoted", "promoted",
+    ]  # fmt: skip
+    # a model trained again by the CLI into models/ becomes revision 3
+    model.set_image_threshold(0.98)
+    shutil.rmtree(workspace.models / "brick")
+    model.save(workspace.models / "brick")
+    assert workspace.sync_models() == ["brick"]
+    latest = workspace.served_revision("brick")
+    assert latest is not None and latest.number == 3 and "outside" in latest.created["note"]
+
+
+def first_threshold(path: Path) -> float:
+    return float(
+        json.loads((path / "model.json").read_text())["calibration"]["image_threshold_raw"]
+    )
+
+
+def test_marks_are_synced_files_and_the_last_one_counts(tmp_path):
+    workspace = Workspace(tmp_path / "ws").open()
+    base = {"model": "brick", "revision": 1, "score": 0.7}
+    workspace.add_mark({**base, "image": "/a.png", "mark": "good"})
+    workspace.add_mark({**base, "image": "/b.png", "mark": "defective"})
+    workspace.add_mark({**base, "image": "/a.png", "mark": "none"})
+    workspace.add_mark({**base, "image": "/c.png", "mark": "good", "model": "other"})
+    assert set(workspace.marks("brick")) == {"/b.png"}
+    assert set(workspace.marks()) == {"/b.png", "/c.png"}
+    records = read_records(workspace.feedback_file)
+    assert len(records) == 4 and all("time" in r for r in records)
+    with workspace.feedback_file.open("a") as handle:
+        handle.write('{"image": "/d.png", "mark": "go')  # a write cut short by kill -9
+    assert set(workspace.marks("brick")) == {"/b.png"}
+    with pytest.raises(UserError, match="mark"):
+        workspace.add_mark({**base, "image": "/a.png", "mark": "maybe"})
+
+
+def test_false_positive_rate_agrees_with_the_order_statistic_threshold():
+    values = np.random.default_rng(0).random(199)
+    for fpr in (0.01, 0.05, 0.2):
+        threshold = order_statistic_threshold(values, fpr)
+        assert false_positive_rate(values, threshold.value) == pytest.approx(
+            threshold.achievable_fpr
+        )
+    # brute force: (m + 1) / (n + 1), m of n above
+    assert false_positive_rate([0.1, 0.2, 0.3], 0.15) == pytest.approx(3 / 4)
+
+
+def test_a_saved_threshold_scores_as_expected(gaussian_model, texture_dataset, tmp_path):
+    model = CFlowAD.load(gaussian_model, device="cpu")
+    held = model.calibration["holdout_raw_scores"]
+    assert len(held) == model.calibration["n_images"]
+    image = sorted((texture_dataset / "test" / "good").iterdir())[0]
+    raw = model.predict([image]).raw_scores[0]
+    model.set_image_threshold(raw * 0.5)
+    model.save(tmp_path / "lower")
+    lowered = CFlowAD.load(tmp_path / "lower", device="cpu")
+    result = lowered.predict([image])
+    assert result.anomalous[0] and result.raw_scores[0] == pytest.approx(raw, rel=1e-6)
+    # the readable scale follows: the new threshold sits at 0.5
+    assert lowered.calibration["image_fpr_achievable"] == pytest.approx(
+        false_positive_rate(held, raw * 0.5)
+    )
+    with pytest.raises(UserError, match="between 0 and 1"):
+        lowered.set_image_threshold(1.5)
+
+
+def test_progress_file_follows_a_task(tmp_path):
+    path = tmp_path / "progress.json"
+    reporter = Reporter(enabled=False, progress_file=path)
+    with reporter.task("training", 10) as task:
+        for _ in range(10):
+            task.advance(1, status="loss 1.0")
+            time.sleep(0.03)
+        middle = json.loads(path.read_text())
+    final = json.loads(path.read_text())
+    assert middle["step"] == "training" and middle["total"] == 10 and middle["done"] >= 6
+    assert final["done"] == 10 and final["finished"] and final["eta_seconds"] == 0
+    assert final["per_second"] > 0 and final["status"] == "loss 1.0"

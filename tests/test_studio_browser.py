@@ -1,0 +1,446 @@
+"""The studio in a real browser: headless Chromium (Debian's ``chromium``) driven by
+Playwright, against ``cflowad studio`` running as its own process, clicking through
+every view by the controls' accessible names. Set CFLOWAD_SCREENSHOTS=DIR to keep a
+picture of each view (docs/studio.md shows them)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+CHROMIUM = os.environ.get("CFLOWAD_CHROMIUM") or shutil.which("chromium") or ""
+FAST = {"decoder": "gaussian", "image_size": "64"}  # a model in seconds
+SHOTS = os.environ.get("CFLOWAD_SCREENSHOTS")
+
+
+@contextlib.contextmanager
+def studio(workspace: Path, data: Path, *extra: str) -> Iterator[str]:
+    """``cflowad studio`` in its own process on a free port; yields its URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = workspace.parent / f"{workspace.name}-{port}.log"
+    command = [sys.executable, "-m", "cflowad", "studio", str(workspace), "--allow", str(data)]
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [*command, "--port", str(port), *extra], stdout=output, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, f"studio exited: {log.read_text()}"
+            assert time.monotonic() < deadline, f"studio did not start: {log.read_text()}"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.2)
+        yield url
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    assert CHROMIUM, "no chromium: apt-get install chromium (or set CFLOWAD_CHROMIUM)"
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def data(texture_dataset, tmp_path_factory) -> Path:
+    """An --allow folder: the texture set, and an empty hot folder."""
+    root = tmp_path_factory.mktemp("allowed")
+    shutil.copytree(texture_dataset, root / "brick")
+    (root / "inbox").mkdir()
+    return root
+
+
+@pytest.fixture(scope="module")
+def running(data, tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """One studio for the views' tests, which build on each other in file order."""
+    workspace = tmp_path_factory.mktemp("studio") / "ws"
+    with studio(workspace, data) as url:
+        yield url, workspace
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    opened = context.new_page()
+    errors: list[str] = []
+    opened.on("pageerror", lambda error: errors.append(str(error)))
+    yield opened
+    context.close()
+    assert not errors, errors
+
+
+def shot(page: Page, name: str) -> None:
+    if SHOTS:
+        Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(SHOTS) / f"{name}.png"), full_page=True)
+
+
+def pick(page: Page, picker: str, *folders: str, root: str = "allowed") -> None:
+    """Choose a folder in a folder picker: its root, then folder after folder."""
+    box = page.get_by_label(picker, exact=True)
+    box.get_by_label("Folder root").select_option(label=_root_name(page, root))
+    for folder in folders:
+        box.get_by_role("button", name=f"Open folder {folder}", exact=True).click()
+    expect(box.get_by_label("Chosen folder")).to_have_value(
+        f"{_root_name(page, root)}/{'/'.join(folders)}"
+    )
+
+
+def _root_name(page: Page, root: str) -> str:
+    options = page.get_by_label("Folder root").first.locator("option").all_text_contents()
+    return next(o for o in options if o.startswith(root)) if root != "workspace" else root
+
+
+def train_in_page(page: Page, name: str, settings: dict[str, str]) -> None:
+    form = page.get_by_role("form", name="New training")
+    form.get_by_label("Model name").fill(name)
+    pick(page, "Folder of good images", "brick")
+    form.get_by_text("Settings").click()
+    if "decoder" in settings:
+        form.get_by_label("Decoder").select_option(settings["decoder"])
+    if "image_size" in settings:
+        form.get_by_label("Image size").fill(settings["image_size"])
+    if "steps" in settings:
+        form.get_by_label("Training steps").fill(settings["steps"])
+    form.get_by_role("button", name="Start training").click()
+
+
+def api(url: str, method: str, path: str, **kwargs) -> httpx.Response:
+    token = httpx.get(f"{url}/studio/api/state").json()["csrf"]
+    return httpx.request(
+        method, f"{url}{path}", headers={"X-CSRF-Token": token}, timeout=120, **kwargs
+    )
+
+
+def wait_for(condition, seconds: float = 120, what: str = "condition"):
+    deadline = time.monotonic() + seconds
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.25)
+    return value
+
+
+def test_models_view_trains_with_live_progress(running, page):
+    url, workspace = running
+    page.goto(f"{url}/studio")
+    train_in_page(page, "brick", FAST)
+    bar = page.get_by_role("progressbar", name="Training brick").first
+    expect(bar).to_be_visible()
+    expect(page.get_by_role("table", name="Models")).to_contain_text("brick", timeout=120_000)
+    expect(bar).to_have_attribute("aria-valuetext", "done (revision 1)", timeout=30_000)
+    shot(page, "models")
+    assert (workspace / "models" / "brick" / "model.json").is_file()  # served, CLI-readable
+    # a folder without images is refused on the page, before anything is queued
+    form = page.get_by_role("form", name="New training")
+    form.get_by_label("Model name").fill("empty")
+    pick(page, "Folder of good images", "inbox")
+    form.get_by_role("button", name="Start training").click()
+    expect(page.get_by_role("alert")).to_contain_text("no images")
+
+
+def test_a_training_survives_a_reload_and_can_be_cancelled(running, page):
+    url, _ = running
+    page.goto(f"{url}/studio")
+    train_in_page(page, "slow", {"steps": "100000", "image_size": "64"})
+    bar = page.get_by_role("progressbar", name="Training slow").first
+    expect(bar).to_contain_text("steps/s", timeout=90_000)
+    page.reload()
+    bar = page.get_by_role("progressbar", name="Training slow").first
+    expect(bar).to_contain_text("ETA")  # the progress lives in the workspace, not the page
+    page.get_by_role("button", name="Cancel training").click()
+    expect(page.get_by_text("cancelled").first).to_be_visible()
+    jobs = httpx.get(f"{url}/studio/api/state").json()["jobs"]
+    assert next(j for j in jobs if j["model"] == "slow")["state"] == "cancelled"
+
+
+def test_review_view_gallery_details_and_marks(running, page):
+    url, workspace = running
+    page.goto(f"{url}/studio#review")
+    form = page.get_by_role("form", name="Score a folder")
+    pick(page, "Folder to score", "brick", "test", "patch")
+    form.get_by_role("button", name="Score folder").click()
+    expect(page.get_by_role("status").filter(has_text="done: 8 of 8")).to_be_visible(timeout=60_000)
+    pick(page, "Folder to score", "brick", "test", "good")
+    form.get_by_role("button", name="Score folder").click()
+    expect(page.locator("#run-select option:checked")).to_contain_text("test/good")
+    expect(page.get_by_role("status").filter(has_text="done: 8 of 8")).to_be_visible(timeout=60_000)
+    cards = page.locator("#gallery article")
+    expect(cards).to_have_count(8)
+    scores = [
+        float(t.split()[1]) for t in cards.locator(".meta span:first-child").all_inner_texts()
+    ]
+    assert scores == sorted(scores, reverse=True)
+    shot(page, "review")
+    # the highest-scoring good image is a false alarm: mark it good on its card
+    first = cards.first
+    name = first.get_attribute("aria-label")
+    first.get_by_role("button", name="Mark good").click()
+    expect(page.get_by_role("alert")).to_contain_text("(saved)")
+    marks = (workspace / "feedback.jsonl").read_text().splitlines()
+    assert json.loads(marks[-1])["mark"] == "good" and marks[-1].count(name or "?")
+    # the detail view: image, heat map, overlay; mark from there too
+    cards.nth(1).get_by_role("button", name="Details").click()
+    dialog = page.get_by_role("dialog", name="Details")
+    expect(dialog).to_be_visible()
+    for alt in ("image", "heat map", "overlay"):
+        expect(dialog.get_by_role("img", name=alt, exact=True)).to_have_js_property(
+            "complete", True
+        )
+    dialog.get_by_label("Zoom").fill("2")
+    shot(page, "review-detail")
+    dialog.get_by_role("button", name="Mark good").click()
+    expect(dialog.get_by_role("button", name="Mark good")).to_have_attribute("aria-pressed", "true")
+    dialog.get_by_role("button", name="Close").click()
+    # filters: marked only, then the marks survive a reload
+    page.get_by_label("Marks").select_option("marked")
+    expect(cards).to_have_count(2)
+    page.reload()
+    page.get_by_label("Marks").select_option("marked")
+    expect(cards).to_have_count(2)
+    expect(cards.first).to_contain_text("marked good")
+    page.get_by_label("Marks").select_option("any")
+    page.get_by_label("Decision").select_option("anomalous")
+    anomalous = cards.count()
+    assert all("anomalous" in t for t in cards.locator(".meta").all_inner_texts()[:anomalous])
+    # mark two defects in the other run
+    page.get_by_label("Decision").select_option("all")
+    patch_run = page.get_by_label("Scored run").locator("option", has_text="patch")
+    page.get_by_label("Scored run").select_option(patch_run.get_attribute("value"))
+    expect(cards).to_have_count(8)
+    for k in range(2):
+        cards.nth(k).get_by_role("button", name="Mark defective").click()
+        expect(cards.nth(k).get_by_role("button", name="Mark defective")).to_have_attribute(
+            "aria-pressed", "true"
+        )
+
+
+def test_threshold_view_slider_and_save(running, page):
+    url, workspace = running
+    page.goto(f"{url}/studio#threshold")
+    readout = page.get_by_role("status").filter(has_text="held-out false-positive rate")
+    expect(readout).to_contain_text("of 16 reviewed images change decision")
+    expect(readout).to_contain_text("0 of 16")
+    slider = page.get_by_role("slider", name="Threshold")
+    slider.fill("0")  # everything above: every reviewed image that was normal now changes
+    expect(readout).not_to_contain_text("0 of 16")
+    expect(readout).to_contain_text("false-positive rate 100.00 %")
+    slider.fill("500")
+    text = readout.inner_text()
+    raw = float(text.split()[1])
+    shot(page, "threshold")
+    before = httpx.get(f"{url}/v1/models/brick").json()
+    page.get_by_role("button", name="Save threshold").click()
+    expect(page.get_by_role("alert")).to_contain_text("now served")
+    served = wait_for(
+        lambda: (
+            (m := httpx.get(f"{url}/v1/models/brick").json())["image_threshold_raw"]
+            != (before["image_threshold_raw"])
+            and m
+        ),
+        30,
+        "the new threshold to be served",
+    )
+    assert served["image_threshold_raw"] == pytest.approx(raw, rel=1e-5)
+    assert served["image_threshold"] == 0.5  # the readable scale followed
+    history = [
+        json.loads(line)
+        for line in (workspace / "revisions" / "brick" / "history.jsonl").read_text().splitlines()
+    ]
+    assert history[-2]["kind"] == "threshold" and history[-1]["event"] == "promoted"
+    assert (workspace / "revisions" / "brick" / "r0001").is_dir()  # the old one is kept
+
+
+def test_feedback_view_retrain_compare_promote(running, page):
+    url, workspace = running
+    page.goto(f"{url}/studio#feedback")
+    expect(page.get_by_text("2 images marked good, 2 marked defective")).to_be_visible()
+    page.get_by_role("button", name="Retrain with feedback").click()
+    expect(page.get_by_role("alert")).to_contain_text("with 2 images marked good")
+    wait_for(
+        lambda: any(
+            j["kind"] == "feedback" and j["state"] == "done"
+            for j in httpx.get(f"{url}/studio/api/state").json()["jobs"]
+        ),
+        120,
+        "the retraining",
+    )
+    candidate = max(
+        int(p.name[1:]) for p in (workspace / "revisions" / "brick").glob("r0*") if p.is_dir()
+    )
+    # promoting before the comparison is refused
+    refused = api(url, "POST", "/studio/api/models/brick/promote", json={"revision": candidate})
+    assert refused.status_code == 400 and "compared" in refused.json()["error"]
+    page.reload()
+    page.get_by_role("button", name=f"Compare revision {candidate}").click()
+    table = page.get_by_role("table", name="Old and new revision")
+    expect(table.locator("tr")).to_have_count(5)  # 4 marked images
+    expect(page.get_by_role("status").filter(has_text="false alarms")).to_be_visible()
+    shot(page, "feedback-compare")
+    page.get_by_role("button", name="Promote").click()
+    expect(page.get_by_role("alert")).to_contain_text(
+        f"revision {candidate} of brick is now served"
+    )
+    state = httpx.get(f"{url}/studio/api/state").json()
+    assert next(m for m in state["models"] if m["name"] == "brick")["revision"] == candidate
+
+
+def test_live_view_hot_folder(running, page, data):
+    url, _ = running
+    page.goto(f"{url}/studio#live")
+    form = page.get_by_role("form", name="Attach a source")
+    pick(page, "Hot folder", "inbox")
+    form.get_by_role("button", name="Attach source").click()
+    source = page.get_by_label(
+        "Source allowed/inbox".replace("allowed", _root_name(page, "allowed"))
+    )
+    expect(source).to_be_visible()
+    for k, image in enumerate(sorted((data / "brick" / "test" / "patch").iterdir())[:3]):
+        shutil.copy(image, data / "inbox" / f"part{k}.png")
+    expect(source.get_by_role("status")).to_contain_text("3 scored", timeout=60_000)
+    expect(source.get_by_role("img", name="newest frame", exact=False)).to_have_js_property(
+        "complete", True
+    )
+    expect(source.get_by_role("list", name="Events").locator("li")).not_to_have_count(0)
+    shot(page, "live")
+    page.reload()  # the source runs on without the page
+    source = page.get_by_label(
+        "Source allowed/inbox".replace("allowed", _root_name(page, "allowed"))
+    )
+    shutil.copy(sorted((data / "brick" / "test" / "good").iterdir())[0], data / "inbox" / "g.png")
+    expect(source.get_by_role("status")).to_contain_text("4 scored", timeout=60_000)
+    source.get_by_role("button", name="Detach source").click()
+    expect(source).to_have_count(0)
+
+
+def test_security_csrf_paths_and_errors(running):
+    url, _ = running
+    no_token = httpx.post(
+        f"{url}/studio/api/trainings", json={"name": "x", "root": "workspace", "path": ""}
+    )
+    assert no_token.status_code == 403 and "CSRF" in no_token.json()["error"]
+    for path in ("../..", "/etc", "models/../../.."):
+        refused = httpx.get(f"{url}/studio/api/browse", params={"root": "workspace", "path": path})
+        assert refused.status_code == 400 and "error" in refused.json()
+    unknown_root = httpx.get(f"{url}/studio/api/browse", params={"root": "etc", "path": ""})
+    assert unknown_root.status_code == 400
+    traversal = api(
+        url, "POST", "/studio/api/runs", json={"model": "brick", "root": "workspace", "path": "../"}
+    )
+    assert traversal.status_code == 400
+    stray = httpx.get(f"{url}/studio/api/runs/..%2F..%2Fetc/pictures/0/card")
+    assert stray.status_code in (400, 404)
+    bad_file = api(
+        url, "POST", "/studio/api/uploads?model=brick", files={"image": ("x.png", b"not an image")}
+    )
+    assert bad_file.status_code == 400 and "x.png" in bad_file.json()["error"]
+    too_big = api(
+        url,
+        "POST",
+        "/studio/api/uploads?model=brick",
+        files={"image": ("x.png", b"0" * (51 * 2**20))},
+    )
+    assert too_big.status_code == 413
+
+
+def test_login_with_an_api_key(data, tmp_path, browser):
+    key = tmp_path / "key"
+    key.write_text("s3cret-key")
+    with studio(tmp_path / "ws", data, "--api-key-file", str(key)) as url:
+        assert httpx.get(f"{url}/studio/api/state").status_code == 401
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        bearer = {"Authorization": "Bearer s3cret-key"}
+        assert httpx.get(f"{url}/studio/api/state", headers=bearer).status_code == 200
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(f"{url}/studio")
+        expect(page.get_by_role("form", name="Log in")).to_be_visible()  # redirected
+        page.get_by_label("API key").fill("wrong")
+        page.get_by_role("button", name="Log in").click()
+        expect(page.get_by_role("alert")).to_contain_text("Wrong key")
+        page.get_by_label("API key").fill("s3cret-key")
+        page.get_by_role("button", name="Log in").click()
+        expect(page.get_by_role("tab", name="Models")).to_be_visible()
+        cookie = next(c for c in context.cookies() if c["name"] == "cflowad_studio")
+        assert cookie["httpOnly"]
+        context.close()
+    refused = subprocess.run(
+        [sys.executable, "-m", "cflowad", "studio", str(tmp_path / "ws2"), "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2 and "--api-key-file" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_kill_9_resumes_where_it_was(data, tmp_path, browser):
+    workspace = tmp_path / "ws"
+    with studio(workspace, data) as url:
+        queued = api(
+            url,
+            "POST",
+            "/studio/api/trainings",
+            json={"name": "kept", "root": data.name, "path": "brick", "settings": FAST},
+        )
+        assert queued.status_code == 200, queued.text
+        wait_for(lambda: httpx.get(f"{url}/v1/models/kept").status_code == 200, 120, "the model")
+        scoring = api(
+            url,
+            "POST",
+            "/studio/api/runs",
+            json={"model": "kept", "root": data.name, "path": "brick/test/good"},
+        )
+        assert scoring.status_code == 200, scoring.text
+        slow = api(
+            url,
+            "POST",
+            "/studio/api/trainings",
+            json={
+                "name": "slow",
+                "root": data.name,
+                "path": "brick",
+                "settings": {"steps": "400", "image_size": "64"},
+            },
+        ).json()
+        wait_for(
+            lambda: (workspace / "jobs" / slow["id"] / "progress.json").is_file(), 120, "training"
+        )
+        pid = int(subprocess.check_output(["pgrep", "-f", f"studio {workspace}"]).split()[0])
+        os.kill(pid, signal.SIGKILL)  # the studio dies mid-training
+        time.sleep(0.5)
+    with studio(workspace, data) as url:
+        page = browser.new_page()
+        page.goto(f"{url}/studio")
+        expect(page.get_by_role("table", name="Models")).to_contain_text("kept")
+        expect(page.get_by_role("table", name="Models")).to_contain_text("slow", timeout=180_000)
+        page.get_by_role("tab", name="Review").click()
+        expect(page.locator("#gallery article")).to_have_count(8)
+        page.close()
+    jobs = [json.loads((f / "job.json").read_text()) for f in (workspace / "jobs").iterdir()]
+    assert sorted(j["state"] for j in jobs) == ["done", "done"]
