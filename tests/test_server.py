@@ -464,3 +464,63 @@ def test_serve_follows_model_files(models, texture_dataset, tmp_path):
     assert after["revision"] == before["revision"] + 1
     assert after["anomalous"] and not before["anomalous"]
     assert listed == {"brick", "copy"}
+
+
+def test_open_inference_protocol_with_tritonclient(models, images):
+    """Triton's own client against /v2: metadata, and both input kinds, JSON and binary;
+    the scores equal /v1's."""
+    import tritonclient.http as triton
+
+    with serving(create_app(models / "brick")) as url:
+        client = triton.InferenceServerClient(url.removeprefix("http://"))
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready("brick")
+        metadata = client.get_model_metadata("brick")
+        assert [o["name"] for o in metadata["outputs"]] == [
+            "score",
+            "anomalous",
+            "raw_score",
+            "map",
+        ]
+        assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+        expected = [_post(url, "brick", image.read_bytes()).json() for image in images]
+
+        files = np.array([image.read_bytes() for image in images], dtype=np.object_)
+        encoded = triton.InferInput("image", [len(images)], "BYTES")
+        encoded.set_data_from_numpy(files, binary_data=True)
+        outputs = [
+            triton.InferRequestedOutput(name, binary_data=binary)
+            for name, binary in (("score", True), ("anomalous", False), ("raw_score", True))
+        ]
+        answer = client.infer("brick", [encoded], outputs=outputs)
+        assert answer.as_numpy("score") == pytest.approx([e["score"] for e in expected], abs=1e-6)
+        assert answer.as_numpy("raw_score") == pytest.approx(
+            [e["raw_score"] for e in expected], rel=1e-6
+        )
+        assert answer.as_numpy("anomalous").tolist() == [e["anomalous"] for e in expected]
+
+        pixels = np.stack([np.asarray(Image.open(image).convert("RGB")) for image in images])
+        for binary in (True, False):
+            raw = triton.InferInput("image", list(pixels.shape), "UINT8")
+            raw.set_data_from_numpy(pixels, binary_data=binary)
+            wanted = [triton.InferRequestedOutput(n, binary_data=binary) for n in ("score", "map")]
+            answer = client.infer("brick", [raw], outputs=wanted)
+            assert answer.as_numpy("score") == pytest.approx(
+                [e["score"] for e in expected], abs=1e-6
+            )
+            maps = answer.as_numpy("map")
+            assert maps.shape == (len(images), *pixels.shape[1:3])
+            first = cflowad.load(models / "brick").predict([pixels[0]]).maps[0]
+            assert np.abs(maps[0] - first).max() < 1e-5
+
+        with pytest.raises(triton.InferenceServerException, match="BYTES"):
+            bad = triton.InferInput("image", [1], "FP32")
+            bad.set_data_from_numpy(np.zeros(1, np.float32))
+            client.infer("brick", [bad])
+        with pytest.raises(triton.InferenceServerException, match="unknown model"):
+            client.get_model_metadata("nope")
+        broken = triton.InferInput("image", [1], "BYTES")
+        broken.set_data_from_numpy(np.array([b"not an image"], dtype=np.object_))
+        with pytest.raises(triton.InferenceServerException, match="image 0"):
+            client.infer("brick", [broken])
+        client.close()

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cflowad
 import cflowad.cli.streams
 from cflowad.cli import main
 from cflowad.common.errors import UserError
@@ -392,3 +393,79 @@ def test_the_journal_drops_only_a_torn_last_line(tmp_path):
         journal.write_text(text)
         assert {key[0] for key in _read_journal(journal)} == done
         assert journal.read_text() == (text if after is None else after)
+
+
+def test_calibrate_frames_refits_the_thresholds_on_the_first_frames(
+    trained_model, texture_dataset, tmp_path
+):
+    """A camera whose light and codec differ from the training photos: the first 12
+    frames (good, by the user's word) set the thresholds, which are the order
+    statistics of their raw scores; the rest is decided by the model saved in OUT/model."""
+    trained = trained_model.calibration["image_threshold_raw"]
+
+    def shifted(path: Path) -> np.ndarray:  # brighter, lower contrast: new lighting
+        pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+        return np.clip(0.85 * pixels + 40, 0, 255).astype(np.uint8)
+
+    good = sorted((texture_dataset / "train" / "good").glob("*.png"))
+    patches = sorted((texture_dataset / "test" / "patch").glob("*.png"))
+    clearest = np.argsort(trained_model.predict(patches).scores)[-4:]
+    frames = [shifted(p) for p in good[:20]] + [shifted(patches[i]) for i in clearest]
+    source = tmp_path / "camera.mp4"
+    with av.open(str(source), "w") as container:  # lossy, as a camera sends it
+        stream = container.add_stream("libx264", rate=FPS)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    out = tmp_path / "out"
+    stream_video(trained_model, str(source), out, batch_size=8, calibrate_frames=12)
+    lines = _lines(out / "frames.jsonl")
+    assert [line.get("calibration", False) for line in lines] == [True] * 12 + [False] * 12
+    record = json.loads((out / "calibration.json").read_text())
+    calibrated = cflowad.load(out / "model", "cpu")
+    raw = [line["raw_score"] for line in lines[:12]]
+    # 12 images reach a 1/13 rate at best: the threshold is their highest raw score
+    assert record["image_threshold_raw"] == pytest.approx(max(raw))
+    assert record["image_fpr_achievable"] == pytest.approx(1 / 13)
+    assert calibrated.calibration["image_threshold_raw"] == pytest.approx(max(raw))
+    assert trained_model.calibration["image_threshold_raw"] == trained  # not changed
+    with av.open(str(source)) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    expected = calibrated.predict(decoded[12:]).anomalous.tolist()
+    assert [line["anomalous"] for line in lines[12:]] == expected
+    assert all(expected[-4:])  # the defects are still caught
+    # the good frames after the first 12: flagged by the trained thresholds, fewer now
+    before = trained_model.predict(decoded[12:20]).anomalous
+    assert sum(expected[:8]) < before.sum()
+    with pytest.raises(UserError, match="at least 2"):
+        stream_video(trained_model, str(source), tmp_path / "o2", calibrate_frames=1)
+
+
+def test_watch_calibrate_images_and_a_restart_keeps_it(trained_model, texture_dataset, tmp_path):
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    good = sorted((texture_dataset / "train" / "good").glob("*.png"))
+    for k, path in enumerate(good[:6]):
+        (inbox / f"g{k:02d}.png").write_bytes(path.read_bytes())
+    watch_folder(trained_model, inbox, out, once=True, settle=0, calibrate_images=4, batch_size=3)
+    records = _lines(out / "results.jsonl")
+    assert [r.get("calibration", False) for r in records] == [True] * 4 + [False] * 2
+    assert all("score" not in r for r in records[:4]) and all("score" in r for r in records[4:])
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert calibration["image_threshold_raw"] == pytest.approx(
+        max(r["raw_score"] for r in records[:4])
+    )
+    calibrated = cflowad.load(out / "model", "cpu")
+    expected = calibrated.predict([inbox / "g04.png", inbox / "g05.png"]).anomalous.tolist()
+    assert [r["anomalous"] for r in records[4:]] == expected
+    # a restart decides with the saved calibration, and does not calibrate again
+    bad = sorted((texture_dataset / "test" / "patch").glob("*.png"))[0]
+    (inbox / "later.png").write_bytes(bad.read_bytes())
+    watch_folder(trained_model, inbox, out, once=True, settle=0, calibrate_images=4)
+    last = _lines(out / "results.jsonl")[-1]
+    assert last["file"] == "later.png" and "calibration" not in last
+    assert last["anomalous"] == bool(calibrated.predict([bad]).anomalous[0])

@@ -52,6 +52,14 @@ def watch(
     once: Annotated[
         bool, typer.Option("--once", help="Score what is in INBOX now, then exit.")
     ] = False,
+    calibrate_images: Annotated[
+        int,
+        typer.Option(
+            help="The first N images to arrive are good: refit the thresholds on them (this "
+            "camera's light and codec), save OUT/model with OUT/calibration.json, and decide "
+            "the rest with it (a restart keeps it). A model directory only."
+        ),
+    ] = 0,
     device: Device = "auto",
     threads: Threads = None,
     quiet: Quiet = False,
@@ -83,6 +91,7 @@ def watch(
             batch_size=batch_size,
             poll=poll,
             once=once,
+            calibrate_images=calibrate_images,
             stop=stop,
             reporter=reporter,
         )
@@ -143,6 +152,15 @@ def stream(
     retries: Annotated[
         int, typer.Option(help="Reconnects of a camera or network stream that breaks.")
     ] = 3,
+    calibrate_frames: Annotated[
+        int,
+        typer.Option(
+            help="The first N scored frames are good: refit the thresholds on them (the "
+            "camera's codec and light, not the training photos'), save the model as "
+            "OUT/model with OUT/calibration.json, and score the rest with it. A model "
+            "directory only."
+        ),
+    ] = 0,
     device: Device = "auto",
     threads: Threads = None,
     quiet: Quiet = False,
@@ -172,6 +190,7 @@ def stream(
         batch_size=batch_size,
         retries=retries,
         reporter=reporter,
+        calibrate_frames=calibrate_frames,
     )
     latencies = np.percentile(np.array(summary.latencies_ms or [np.nan]), [50, 99])
     summary_table(

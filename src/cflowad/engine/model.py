@@ -32,7 +32,11 @@ from cflowad.data.images import ImageInput, batches, median_aspect_ratio
 from cflowad.engine.device import resolve_device
 from cflowad.engine.export import export_onnx
 from cflowad.engine.inference import InferenceEngine, describe
-from cflowad.method.calibration import false_positive_rate, order_statistic_threshold
+from cflowad.method.calibration import (
+    Threshold,
+    false_positive_rate,
+    order_statistic_threshold,
+)
 from cflowad.method.config import Config
 from cflowad.method.scoring import CFlowNet
 from cflowad.method.train import encode, fit_decoders, fit_gaussians, training_features
@@ -293,6 +297,34 @@ class CFlowAD(InferenceEngine):
             "image_fpr_achievable": false_positive_rate(held, raw) if held else None,
             "image_threshold_source": source,
         }
+
+    def calibrate_thresholds(
+        self, raw_scores: np.ndarray, raw_pixels: np.ndarray, source: str
+    ) -> tuple[Threshold, Threshold]:
+        """Refit both thresholds on new good images (a camera's first frames), at the
+        model's false-positive targets; the references and weights stay as trained.
+
+        Returns the image and pixel thresholds (with the rates they can achieve).
+        """
+        calibration = self._require_fitted()
+        image = order_statistic_threshold(raw_scores, self.config.image_fpr)
+        pixel = order_statistic_threshold(raw_pixels, self.config.pixel_fpr)
+        self.net.image_threshold.fill_(image.value)
+        self.net.pixel_threshold.fill_(pixel.value)
+        self.calibration = {
+            **calibration,
+            "image_threshold_raw": image.value,
+            "pixel_threshold_raw": pixel.value,
+            "image_fpr": self.config.image_fpr,
+            "image_fpr_achievable": image.achievable_fpr,
+            "pixel_fpr": self.config.pixel_fpr,
+            "pixel_fpr_achievable": pixel.achievable_fpr,
+            "n_images": image.n,
+            "raw_score_median": float(np.median(raw_scores)),
+            "holdout_raw_scores": [round(float(v), 9) for v in np.ravel(raw_scores)],
+            "image_threshold_source": source,
+        }
+        return image, pixel
 
     def describe(self) -> dict[str, Any]:
         """Backbone, decoder, input size, thresholds, weights checksum, training summary."""

@@ -39,6 +39,7 @@ from cflowad.engine.inference import THRESHOLD, ImageResult, Predictor
 from cflowad.engine.loading import load
 from cflowad.line.batching import DynamicBatcher
 from cflowad.line.catalog import find_models, scan_models
+from cflowad.line.inference_protocol import add_inference_protocol
 from cflowad.line.settings import ServeSettings
 
 try:
@@ -487,6 +488,8 @@ def add_serving_routes(app: FastAPI, host: ServedModels) -> None:
                 {"error": f"reload refused, still serving the old model: {error}"}, 422
             )
         return JSONResponse({"reloaded": True, **served.describe()})
+
+    add_inference_protocol(app, host)
 
 
 class BodyLimit:

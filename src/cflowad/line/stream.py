@@ -30,6 +30,7 @@ from cflowad.common.errors import UserError
 from cflowad.common.progress import Reporter
 from cflowad.data.files import refuse_foreign
 from cflowad.engine.inference import ImageResult, Predictor
+from cflowad.line.calibrate import SourceCalibration
 from cflowad.line.watch import OnResult
 
 __all__ = ["Frame", "StreamSummary", "is_stream_output", "parse_roi", "stream_video"]
@@ -99,6 +100,7 @@ def stream_video(
     reporter: Reporter | None = None,
     stop: threading.Event | None = None,
     on_result: OnResult | None = None,
+    calibrate_frames: int = 0,
 ) -> StreamSummary:
     """Score ``source`` (a video file, a camera index, or an rtsp/http URL) into ``out``.
 
@@ -119,6 +121,8 @@ def stream_video(
         stop: set it to stop after the frames being scored (the studio detaching a source).
         on_result: called with each scored frame (as scored, cropped to ``roi``), its
             result and its record (the studio's live view); it must return quickly.
+        calibrate_frames: the first N scored frames are good: refit the thresholds on
+            them (:mod:`cflowad.line.calibrate`), save ``out/model``, score on with it.
     """
     if every < 1 or debounce < 1 or batch_size < 1 or retries < 0:
         raise UserError("options --every, --debounce and --batch-size must be at least 1")
@@ -126,6 +130,11 @@ def stream_video(
     if video_out is not None and video_out.suffix.lower() not in (".mp4", ".mkv", ".mov", ".avi"):
         raise UserError(f"option --video-out={video_out}: use an .mp4, .mkv, .mov or .avi name")
     reporter = reporter or Reporter(enabled=False)
+    calibration = (
+        SourceCalibration(model, calibrate_frames, out, "--calibrate-frames", reporter)
+        if calibrate_frames
+        else None
+    )
     source_ = _Source(source, retries, backoff, reporter)
     out.mkdir(parents=True, exist_ok=True)
     if save_anomalous:
@@ -144,9 +153,24 @@ def stream_video(
                     break
                 size = _check_size(batch, size, roi, source)
                 crops = [_crop(f.rgb, roi) for f in batch]
-                results = model.predict_iter(crops, batch_size=len(crops))
-                for frame, crop, result in zip(batch, crops, results, strict=True):
+                results = list(model.predict_iter(crops, batch_size=len(crops)))
+                for k, (frame, crop) in enumerate(zip(batch, crops, strict=True)):
+                    result = results[k]
                     latency = (time.monotonic() - frame.arrived) * 1000
+                    if calibration is not None and not calibration.done:
+                        # a good frame by the user's word: no decision yet, it calibrates
+                        calibrated = calibration.add(result)
+                        if calibrated is not None:  # the rest of the batch, decided anew
+                            model = calibrated
+                            results[k + 1 :] = model.predict_iter(crops[k + 1 :])
+                        calibrating = {
+                            "frame": frame.index,
+                            "pts_seconds": frame.pts_seconds,
+                            "calibration": True,
+                            "raw_score": result.raw_score,
+                        }
+                        lines.write(json.dumps(calibrating) + "\n")
+                        continue
                     record = {
                         "frame": frame.index,
                         "pts_seconds": frame.pts_seconds,

@@ -35,6 +35,8 @@ from cflowad.common.progress import Reporter
 from cflowad.data.files import refuse_foreign, replace_file
 from cflowad.data.images import IMAGE_SUFFIXES, load_image
 from cflowad.engine.inference import ImageResult, Predictor
+from cflowad.engine.loading import load
+from cflowad.line.calibrate import MODEL_FOLDER, RECORD, SourceCalibration
 
 __all__ = [
     "JOURNAL",
@@ -100,6 +102,7 @@ def watch_folder(
     stop: threading.Event | None = None,
     reporter: Reporter | None = None,
     on_result: OnResult | None = None,
+    calibrate_images: int = 0,
 ) -> WatchSummary:
     """Score new images in ``inbox`` until ``stop`` is set (or, with ``once``, until the
     folder holds nothing new); records go to ``out/results.jsonl``.
@@ -122,6 +125,9 @@ def watch_folder(
         reporter: progress lines.
         on_result: called with each image, its result and its record once the record is
             written (the studio's live view); it must return quickly.
+        calibrate_images: the first N images are good: refit the thresholds on them
+            (:mod:`cflowad.line.calibrate`) into ``out/model``, and decide the rest with
+            it; after a restart the saved calibration is used.
     """
     if not inbox.is_dir():
         raise UserError(f"INBOX {inbox}: folder not found")
@@ -132,7 +138,9 @@ def watch_folder(
             "options --settle and --reject-after must be 0 or more and --batch-size at least 1"
         )
     refuse_foreign(out, is_watch_output)
-    folder = _HotFolder(model, inbox, out, move_done, pictures, reporter, on_result)
+    folder = _HotFolder(
+        model, inbox, out, move_done, pictures, reporter, on_result, calibrate_images
+    )
     stop = stop or threading.Event()
     wake = threading.Event()
     observer = _start_observer(inbox, wake, folder.closed, poll, folder.reporter)
@@ -170,9 +178,17 @@ class _HotFolder:
         pictures: bool,
         reporter: Reporter | None,
         on_result: OnResult | None = None,
+        calibrate_images: int = 0,
     ) -> None:
         self.model, self.inbox, self.out = model, inbox, out
         self.on_result = on_result
+        self.calibration: SourceCalibration | None = None
+        if (out / RECORD).is_file():  # calibrated before a restart: score on with it
+            self.model = load(out / MODEL_FOLDER)
+        elif calibrate_images:
+            self.calibration = SourceCalibration(
+                model, calibrate_images, out, "--calibrate-images", reporter or Reporter(False)
+            )
         self.move_done, self.pictures = move_done, pictures
         self.reporter = reporter or Reporter(enabled=False)
         for name in (
@@ -256,8 +272,9 @@ class _HotFolder:
             kept.append((path, key, seen))
         if not images:
             return
-        results = self.model.predict_iter(images, batch_size=len(images))
-        for (path, key, seen), image, result in zip(kept, images, results, strict=True):
+        results = list(self.model.predict_iter(images, batch_size=len(images)))
+        for k, ((path, key, seen), image) in enumerate(zip(kept, images, strict=True)):
+            result = results[k]
             record: dict[str, Any] = {
                 "image": str(path),
                 "score": round(result.score, 6),
@@ -270,6 +287,15 @@ class _HotFolder:
                 "bytes": key[1],
                 "modified_ns": key[2],
             }
+            if self.calibration is not None and not self.calibration.done:
+                # a good image by the user's word: it calibrates, no decision yet
+                calibrated = self.calibration.add(result)
+                if calibrated is not None:  # the rest of the batch, decided anew
+                    self.model = calibrated
+                    results[k + 1 :] = self.model.predict_iter(images[k + 1 :])
+                for decided in ("score", "anomalous"):
+                    del record[decided]
+                record["calibration"] = True
             np.save(self.out / record["map"], result.anomaly_map)
             if self.pictures:
                 from cflowad.results.pictures import save_overlay
@@ -284,7 +310,7 @@ class _HotFolder:
             if self.move_done:
                 _move(path, self.out / "done")
             self.summary.scored += 1
-            self.summary.anomalous += result.anomalous
+            self.summary.anomalous += result.anomalous and not record.get("calibration")
             self.summary.delays.append(time.monotonic() - seen.first_seen)
             if self.on_result is not None:
                 self.on_result(image, result, record)

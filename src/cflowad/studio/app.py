@@ -132,8 +132,13 @@ def create_studio(workspace: Workspace, settings: StudioSettings | None = None) 
         else None
     )
 
+    loop: list[asyncio.AbstractEventLoop] = []  # the server's, once it runs
+
     def on_revision(name: str, number: int, promoted: bool) -> None:
+        """A training ended (in the jobs thread): serve a new model now, not at the next poll."""
         log.info("model %s: revision %d%s", name, number, " (served)" if promoted else "")
+        if promoted and loop:
+            asyncio.run_coroutine_threadsafe(host.sync(workspace.models), loop[0])
 
     queue = TrainingQueue(workspace, on_revision, parallel=settings.parallel_trainings)
 
@@ -154,6 +159,7 @@ def create_studio(workspace: Workspace, settings: StudioSettings | None = None) 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loop.append(asyncio.get_running_loop())
         await run_in_threadpool(workspace.sync_models)
         await host.sync(workspace.models)
 
@@ -319,14 +325,14 @@ def create_studio(workspace: Workspace, settings: StudioSettings | None = None) 
         good = sorted(k for k, m in workspace.marks(name).items() if m["mark"] == "good")
         if not good:
             raise UserError("no images are marked good for this model: mark false alarms first")
+        settings = dict(trained.created.get("settings") or {})
+        calibration = _calibration(served.path)
+        if calibration.get("image_threshold_source") and calibration.get("image_fpr_achievable"):
+            # a threshold set by hand carries over as its held-out rate: raw scores of
+            # two trainings are not on one scale, their false-positive rates are
+            settings["image_fpr"] = calibration["image_fpr_achievable"]
         return await run_in_threadpool(
-            queue.submit,
-            name,
-            tuple(data),
-            trained.created.get("settings", {}),
-            "feedback",
-            served.number,
-            good,
+            queue.submit, name, tuple(data), settings, "feedback", served.number, good
         )
 
     # -- review -----------------------------------------------------------------------

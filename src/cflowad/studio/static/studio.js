@@ -165,7 +165,7 @@ function renderModels() {
     return el("tr", {},
       el("td", {}, el("strong", { text: model.name }), el("div", { class: "muted", text: model.format })),
       el("td", { text: model.revision ? `r${model.revision}` : "–" }),
-      el("td", { text: model.error ? `does not load: ${model.error}` :
+      el("td", { text: model.error ? `does not load: ${model.error}` : !model.info ? "loading…" :
         `${info.backbone || ""} ${info.decoder || ""} ${info.input_size ? `${info.input_size.width}×${info.input_size.height}` : ""}` }),
       el("td", { text: `image ${fmt(info.image_threshold_raw, 6)} / pixel ${fmt(info.pixel_threshold_raw, 6)}` }),
       el("td", { text: pct(info.image_fpr_achievable) }),
