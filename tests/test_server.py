@@ -524,3 +524,21 @@ def test_open_inference_protocol_with_tritonclient(models, images):
         with pytest.raises(triton.InferenceServerException, match="image 0"):
             client.infer("brick", [broken])
         client.close()
+
+
+def test_drift_gauges_after_a_window_of_requests(models, images):
+    from cflowad.line.drift import DriftSettings
+
+    settings = ServeSettings(drift=DriftSettings(window=10))
+    with serving(create_app(models / "brick", settings)) as url:
+        assert httpx.get(f"{url}/v1/models/brick").json()["drift"] == {
+            "quantile": None,
+            "tripped": False,
+        }
+        for k in range(10):
+            assert _post(url, "brick", images[k % len(images)].read_bytes()).status_code == 200
+        drift = httpx.get(f"{url}/v1/models/brick").json()["drift"]
+        metrics = httpx.get(f"{url}/metrics").text
+    assert 0 <= drift["quantile"] <= 1
+    assert f'cflowad_drift_quantile{{model="brick"}} {drift["quantile"]}' in metrics
+    assert f'cflowad_drift{{model="brick"}} {float(drift["tripped"])}' in metrics

@@ -353,6 +353,17 @@ def test_live_view_hot_folder(running, page, data):
     expect(source).to_have_count(0)
 
 
+def test_dropped_images_are_scored(running, page, data):
+    url, workspace = running
+    page.goto(f"{url}/studio#review")
+    files = sorted((data / "brick" / "test" / "patch").iterdir())[:2]
+    page.get_by_label("Add images").set_input_files([str(f) for f in files])
+    expect(page.locator("#run-select option:checked")).to_contain_text("dropped")
+    expect(page.locator("#gallery article")).to_have_count(2, timeout=60_000)
+    saved = sorted(p.name for p in (workspace / "uploads").glob("*/*.png"))
+    assert saved == sorted(f.name for f in files)
+
+
 def test_security_csrf_paths_and_errors(running):
     url, _ = running
     no_token = httpx.post(

@@ -19,6 +19,7 @@ from cflowad.method.config import Config
 __all__ = [
     "DEFAULTS",
     "Device",
+    "DriftWindow",
     "Quiet",
     "RayAddress",
     "SkipBad",
@@ -60,6 +61,14 @@ Threads = Annotated[
     typer.Option(
         help="Threads (default: all cores); ONNX files run in ONNX Runtime on them. "
         "For throughput, run one process per core with --threads 1."
+    ),
+]
+DriftWindow = Annotated[
+    int,
+    typer.Option(
+        help="Drift alarm: compare the median raw score of the last N images with the "
+        "model's held-out good ones; trips and clears are logged (and in /metrics or "
+        "OUT/drift.jsonl). 0 turns it off."
     ),
 ]
 RayAddress = Annotated[

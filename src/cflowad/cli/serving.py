@@ -10,6 +10,7 @@ import typer
 
 from cflowad.cli.options import (
     Device,
+    DriftWindow,
     Quiet,
     Threads,
     check_port,
@@ -22,6 +23,7 @@ from cflowad.cli.options import (
 from cflowad.common.progress import Reporter
 from cflowad.data.files import replace_file
 from cflowad.line.catalog import find_models
+from cflowad.line.drift import DriftSettings
 from cflowad.line.settings import ServeSettings
 
 __all__ = ["loadtest", "serve"]
@@ -75,6 +77,7 @@ def serve(
             "POST /v1/models/NAME/reload)."
         ),
     ] = _SERVE.follow_seconds,
+    drift_window: DriftWindow = _SERVE.drift.window,
 ) -> None:
     """Score images over HTTP: POST /v1/models/NAME/predict, with probes, metrics and reloads.
 
@@ -91,6 +94,7 @@ def serve(
         api_key=read_api_key(api_key_file),
         device=device,
         follow_seconds=reload_every,
+        drift=DriftSettings(window=drift_window),
     )
     sources = find_models(models)
     use_threads(threads, sources.values(), workers)

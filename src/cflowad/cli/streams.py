@@ -8,13 +8,23 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from cflowad.cli.options import Device, Quiet, Threads, summary_table, use_threads
+from cflowad.cli.options import (
+    Device,
+    DriftWindow,
+    Quiet,
+    Threads,
+    summary_table,
+    use_threads,
+)
 from cflowad.common.progress import Reporter
 from cflowad.data.files import refuse_foreign
 from cflowad.engine.loading import load
+from cflowad.line.drift import DriftSettings
 from cflowad.line.watch import REJECT_AFTER, SETTLE, is_watch_output, watch_folder
 
 __all__ = ["stream", "watch"]
+
+_DRIFT = DriftSettings()  # the alarm's defaults, one source
 
 
 def watch(
@@ -60,6 +70,7 @@ def watch(
             "the rest with it (a restart keeps it). A model directory only."
         ),
     ] = 0,
+    drift_window: DriftWindow = _DRIFT.window,
     device: Device = "auto",
     threads: Threads = None,
     quiet: Quiet = False,
@@ -92,6 +103,7 @@ def watch(
             poll=poll,
             once=once,
             calibrate_images=calibrate_images,
+            drift=DriftSettings(window=drift_window),
             stop=stop,
             reporter=reporter,
         )
@@ -161,6 +173,7 @@ def stream(
             "directory only."
         ),
     ] = 0,
+    drift_window: DriftWindow = _DRIFT.window,
     device: Device = "auto",
     threads: Threads = None,
     quiet: Quiet = False,
@@ -191,6 +204,7 @@ def stream(
         retries=retries,
         reporter=reporter,
         calibrate_frames=calibrate_frames,
+        drift=DriftSettings(window=drift_window),
     )
     latencies = np.percentile(np.array(summary.latencies_ms or [np.nan]), [50, 99])
     summary_table(

@@ -132,6 +132,7 @@ async def _infer(host: Any, name: str, request: Request) -> Response:
     results: list[ImageResult] = list(await asyncio.gather(*futures))
     tensors = await run_in_threadpool(_outputs, results, images, [w for w, _ in wanted])
     for result in results:
+        served.observe(result, host.metrics)
         host.metrics.decisions.labels(name, "anomalous" if result.anomalous else "normal").inc()
         host.metrics.scores.labels(name).observe(result.score)
     answer: dict[str, Any] = {

@@ -39,6 +39,7 @@ from cflowad.engine.inference import THRESHOLD, ImageResult, Predictor
 from cflowad.engine.loading import load
 from cflowad.line.batching import DynamicBatcher
 from cflowad.line.catalog import find_models, scan_models
+from cflowad.line.drift import DriftMonitor
 from cflowad.line.inference_protocol import add_inference_protocol
 from cflowad.line.settings import ServeSettings
 
@@ -125,6 +126,22 @@ class _Metrics:
         self.queued = Gauge(
             "cflowad_queued_images", "Images waiting for a batch.", ["model"], registry=r
         )
+        self.drift_quantile = Gauge(
+            "cflowad_drift_quantile",
+            "Rank of the recent images' median raw score among the held-out good ones "
+            "(0.5 on a stable line).",
+            ["model"],
+            registry=r,
+        )
+        self.drift = Gauge(
+            "cflowad_drift", "1 while the drift alarm is tripped.", ["model"], registry=r
+        )
+        self.drift_events = Counter(
+            "cflowad_drift_events",
+            "Drift alarms tripped and cleared.",
+            ["model", "state"],
+            registry=r,
+        )
 
 
 @dataclass
@@ -138,6 +155,7 @@ class _Served:
     revision: int
     loaded_at: str
     info: dict[str, Any] = field(default_factory=dict)
+    drift: DriftMonitor | None = None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -145,8 +163,23 @@ class _Served:
             "format": "onnx" if self.path.suffix.lower() == ".onnx" else "model directory",
             "revision": self.revision,
             "loaded_at": self.loaded_at,
+            "drift": None
+            if self.drift is None
+            else {"quantile": self.drift.quantile, "tripped": self.drift.tripped},
             **self.info,
         }
+
+    def observe(self, result: ImageResult, metrics: _Metrics) -> None:
+        """Feed the drift alarm one scored image; log and count when it trips or clears."""
+        if self.drift is None:
+            return
+        event = self.drift.add(result.raw_score)
+        if self.drift.quantile is not None:
+            metrics.drift_quantile.labels(self.name).set(self.drift.quantile)
+        metrics.drift.labels(self.name).set(int(self.drift.tripped))
+        if event is not None:
+            metrics.drift_events.labels(self.name, event["state"]).inc()
+            log.warning("drift %s for %s: %s", event["state"], self.name, event["message"])
 
 
 def _signature(path: Path) -> tuple[int, ...] | None:
@@ -332,6 +365,9 @@ class ServedModels:
             revision=revision,
             loaded_at=datetime.now(UTC).isoformat(timespec="seconds"),
             info=model.describe(),
+            drift=DriftMonitor.for_model(getattr(model, "calibration", None), self.settings.drift)
+            if self.settings.drift.window
+            else None,
         )
 
 
@@ -586,6 +622,7 @@ async def _predict(
         served = host.get(name)
         future = served.batcher.submit(image)
     result = await _answer_or_disconnect(request, future)
+    served.observe(result, host.metrics)
     answer: dict[str, Any] = {
         "model": name,
         "revision": served.revision,

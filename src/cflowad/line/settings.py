@@ -6,9 +6,10 @@ without importing FastAPI (an optional extra).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cflowad.common.errors import UserError
+from cflowad.line.drift import DriftSettings
 
 __all__ = ["ServeSettings"]
 
@@ -30,6 +31,7 @@ class ServeSettings:
     api_key: str | None = None
     device: str = "auto"
     follow_seconds: float = 2.0  # how often model files are checked for changes; 0: never
+    drift: DriftSettings = field(default_factory=DriftSettings)  # window 0: no alarm
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:

@@ -31,6 +31,7 @@ from cflowad.common.progress import Reporter
 from cflowad.data.files import refuse_foreign
 from cflowad.engine.inference import ImageResult, Predictor
 from cflowad.line.calibrate import SourceCalibration
+from cflowad.line.drift import DriftLog, DriftSettings
 from cflowad.line.watch import OnResult
 
 __all__ = ["Frame", "StreamSummary", "is_stream_output", "parse_roi", "stream_video"]
@@ -101,6 +102,7 @@ def stream_video(
     stop: threading.Event | None = None,
     on_result: OnResult | None = None,
     calibrate_frames: int = 0,
+    drift: DriftSettings | None = None,
 ) -> StreamSummary:
     """Score ``source`` (a video file, a camera index, or an rtsp/http URL) into ``out``.
 
@@ -123,6 +125,8 @@ def stream_video(
             result and its record (the studio's live view); it must return quickly.
         calibrate_frames: the first N scored frames are good: refit the thresholds on
             them (:mod:`cflowad.line.calibrate`), save ``out/model``, score on with it.
+        drift: the drift alarm's settings (:mod:`cflowad.line.drift`); trips and clears go
+            to ``out/drift.jsonl``.
     """
     if every < 1 or debounce < 1 or batch_size < 1 or retries < 0:
         raise UserError("options --every, --debounce and --batch-size must be at least 1")
@@ -135,6 +139,8 @@ def stream_video(
         if calibrate_frames
         else None
     )
+    alarm = DriftLog(out, drift or DriftSettings(), reporter)
+    alarm.reset(getattr(model, "calibration", None))
     source_ = _Source(source, retries, backoff, reporter)
     out.mkdir(parents=True, exist_ok=True)
     if save_anomalous:
@@ -162,6 +168,7 @@ def stream_video(
                         calibrated = calibration.add(result)
                         if calibrated is not None:  # the rest of the batch, decided anew
                             model = calibrated
+                            alarm.reset(getattr(model, "calibration", None))
                             results[k + 1 :] = model.predict_iter(crops[k + 1 :])
                         calibrating = {
                             "frame": frame.index,
@@ -171,6 +178,7 @@ def stream_video(
                         }
                         lines.write(json.dumps(calibrating) + "\n")
                         continue
+                    alarm.observe(result.raw_score)
                     record = {
                         "frame": frame.index,
                         "pts_seconds": frame.pts_seconds,

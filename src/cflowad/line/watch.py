@@ -37,6 +37,7 @@ from cflowad.data.images import IMAGE_SUFFIXES, load_image
 from cflowad.engine.inference import ImageResult, Predictor
 from cflowad.engine.loading import load
 from cflowad.line.calibrate import MODEL_FOLDER, RECORD, SourceCalibration
+from cflowad.line.drift import DriftLog, DriftSettings
 
 __all__ = [
     "JOURNAL",
@@ -103,6 +104,7 @@ def watch_folder(
     reporter: Reporter | None = None,
     on_result: OnResult | None = None,
     calibrate_images: int = 0,
+    drift: DriftSettings | None = None,
 ) -> WatchSummary:
     """Score new images in ``inbox`` until ``stop`` is set (or, with ``once``, until the
     folder holds nothing new); records go to ``out/results.jsonl``.
@@ -128,6 +130,8 @@ def watch_folder(
         calibrate_images: the first N images are good: refit the thresholds on them
             (:mod:`cflowad.line.calibrate`) into ``out/model``, and decide the rest with
             it; after a restart the saved calibration is used.
+        drift: the drift alarm's settings (:mod:`cflowad.line.drift`); trips and clears go
+            to ``out/drift.jsonl``.
     """
     if not inbox.is_dir():
         raise UserError(f"INBOX {inbox}: folder not found")
@@ -139,7 +143,7 @@ def watch_folder(
         )
     refuse_foreign(out, is_watch_output)
     folder = _HotFolder(
-        model, inbox, out, move_done, pictures, reporter, on_result, calibrate_images
+        model, inbox, out, move_done, pictures, reporter, on_result, calibrate_images, drift
     )
     stop = stop or threading.Event()
     wake = threading.Event()
@@ -179,6 +183,7 @@ class _HotFolder:
         reporter: Reporter | None,
         on_result: OnResult | None = None,
         calibrate_images: int = 0,
+        drift: DriftSettings | None = None,
     ) -> None:
         self.model, self.inbox, self.out = model, inbox, out
         self.on_result = on_result
@@ -189,6 +194,8 @@ class _HotFolder:
             self.calibration = SourceCalibration(
                 model, calibrate_images, out, "--calibrate-images", reporter or Reporter(False)
             )
+        self.drift = DriftLog(out, drift or DriftSettings(), reporter or Reporter(False))
+        self.drift.reset(getattr(self.model, "calibration", None))
         self.move_done, self.pictures = move_done, pictures
         self.reporter = reporter or Reporter(enabled=False)
         for name in (
@@ -292,10 +299,13 @@ class _HotFolder:
                 calibrated = self.calibration.add(result)
                 if calibrated is not None:  # the rest of the batch, decided anew
                     self.model = calibrated
+                    self.drift.reset(getattr(calibrated, "calibration", None))
                     results[k + 1 :] = self.model.predict_iter(images[k + 1 :])
                 for decided in ("score", "anomalous"):
                     del record[decided]
                 record["calibration"] = True
+            else:
+                self.drift.observe(result.raw_score)
             np.save(self.out / record["map"], result.anomaly_map)
             if self.pictures:
                 from cflowad.results.pictures import save_overlay

@@ -330,6 +330,7 @@ $("#score-form").addEventListener("submit", (event) => {
     await refresh();
     $("#run-select").value = run.id;
     page = 0;
+    renderRuns();  // this run's status now, not the last one's
     loadGallery();
   });
 });
@@ -350,6 +351,7 @@ async function uploadFiles(files) {
     await refresh();
     $("#run-select").value = run.id;
     page = 0;
+    renderRuns();
     loadGallery();
   });
 }

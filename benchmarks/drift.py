@@ -1,0 +1,105 @@
+"""The drift alarm on real scores: false trips per hour on a stable line, and frames to
+detect a change of light.
+
+Scores a category's good test images (never seen in training or calibration) as they
+are and with the light changed (brightness and contrast), and its defective images.
+A stable line is simulated by drawing from the good scores (and, with --defects, a
+share of defect scores) at --fps for many hours; a change of light by switching to the
+changed scores halfway through. The monitor only sees raw scores, so drawing them is
+the same as scoring those images again.
+
+    python benchmarks/drift.py MODEL ../shared/data/magnetic_tile --json drift.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+import cflowad
+from cflowad.line.drift import DriftMonitor, DriftSettings
+
+
+def changed_light(path: Path, gain: float, offset: float) -> np.ndarray:
+    pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+    return np.clip(gain * pixels + offset, 0, 255).astype(np.uint8)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", type=Path)
+    parser.add_argument("category", type=Path)
+    parser.add_argument("--fps", type=float, default=5)
+    parser.add_argument("--hours", type=float, default=20)
+    parser.add_argument("--defects", type=float, default=0.05, help="share of defective parts")
+    parser.add_argument("--gain", type=float, default=1.15)
+    parser.add_argument("--offset", type=float, default=15)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    model = cflowad.load(args.model, "cpu")
+    held = model.calibration["holdout_raw_scores"]
+    good_files = sorted((args.category / "test" / "good").iterdir())
+    bad_files = sorted(
+        p for d in (args.category / "test").iterdir() if d.name != "good" for p in d.iterdir()
+    )
+    good = model.predict(good_files).raw_scores
+    bad = model.predict(bad_files).raw_scores
+    changed = model.predict([changed_light(p, args.gain, args.offset) for p in good_files])
+    settings = DriftSettings()
+    rng = np.random.default_rng(0)
+
+    def line(n: int, scores: np.ndarray) -> np.ndarray:
+        drawn = rng.choice(scores, n)
+        defective = rng.random(n) < args.defects
+        drawn[defective] = rng.choice(bad, int(defective.sum()))
+        return drawn
+
+    per_hour = int(args.fps * 3600)
+    trips = []
+    for _ in range(int(args.hours)):
+        monitor = DriftMonitor(held, settings)
+        trips.append(
+            sum(
+                1 for s in line(per_hour, good) if (e := monitor.add(s)) and e["state"] == "tripped"
+            )
+        )
+    detect = []
+    for _ in range(50):
+        monitor = DriftMonitor(held, settings)
+        for s in line(2 * settings.window, good):
+            monitor.add(s)
+        for k, s in enumerate(line(20 * settings.window, changed.raw_scores), 1):
+            event = monitor.add(s)
+            if event and event["state"] == "tripped":
+                detect.append(k)
+                break
+    result = {
+        "model": str(args.model),
+        "held_out_images": len(held),
+        "window": settings.window,
+        "fps": args.fps,
+        "defect_share": args.defects,
+        "hours_simulated": args.hours,
+        "false_trips_per_hour": statistics.mean(trips),
+        "false_trips_max_in_an_hour": max(trips),
+        "light_change": {"gain": args.gain, "offset": args.offset},
+        "good_flagged_before_change": float(
+            np.mean(good > model.calibration["image_threshold_raw"])
+        ),
+        "good_flagged_after_change": float(changed.anomalous.mean()),
+        "detected": f"{len(detect)} of 50",
+        "frames_to_detect_median": statistics.median(detect) if detect else None,
+        "frames_to_detect_max": max(detect) if detect else None,
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
