@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from cflowad.common.errors import UserError
 from cflowad.line.drift import DriftMonitor, DriftSettings
@@ -59,14 +59,14 @@ def test_the_rank_is_the_mid_rank_of_the_median():
 
 
 def test_watch_writes_drift_records(trained_model, texture_dataset, tmp_path):
-    """Brighter, flatter light on good parts: the real model's scores rise, the alarm trips."""
+    """Good parts out of focus and noisy: the real model's scores rise, the alarm trips."""
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     inbox.mkdir()
     for k, path in enumerate(sorted((texture_dataset / "train" / "good").glob("*.png"))[:12]):
-        pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
-        Image.fromarray(np.clip(0.5 * pixels + 120, 0, 255).astype(np.uint8)).save(
-            inbox / f"{k:02d}.png"
-        )
+        blurred = Image.open(path).convert("RGB").filter(ImageFilter.GaussianBlur(3))
+        pixels = np.asarray(blurred, dtype=np.float32)
+        noisy = pixels + np.random.default_rng(k).normal(0, 25, pixels.shape)
+        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(inbox / f"{k:02d}.png")
     watch_folder(trained_model, inbox, out, once=True, settle=0, drift=DriftSettings(window=10))
     records = [json.loads(line) for line in (out / "drift.jsonl").read_text().splitlines()]
     assert records[0]["event"] == "drift" and records[0]["state"] == "tripped"

@@ -128,7 +128,9 @@ def pick(page: Page, picker: str, *folders: str, root: str = "allowed") -> None:
 
 
 def _root_name(page: Page, root: str) -> str:
-    options = page.get_by_label("Folder root").first.locator("option").all_text_contents()
+    select = page.get_by_label("Folder root").first
+    expect(select.locator("option")).to_have_count(2)  # the roots arrive with the state
+    options = select.locator("option").all_text_contents()
     return next(o for o in options if o.startswith(root)) if root != "workspace" else root
 
 
@@ -364,6 +366,37 @@ def test_dropped_images_are_scored(running, page, data):
     assert saved == sorted(f.name for f in files)
 
 
+def test_errors_are_shown_on_the_page(running, page, data):
+    """A training that fails shows its log's tail; a broken model file and a source that
+    cannot be opened say why; two tabs see the same state."""
+    url, workspace = running
+    page.goto(f"{url}/studio")
+    train_in_page(page, "broken-settings", {"image_size": "33"})  # not a multiple of 32
+    failed = page.locator(".job").filter(has_text="broken-settings").first
+    expect(failed).to_contain_text("failed", timeout=90_000)
+    expect(failed.locator("pre")).to_contain_text("image", timeout=10_000)
+    broken = workspace / "models" / "damaged"
+    broken.mkdir()
+    (broken / "model.json").write_text('{"format": "cflowad-model", "format_version": 3}')
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    expect(page.get_by_role("table", name="Models")).to_contain_text(
+        "does not load", timeout=30_000
+    )
+    other = page.context.new_page()  # a second tab sees the same trainings
+    other.goto(f"{url}/studio")
+    expect(other.locator(".job").filter(has_text="broken-settings").first).to_contain_text("failed")
+    other.close()
+    page.get_by_role("tab", name="Live").click()
+    form = page.get_by_role("form", name="Attach a source")
+    form.get_by_label("Source kind").select_option("stream")
+    form.get_by_label("Stream source").fill("rtsp://127.0.0.1:9/none")
+    form.get_by_role("button", name="Attach source").click()
+    source = page.get_by_label("Source rtsp://127.0.0.1:9/none")
+    expect(source.get_by_role("status")).to_contain_text("failed", timeout=60_000)
+    source.get_by_role("button", name="Detach source").click()
+    shutil.rmtree(broken)
+
+
 def test_security_csrf_paths_and_errors(running):
     url, _ = running
     no_token = httpx.post(
@@ -451,7 +484,7 @@ def test_kill_9_resumes_where_it_was(data, tmp_path, browser):
                 "name": "slow",
                 "root": data.name,
                 "path": "brick",
-                "settings": {"steps": "400", "image_size": "64"},
+                "settings": {"steps": "300", "image_size": "64", "compile_training": "false"},
             },
         ).json()
         wait_for(
@@ -464,7 +497,7 @@ def test_kill_9_resumes_where_it_was(data, tmp_path, browser):
         page = browser.new_page()
         page.goto(f"{url}/studio")
         expect(page.get_by_role("table", name="Models")).to_contain_text("kept")
-        expect(page.get_by_role("table", name="Models")).to_contain_text("slow", timeout=180_000)
+        expect(page.get_by_role("table", name="Models")).to_contain_text("slow", timeout=400_000)
         page.get_by_role("tab", name="Review").click()
         expect(page.locator("#gallery article")).to_have_count(8)
         page.close()

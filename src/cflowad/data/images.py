@@ -91,6 +91,8 @@ def _as_float(image: np.ndarray) -> np.ndarray:
 def to_model_input(image: np.ndarray, size: tuple[int, int]) -> Tensor:
     """(H, W, 3) image, float in [0, 1] or uint8 -> (3, height, width) float tensor,
     antialiased bilinear resize."""
+    if not image.flags.writeable:  # np.asarray of a PIL image: torch wants its own copy
+        image = image.copy()
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
     if tensor.dtype == torch.uint8:
         tensor = tensor.float() / 255.0  # the same float32 division as load_image's

@@ -36,6 +36,7 @@ from cflowad.method.calibration import (
     Threshold,
     false_positive_rate,
     order_statistic_threshold,
+    raw_from_readable,
 )
 from cflowad.method.config import Config
 from cflowad.method.scoring import CFlowNet
@@ -299,14 +300,21 @@ class CFlowAD(InferenceEngine):
         }
 
     def calibrate_thresholds(
-        self, raw_scores: np.ndarray, raw_pixels: np.ndarray, source: str
+        self, raw_scores: np.ndarray, map_values: np.ndarray, source: str
     ) -> tuple[Threshold, Threshold]:
         """Refit both thresholds on new good images (a camera's first frames), at the
         model's false-positive targets; the references and weights stay as trained.
 
+        Args:
+            raw_scores: the images' raw scores.
+            map_values: values of their readable maps (any sample of the pixels), as
+                ``predict`` gives them.
+            source: what set the thresholds, recorded in the calibration.
+
         Returns the image and pixel thresholds (with the rates they can achieve).
         """
         calibration = self._require_fitted()
+        raw_pixels = raw_from_readable(map_values, calibration["pixel_threshold_raw"])
         image = order_statistic_threshold(raw_scores, self.config.image_fpr)
         pixel = order_statistic_threshold(raw_pixels, self.config.pixel_fpr)
         self.net.image_threshold.fill_(image.value)

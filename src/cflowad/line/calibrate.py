@@ -24,7 +24,6 @@ from cflowad.common.progress import Reporter
 from cflowad.data.files import replace_file
 from cflowad.engine.inference import ImageResult, Predictor
 from cflowad.engine.model import CFlowAD
-from cflowad.method.calibration import raw_from_readable
 
 __all__ = ["SourceCalibration"]
 
@@ -48,7 +47,7 @@ class SourceCalibration:
         self.model, self.count, self.out = model, count, out
         self.option, self.reporter = option, reporter
         self.raw_scores: list[float] = []
-        self.raw_pixels: list[np.ndarray] = []
+        self.map_values: list[np.ndarray] = []
 
     @property
     def done(self) -> bool:
@@ -56,11 +55,10 @@ class SourceCalibration:
 
     def add(self, result: ImageResult) -> Predictor | None:
         """Take one good image's result; after the last one, the recalibrated model."""
-        calibration = self.model.calibration or {}
         self.raw_scores.append(result.raw_score)
-        pixels = raw_from_readable(result.anomaly_map, calibration["pixel_threshold_raw"])
+        pixels = result.anomaly_map.ravel()
         step = max(1, pixels.size // 20_000)  # a bounded sample of each map's pixels
-        self.raw_pixels.append(pixels.ravel()[::step].astype(np.float32))
+        self.map_values.append(pixels[::step].astype(np.float32))
         if not self.done:
             return None
         return self._refit()
@@ -70,7 +68,7 @@ class SourceCalibration:
         self.model = copy.deepcopy(self.model)  # the caller's model stays as it was
         image, pixel = self.model.calibrate_thresholds(
             np.array(self.raw_scores),
-            np.concatenate(self.raw_pixels),
+            np.concatenate(self.map_values),
             f"{self.option} {self.count}",
         )
         target = self.out / MODEL_FOLDER

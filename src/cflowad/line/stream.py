@@ -169,7 +169,8 @@ def stream_video(
                         if calibrated is not None:  # the rest of the batch, decided anew
                             model = calibrated
                             alarm.reset(getattr(model, "calibration", None))
-                            results[k + 1 :] = model.predict_iter(crops[k + 1 :])
+                            if crops[k + 1 :]:
+                                results[k + 1 :] = model.predict_iter(crops[k + 1 :])
                         calibrating = {
                             "frame": frame.index,
                             "pts_seconds": frame.pts_seconds,

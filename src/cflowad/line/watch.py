@@ -300,7 +300,8 @@ class _HotFolder:
                 if calibrated is not None:  # the rest of the batch, decided anew
                     self.model = calibrated
                     self.drift.reset(getattr(calibrated, "calibration", None))
-                    results[k + 1 :] = self.model.predict_iter(images[k + 1 :])
+                    if images[k + 1 :]:
+                        results[k + 1 :] = self.model.predict_iter(images[k + 1 :])
                 for decided in ("score", "anomalous"):
                     del record[decided]
                 record["calibration"] = True

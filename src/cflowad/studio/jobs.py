@@ -49,6 +49,7 @@ SETTINGS = {
     "min_holdout": "--min-holdout",
     "scale_weights": "--scale-weights",
     "encoder_weights": "--encoder-weights",
+    "compile_training": "--compile-training",  # "false": --no-compile-training
 }
 _ACTIVE = ("queued", "running")
 
@@ -195,7 +196,11 @@ class TrainingQueue:
         command = [sys.executable, "-m", "cflowad", "train", str(data), "--out", str(target)]
         command += ["--progress-file", str(folder / "progress.json")]
         for key, value in job["settings"].items():
-            command += [SETTINGS[key], str(value)]
+            if key == "compile_training":  # a switch, not a value
+                off = str(value).lower() in ("false", "0", "no", "off")
+                command.append("--no-compile-training" if off else "--compile-training")
+            else:
+                command += [SETTINGS[key], str(value)]
         target.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
             if read_json(folder / "job.json").get("state") != "queued":
