@@ -1,6 +1,6 @@
 """The one exception type for mistakes a user can fix (bad file, bad option)."""
 
-__all__ = ["UserError"]
+__all__ = ["UserError", "reason"]
 
 
 class UserError(ValueError):
@@ -8,3 +8,9 @@ class UserError(ValueError):
 
     It subclasses ValueError so that library callers can catch it the usual way.
     """
+
+
+def reason(error: BaseException) -> str:
+    """Why something failed, in one line: a UserError's own message, anything else with
+    its type (an unexpected error must not pass for the user's mistake)."""
+    return str(error) if isinstance(error, UserError) else repr(error)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cflowad.common.allocator import release_freed_memory
-from cflowad.common.errors import UserError
+from cflowad.common.errors import UserError, reason
 from cflowad.common.progress import Reporter
 from cflowad.data.datasets import find_training_images
 from cflowad.data.files import refuse_foreign, replace_file, staged_directory
@@ -159,7 +159,7 @@ def _train(
     except Exception as error:  # one category's failure must not stop the others
         record = {
             "status": "failed",
-            "error": str(error) if isinstance(error, UserError) else repr(error),
+            "error": reason(error),
             "user_error": isinstance(error, UserError),
             "seconds": round(time.perf_counter() - start, 2),
         }

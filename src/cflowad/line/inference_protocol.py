@@ -128,9 +128,11 @@ async def _infer(host: Any, name: str, request: Request) -> Response:
     if not images:
         raise HTTPException(400, "the input holds no images")
     wanted = _wanted(header)
+    if any(name == "map" for name, _ in wanted) and len({i.shape[:2] for i in images}) > 1:
+        raise HTTPException(400, "the map output needs images of one size")  # before scoring
     futures = [served.batcher.submit(image) for image in images]
     results: list[ImageResult] = list(await asyncio.gather(*futures))
-    tensors = await run_in_threadpool(_outputs, results, images, [w for w, _ in wanted])
+    tensors = await run_in_threadpool(_outputs, results, [w for w, _ in wanted])
     for result in results:
         served.observe(result, host.metrics)
         host.metrics.decisions.labels(name, "anomalous" if result.anomalous else "normal").inc()
@@ -258,15 +260,10 @@ def _wanted(header: dict[str, Any]) -> list[tuple[str, bool]]:
     return wanted
 
 
-def _outputs(
-    results: list[ImageResult], images: list[np.ndarray], names: list[str]
-) -> list[np.ndarray]:
+def _outputs(results: list[ImageResult], names: list[str]) -> list[np.ndarray]:
     tensors = []
     for name in names:
         if name == "map":
-            shapes = {image.shape[:2] for image in images}
-            if len(shapes) > 1:
-                raise HTTPException(400, "the map output needs images of one size")
             tensors.append(np.stack([r.anomaly_map.astype(np.float32) for r in results]))
         elif name == "anomalous":
             tensors.append(np.array([r.anomalous for r in results], dtype=bool))

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from cflowad.common.allocator import release_freed_memory
-from cflowad.common.errors import UserError
+from cflowad.common.errors import UserError, reason
 from cflowad.common.version import __version__
 from cflowad.data.images import decode_image
 from cflowad.engine.inference import THRESHOLD, ImageResult, Predictor
@@ -247,8 +247,7 @@ class ServedModels:
             try:
                 self.served[name] = await self._load(name, revision=1)
             except Exception as error:  # never a silent dead task: /readyz and the log say why
-                reason = str(error) if isinstance(error, UserError) else repr(error)
-                self.failure = f"model {name!r} failed to load: {reason}"
+                self.failure = f"model {name!r} failed to load: {reason(error)}"
                 log.error("%s", self.failure)
                 return
         log.info("ready: %d model%s", len(self.served), "" if len(self.served) == 1 else "s")
@@ -258,13 +257,12 @@ class ServedModels:
         :attr:`broken` (with why) instead of stopping the server."""
         self.sources[name] = path
         self._reloading[name] = asyncio.Lock()
-        self._signatures[name] = _signature(path)
         try:
             self.served[name] = await self._load(name, revision=1)
             self.broken.pop(name, None)
             log.info("serving new model %s", name)
         except Exception as error:
-            self.broken[name] = str(error) if isinstance(error, UserError) else repr(error)
+            self.broken[name] = reason(error)
             log.error("model %s does not load: %s", name, self.broken[name])
 
     async def sync(self, root: Path | None = None) -> None:
@@ -281,9 +279,10 @@ class ServedModels:
             if signature is None or signature == self._signatures.get(name):
                 continue
             self._signatures[name] = signature
-            if name in self.broken or name not in self.served:
-                if name in self.broken:
-                    await self.add(name, path)
+            if name in self.broken:  # fixed on disk, perhaps: try it again
+                await self.add(name, path)
+                continue
+            if name not in self.served:  # still loading for the first time
                 continue
             try:
                 await self.reload(name)
@@ -294,11 +293,19 @@ class ServedModels:
                     error,
                 )
 
-    async def follow(self, root: Path | None = None, interval: float = 2.0) -> None:
-        """:meth:`sync` every ``interval`` seconds, until cancelled."""
+    async def follow(
+        self,
+        root: Path | None = None,
+        interval: float = 2.0,
+        prepare: Callable[[], Any] | None = None,
+    ) -> None:
+        """:meth:`sync` every ``interval`` seconds, until cancelled; ``prepare`` runs (in a
+        thread) before each, to update what is on disk (the studio's revisions)."""
         while True:
             await asyncio.sleep(interval)
             try:
+                if prepare is not None:
+                    await run_in_threadpool(prepare)
                 await self.sync(root)
             except Exception:  # never a silent dead task: keep following, say why
                 log.exception("following model files")

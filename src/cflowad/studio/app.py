@@ -147,11 +147,8 @@ def create_studio(workspace: Workspace, settings: StudioSettings | None = None) 
         return await asyncio.wrap_future(host.compute(function))
 
     def score(name: str, images: list[np.ndarray]) -> tuple[int, list[ImageResult]]:
-        served = host.get_or_error(name)
         revision = workspace.served_revision(name)
-        results = host.compute(
-            lambda: list(served.model.predict_iter(images, batch_size=8))
-        ).result()
+        results = list(_Current(host, name).predict_iter(images, batch_size=8))
         return (revision.number if revision else 0), results
 
     runs = ScoringRuns(workspace, score)
@@ -162,17 +159,11 @@ def create_studio(workspace: Workspace, settings: StudioSettings | None = None) 
         loop.append(asyncio.get_running_loop())
         await run_in_threadpool(workspace.sync_models)
         await host.sync(workspace.models)
-
-        async def follow() -> None:
-            while True:
-                await asyncio.sleep(settings.serve.follow_seconds or 2.0)
-                try:
-                    await run_in_threadpool(workspace.sync_models)
-                    await host.sync(workspace.models)
-                except Exception:
-                    log.exception("following the workspace's models")
-
-        following = asyncio.create_task(follow())
+        following = asyncio.create_task(
+            host.follow(
+                workspace.models, settings.serve.follow_seconds or 2.0, workspace.sync_models
+            )
+        )
         queue.start()
         runs.start()
         live.resume()
@@ -253,7 +244,7 @@ def create_studio(workspace: Workspace, settings: StudioSettings | None = None) 
         served = host.served.get(name)
         revision = workspace.served_revision(name)
         revisions = workspace.revision_list(name)
-        promoted = {int(e["revision"]) for e in workspace.history(name) if e["event"] == "promoted"}
+        promoted = set(workspace.promoted(name))
         return {
             "name": name,
             "info": served.info if served else None,
@@ -576,7 +567,7 @@ def create_studio(workspace: Workspace, settings: StudioSettings | None = None) 
         with the served one has been shown."""
         served = workspace.served_revision(name)
         candidate = workspace.revision(name, body.revision)
-        before = {int(e["revision"]) for e in workspace.history(name) if e["event"] == "promoted"}
+        before = workspace.promoted(name)
         compared = (
             served is not None
             and (

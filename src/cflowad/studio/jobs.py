@@ -155,9 +155,9 @@ class TrainingQueue:
             self._stop.wait(self.poll_seconds)
 
     def _step(self) -> None:
-        running = []
-        for folder in sorted(self.workspace.jobs.iterdir()):
-            job = read_json(folder / "job.json")
+        jobs = [(f, read_json(f / "job.json")) for f in sorted(self.workspace.jobs.iterdir())]
+        running = 0
+        for folder, job in jobs:
             if job.get("state") != "running":
                 continue
             process = self._processes.get(job["id"])
@@ -170,15 +170,9 @@ class TrainingQueue:
             elif not _alive(int(job.get("pid", 0)), job["id"]):  # adopted after a restart
                 self._finish(folder, job, returncode=None)
                 continue
-            running.append(job)
-        if len(running) >= self.parallel:
-            return
-        queued = [
-            read_json(f / "job.json")
-            for f in sorted(self.workspace.jobs.iterdir())
-            if read_json(f / "job.json").get("state") == "queued"
-        ]
-        if queued:
+            running += 1
+        queued = [job for _, job in jobs if job.get("state") == "queued"]
+        if running < self.parallel and queued:
             self._launch(queued[0])
 
     def _launch(self, job: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cflowad.common.errors import UserError
+from cflowad.common.errors import UserError, reason
 from cflowad.engine.inference import ImageResult, Predictor
 from cflowad.line.stream import stream_video
 from cflowad.line.watch import watch_folder
@@ -99,21 +99,10 @@ class LiveSources:
         """Attach a hot folder (``target``: 'root/relative') or a video source."""
         if kind not in ("folder", "stream"):
             raise UserError(f"source kind {kind!r}: choose folder or stream")
-        if kind == "folder":
-            root, _, relative = target.partition("/")
-            folder = self.workspace.resolve(root, relative)
-            if not folder.is_dir():
-                raise UserError(f"{target}: not a folder")
-        elif "://" in target:
-            if target.split("://")[0].lower() not in STREAM_SCHEMES:
-                raise UserError(
-                    f"{target}: a stream URL starts with {', '.join(STREAM_SCHEMES)}:// "
-                    "(files are named inside the workspace or an --allow folder)"
-                )
-        elif not target.isdigit():
-            root, _, relative = target.partition("/")
-            if not self.workspace.resolve(root, relative).is_file():
-                raise UserError(f"{target}: no such video file")
+        if kind == "folder" and not self._path(target).is_dir():
+            raise UserError(f"{target}: not a folder")
+        if kind == "stream":
+            self._stream_source(target)  # refused here, not in the source's thread
         self.model_for(model)  # an unknown model fails here
         source_id = new_id(self.workspace.live, "src-")
         spec = {
@@ -158,6 +147,28 @@ class LiveSources:
             raise UserError(f"unknown source {source_id!r}")
         return source
 
+    def _path(self, target: str) -> Path:
+        """A file or folder the client names 'root/relative', inside the allowed folders."""
+        root, _, relative = target.partition("/")
+        return self.workspace.resolve(root, relative)
+
+    def _stream_source(self, target: str) -> str:
+        """What ``stream`` opens: a URL of a stream scheme, a camera index, or a video file
+        inside the allowed folders (never a path or a file:// URL from the client)."""
+        if "://" in target:
+            if target.split("://")[0].lower() not in STREAM_SCHEMES:
+                raise UserError(
+                    f"{target}: a stream URL starts with {', '.join(STREAM_SCHEMES)}:// "
+                    "(files are named inside the workspace or an --allow folder)"
+                )
+            return target
+        if target.isdigit():
+            return target
+        path = self._path(target)
+        if not path.is_file():
+            raise UserError(f"{target}: no such video file")
+        return str(path)
+
     def _start(self, spec: dict[str, Any]) -> None:
         source = _Source(spec)
         self.sources[spec["id"]] = source
@@ -173,23 +184,18 @@ class LiveSources:
         try:
             model: Predictor = self.model_for(spec["model"])
             if spec["kind"] == "folder":
-                root, _, relative = spec["target"].partition("/")
                 watch_folder(
                     model,
-                    self.workspace.resolve(root, relative),
+                    self._path(spec["target"]),
                     out,
                     batch_size=1,
                     stop=source.stop,
                     on_result=source.on_result,
                 )
             else:
-                target = spec["target"]
-                if "://" not in target and not target.isdigit():
-                    root, _, relative = target.partition("/")
-                    target = str(self.workspace.resolve(root, relative))
                 stream_video(
                     model,
-                    target,
+                    self._stream_source(spec["target"]),
                     out,
                     every=spec["every"],
                     live=True,
@@ -198,7 +204,7 @@ class LiveSources:
                 )
             source.state = "stopped" if source.stop.is_set() else "ended"
         except Exception as error:  # shown on the page, not a dead thread
-            source.error = str(error) if isinstance(error, UserError) else repr(error)
+            source.error = reason(error)
             source.state = "failed"
             log.error("source %s: %s", spec["id"], source.error)
         with source.changed:

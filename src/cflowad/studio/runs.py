@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cflowad.common.errors import UserError
+from cflowad.common.errors import UserError, reason
 from cflowad.data.images import list_images, load_image
 from cflowad.engine.inference import ImageResult
 from cflowad.results.pictures import blend
@@ -126,7 +126,7 @@ class ScoringRuns:
                 self._score_run(pending[0])
             except Exception as error:  # the run says why; the thread goes on
                 log.exception("scoring run %s", pending[0]["id"])
-                message = str(error) if isinstance(error, UserError) else repr(error)
+                message = reason(error)
                 self._update(pending[0]["id"], state="failed", error=message, finished=now())
 
     def _score_run(self, run: dict[str, Any]) -> None:

@@ -227,10 +227,12 @@ class Workspace:
 
     def served_revision(self, name: str) -> Revision | None:
         """The revision promoted last (what models/NAME holds), None before any import."""
-        promoted = [e for e in self.history(name) if e.get("event") == "promoted"]
-        if not promoted:
-            return None
-        return self.revision(name, int(promoted[-1]["revision"]))
+        promoted = self.promoted(name)
+        return self.revision(name, promoted[-1]) if promoted else None
+
+    def promoted(self, name: str) -> list[int]:
+        """The revisions that were served, in the order they were promoted."""
+        return [int(e["revision"]) for e in self.history(name) if e.get("event") == "promoted"]
 
     def next_revision(self, name: str) -> int:
         """The number the next revision of ``name`` gets (also past a failed training's)."""
