@@ -171,6 +171,7 @@ def test_models_view_trains_with_live_progress(running, page):
     expect(bar).to_be_visible()
     expect(page.get_by_role("table", name="Models")).to_contain_text("brick", timeout=120_000)
     expect(bar).to_have_attribute("aria-valuetext", "done (revision 1)", timeout=30_000)
+    expect(page.get_by_role("table", name="Models")).to_contain_text("gaussian 64")  # served
     shot(page, "models")
     assert (workspace / "models" / "brick" / "model.json").is_file()  # served, CLI-readable
     # a folder without images is refused on the page, before anything is queued
