@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +78,60 @@ def _threads_restored():
     yield
     torch.set_num_threads(threads)
     cflowad.engine.threads._threads.clear()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def free_port():
+    """A function that gives a port on 127.0.0.1 that nothing listens on."""
+    return _free_port
+
+
+class WebhookReceiver:
+    """An HTTP receiver on 127.0.0.1: answers ``fail`` with each status in turn, then 200."""
+
+    def __init__(self, port: int, fail: list[int] | None = None) -> None:
+        self.port, self.fail, self.received = port, list(fail or []), []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                status = receiver.fail.pop(0) if receiver.fail else 200
+                if status == 200:
+                    receiver.received.append((dict(self.headers), body))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def messages(self) -> list[dict]:
+        return [json.loads(body) for _, body in self.received]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def webhook():
+    """A factory of :class:`WebhookReceiver` on free ports: ``webhook(fail=[503])``."""
+    started: list[WebhookReceiver] = []
+
+    def start(port: int | None = None, fail: list[int] | None = None) -> WebhookReceiver:
+        started.append(WebhookReceiver(port or _free_port(), fail))
+        return started[-1]
+
+    yield start
+    for receiver in started:
+        receiver.stop()

@@ -542,3 +542,28 @@ def test_drift_gauges_after_a_window_of_requests(models, images):
     assert 0 <= drift["quantile"] <= 1
     assert f'cflowad_drift_quantile{{model="brick"}} {drift["quantile"]}' in metrics
     assert f'cflowad_drift{{model="brick"}} {float(drift["tripped"])}' in metrics
+
+
+def test_serve_publishes_each_answer_and_counts_it_in_metrics(models, images, tmp_path, webhook):
+    from cflowad.common.errors import UserError
+    from cflowad.line.sinks import PublishSettings
+
+    receiver = webhook()
+    port = receiver.port
+    publish = PublishSettings(urls=(f"http://127.0.0.1:{port}/hook",), what="all")
+    with pytest.raises(UserError, match="--spool"):
+        ServeSettings(publish=publish)
+    settings = ServeSettings(publish=publish, spool=tmp_path / "spool")
+    with serving(create_app(models / "brick", settings)) as url:
+        answers = [_post(url, "brick", image.read_bytes()).json() for image in images[:3]]
+        deadline = time.monotonic() + 30
+        while len(receiver.received) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        metrics = httpx.get(f"{url}/metrics").text
+    messages = receiver.messages()
+    assert [m["score"] for m in messages] == [a["score"] for a in answers]
+    assert {m["kind"] for m in messages} == {"result"} and len({m["id"] for m in messages}) == 3
+    assert {m["origin"] for m in messages} == {"serve"}
+    destination = f'destination="http://127.0.0.1:{port}/hook"'
+    assert f"cflowad_messages_published_total{{{destination}}} 3.0" in metrics
+    assert f"cflowad_messages_pending{{{destination}}} 0.0" in metrics

@@ -504,3 +504,41 @@ def test_kill_9_resumes_where_it_was(data, tmp_path, browser):
         page.close()
     jobs = [json.loads((f / "job.json").read_text()) for f in (workspace / "jobs").iterdir()]
     assert sorted(j["state"] for j in jobs) == ["done", "done"]
+
+
+def test_live_sources_and_api_answers_are_published(data, tmp_path, webhook):
+    """--publish on the studio: a hot folder's decisions and a /v1 answer reach a webhook,
+    through WORKSPACE/spool."""
+    from cflowad.engine.model import CFlowAD
+
+    workspace, inbox = tmp_path / "ws", data / "inbox-published"
+    inbox.mkdir()
+    model = CFlowAD(decoder="gaussian", image_size=64, image_fpr=0.2, seed=0).fit(data / "brick")
+    model.save(workspace / "models" / "quick")
+    receiver = webhook()
+    hook = f"http://127.0.0.1:{receiver.port}/hook"
+    with studio(workspace, data, "--publish", hook, "--publish-what", "all") as url:
+        wait_for(lambda: httpx.get(f"{url}/v1/models/quick").status_code == 200, 60, "model")
+        attached = api(
+            url,
+            "POST",
+            "/studio/api/sources",
+            json={"kind": "folder", "model": "quick", "target": f"{data.name}/{inbox.name}"},
+        )
+        assert attached.status_code == 200, attached.text
+        images = sorted((data / "brick" / "test" / "patch").iterdir())[:2]
+        for k, image in enumerate(images):
+            shutil.copy(image, inbox / f"part{k}.png")
+        answer = httpx.post(
+            f"{url}/v1/models/quick/predict",
+            content=images[0].read_bytes(),
+            headers={"content-type": "image/png"},
+        ).json()
+        wait_for(lambda: len(receiver.received) >= 3, 60, "three messages")
+    messages = receiver.messages()
+    assert {m["origin"] for m in messages} == {"studio"} and {m["model"] for m in messages} == {
+        "quick"
+    }
+    assert sorted(m["file"] for m in messages if "file" in m) == ["part0.png", "part1.png"]
+    assert [m["score"] for m in messages if "file" not in m] == [answer["score"]]
+    assert (workspace / "spool").is_dir()

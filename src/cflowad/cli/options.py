@@ -14,20 +14,31 @@ from rich.table import Table
 from cflowad.common.errors import UserError
 from cflowad.data.images import list_images, readable
 from cflowad.line.catalog import is_onnx_file
+from cflowad.line.publish import Publisher
+from cflowad.line.sinks import PublishSettings
 from cflowad.method.config import Config
 
 __all__ = [
     "DEFAULTS",
     "Device",
     "DriftWindow",
+    "Publish",
+    "PublishCaFile",
+    "PublishCertFile",
+    "PublishHmacKeyFile",
+    "PublishPasswordFile",
+    "PublishWhat",
     "Quiet",
     "RayAddress",
     "SkipBad",
+    "SpoolMaxMb",
     "Threads",
     "check_port",
     "comma_separated",
     "image_files",
     "keep_readable",
+    "publish_settings",
+    "publishing_rows",
     "read_api_key",
     "skipped",
     "summary_table",
@@ -69,6 +80,47 @@ DriftWindow = Annotated[
         help="Drift alarm: compare the median raw score of the last N images with the "
         "model's held-out good ones; trips and clears are logged (and in /metrics or "
         "OUT/drift.jsonl). 0 turns it off."
+    ),
+]
+Publish = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="Send decisions and events to mqtt://[user@]host[:port]/topic, mqtts://... "
+        "(QoS 1; the topic may hold {model} and {kind}) or an http(s):// webhook (a JSON "
+        "POST each). Repeatable. At least once, through a spool on disk.",
+        show_default=False,
+    ),
+]
+PublishWhat = Annotated[
+    str,
+    typer.Option(
+        help="all: every decision and event; anomalous: anomalous decisions and events; "
+        "events: drift alarms, stream events and rejected files only."
+    ),
+]
+PublishPasswordFile = Annotated[
+    Path | None,
+    typer.Option(help="File with the password of the user in --publish URLs (MQTT or HTTP)."),
+]
+PublishHmacKeyFile = Annotated[
+    Path | None,
+    typer.Option(
+        help="File with a key: webhooks get X-Cflowad-Signature: sha256=HMAC-SHA256(body)."
+    ),
+]
+PublishCaFile = Annotated[
+    Path | None,
+    typer.Option(help="CA certificates (PEM) to check mqtts:// and https:// servers with."),
+]
+PublishCertFile = Annotated[
+    Path | None,
+    typer.Option(help="Client certificate with its key (PEM) for mqtts:// and https://."),
+]
+SpoolMaxMb = Annotated[
+    float,
+    typer.Option(
+        help="Bound of the spool on disk (shared by the destinations): past it, the oldest "
+        "messages are dropped, with a warning and a metric."
     ),
 ]
 RayAddress = Annotated[
@@ -148,3 +200,42 @@ def check_port(host: str, port: int) -> None:
         raise UserError(
             f"options --host={host} --port={port}: cannot listen there ({error.strerror})"
         ) from None
+
+
+def publish_settings(
+    urls: list[str] | None,
+    what: str,
+    password_file: Path | None,
+    hmac_key_file: Path | None,
+    ca_file: Path | None,
+    cert_file: Path | None,
+    spool_max_mb: float,
+) -> PublishSettings:
+    """The ``--publish`` options, checked (a bad URL or missing file is a one-line error)."""
+    return PublishSettings(
+        urls=tuple(urls or ()),
+        what=what,
+        password_file=password_file,
+        hmac_key_file=hmac_key_file,
+        ca_file=ca_file,
+        cert_file=cert_file,
+        spool_max_mb=spool_max_mb,
+    )
+
+
+def publishing_rows(publisher: Publisher | None) -> list[tuple[str, str]]:
+    """Stop publishing (waiting a few seconds for the spools to empty); the summary's rows."""
+    if publisher is None:
+        return []
+    left = publisher.close()
+    rows = [
+        (
+            f"published to {s['destination']}",
+            f"{s['published']} of {s['spooled']} (retried {s['retried']}, dropped "
+            f"{s['dropped']}, refused {s['refused']})",
+        )
+        for s in publisher.stats()
+    ]
+    if left:
+        rows.append(("spool", f"{left} messages wait in {publisher.spool}: sent on the next start"))
+    return rows

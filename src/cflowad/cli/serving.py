@@ -11,11 +11,19 @@ import typer
 from cflowad.cli.options import (
     Device,
     DriftWindow,
+    Publish,
+    PublishCaFile,
+    PublishCertFile,
+    PublishHmacKeyFile,
+    PublishPasswordFile,
+    PublishWhat,
     Quiet,
+    SpoolMaxMb,
     Threads,
     check_port,
     comma_separated,
     image_files,
+    publish_settings,
     read_api_key,
     summary_table,
     use_threads,
@@ -78,6 +86,19 @@ def serve(
         ),
     ] = _SERVE.follow_seconds,
     drift_window: DriftWindow = _SERVE.drift.window,
+    publish: Publish = None,
+    publish_what: PublishWhat = _SERVE.publish.what,
+    publish_password_file: PublishPasswordFile = None,
+    publish_hmac_key_file: PublishHmacKeyFile = None,
+    publish_ca_file: PublishCaFile = None,
+    publish_cert_file: PublishCertFile = None,
+    spool: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder where --publish messages wait until delivered (kept across restarts)."
+        ),
+    ] = None,
+    spool_max_mb: SpoolMaxMb = _SERVE.publish.spool_max_mb,
 ) -> None:
     """Score images over HTTP: POST /v1/models/NAME/predict, with probes, metrics and reloads.
 
@@ -95,6 +116,16 @@ def serve(
         device=device,
         follow_seconds=reload_every,
         drift=DriftSettings(window=drift_window),
+        publish=publish_settings(
+            publish,
+            publish_what,
+            publish_password_file,
+            publish_hmac_key_file,
+            publish_ca_file,
+            publish_cert_file,
+            spool_max_mb,
+        ),
+        spool=spool,
     )
     sources = find_models(models)
     use_threads(threads, sources.values(), workers)

@@ -11,8 +11,17 @@ import typer
 from cflowad.cli.options import (
     Device,
     DriftWindow,
+    Publish,
+    PublishCaFile,
+    PublishCertFile,
+    PublishHmacKeyFile,
+    PublishPasswordFile,
+    PublishWhat,
     Quiet,
+    SpoolMaxMb,
     Threads,
+    publish_settings,
+    publishing_rows,
     summary_table,
     use_threads,
 )
@@ -20,11 +29,14 @@ from cflowad.common.progress import Reporter
 from cflowad.data.files import refuse_foreign
 from cflowad.engine.loading import load
 from cflowad.line.drift import DriftSettings
+from cflowad.line.publish import SPOOL, Publisher
+from cflowad.line.sinks import PublishSettings
 from cflowad.line.watch import REJECT_AFTER, SETTLE, is_watch_output, watch_folder
 
 __all__ = ["stream", "watch"]
 
 _DRIFT = DriftSettings()  # the alarm's defaults, one source
+_PUBLISH = PublishSettings()
 
 
 def watch(
@@ -71,6 +83,13 @@ def watch(
         ),
     ] = 0,
     drift_window: DriftWindow = _DRIFT.window,
+    publish: Publish = None,
+    publish_what: PublishWhat = _PUBLISH.what,
+    publish_password_file: PublishPasswordFile = None,
+    publish_hmac_key_file: PublishHmacKeyFile = None,
+    publish_ca_file: PublishCaFile = None,
+    publish_cert_file: PublishCertFile = None,
+    spool_max_mb: SpoolMaxMb = _PUBLISH.spool_max_mb,
     device: Device = "auto",
     threads: Threads = None,
     quiet: Quiet = False,
@@ -86,8 +105,18 @@ def watch(
 
     use_threads(threads, [model_dir])
     refuse_foreign(out, is_watch_output)  # before loading the model
+    sinks = publish_settings(
+        publish,
+        publish_what,
+        publish_password_file,
+        publish_hmac_key_file,
+        publish_ca_file,
+        publish_cert_file,
+        spool_max_mb,
+    )
     reporter = Reporter(enabled=not quiet)
     model = load(model_dir, device)
+    publisher = Publisher(sinks, out / SPOOL, "watch", reporter.warn) if sinks.urls else None
     reporter.log(f"watching {inbox} (Ctrl-C stops); records in {out / 'results.jsonl'}")
     stop = threading.Event()
     try:
@@ -106,8 +135,11 @@ def watch(
             drift=DriftSettings(window=drift_window),
             stop=stop,
             reporter=reporter,
+            publisher=publisher,
+            model_name=_name(model_dir),
         )
     except KeyboardInterrupt:
+        publishing_rows(publisher)
         raise typer.Exit(0) from None
     delays = np.array(summary.delays or [np.nan]) * 1000
     summary_table(
@@ -119,6 +151,7 @@ def watch(
                 "arrival to record",
                 f"p50 {np.percentile(delays, 50):.0f} ms, p99 {np.percentile(delays, 99):.0f} ms",
             ),
+            *publishing_rows(publisher),
         ],
         quiet,
     )
@@ -174,6 +207,13 @@ def stream(
         ),
     ] = 0,
     drift_window: DriftWindow = _DRIFT.window,
+    publish: Publish = None,
+    publish_what: PublishWhat = _PUBLISH.what,
+    publish_password_file: PublishPasswordFile = None,
+    publish_hmac_key_file: PublishHmacKeyFile = None,
+    publish_ca_file: PublishCaFile = None,
+    publish_cert_file: PublishCertFile = None,
+    spool_max_mb: SpoolMaxMb = _PUBLISH.spool_max_mb,
     device: Device = "auto",
     threads: Threads = None,
     quiet: Quiet = False,
@@ -187,25 +227,40 @@ def stream(
     use_threads(threads, [model_dir])
     region = parse_roi(roi)
     refuse_foreign(out, is_stream_output)  # before loading the model
+    sinks = publish_settings(
+        publish,
+        publish_what,
+        publish_password_file,
+        publish_hmac_key_file,
+        publish_ca_file,
+        publish_cert_file,
+        spool_max_mb,
+    )
     reporter = Reporter(enabled=not quiet)
     model = load(model_dir, device)
+    publisher = Publisher(sinks, out / SPOOL, "stream", reporter.warn) if sinks.urls else None
     reporter.log(f"scoring {source}{' live' if live else ''}; frames in {out / 'frames.jsonl'}")
-    summary = stream_video(
-        model,
-        source,
-        out,
-        every=every,
-        roi=region,
-        debounce=debounce,
-        live=live,
-        video_out=video_out,
-        save_anomalous=save_anomalous,
-        batch_size=batch_size,
-        retries=retries,
-        reporter=reporter,
-        calibrate_frames=calibrate_frames,
-        drift=DriftSettings(window=drift_window),
-    )
+    try:
+        summary = stream_video(
+            model,
+            source,
+            out,
+            every=every,
+            roi=region,
+            debounce=debounce,
+            live=live,
+            video_out=video_out,
+            save_anomalous=save_anomalous,
+            batch_size=batch_size,
+            retries=retries,
+            reporter=reporter,
+            calibrate_frames=calibrate_frames,
+            drift=DriftSettings(window=drift_window),
+            publisher=publisher,
+            model_name=_name(model_dir),
+        )
+    finally:
+        rows = publishing_rows(publisher)
     latencies = np.percentile(np.array(summary.latencies_ms or [np.nan]), [50, 99])
     summary_table(
         [
@@ -220,6 +275,12 @@ def stream(
                 "latency",
                 f"p50 {latencies[0]:.0f} ms, p99 {latencies[1]:.0f} ms",
             ),
+            *rows,
         ],
         quiet,
     )
+
+
+def _name(model: Path) -> str:
+    """A model's name in published messages: its folder's name, or its ONNX file's stem."""
+    return model.stem if model.suffix.lower() == ".onnx" else model.name

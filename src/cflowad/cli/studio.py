@@ -8,7 +8,21 @@ from typing import Annotated
 
 import typer
 
-from cflowad.cli.options import Device, Threads, check_port, read_api_key, use_threads
+from cflowad.cli.options import (
+    Device,
+    Publish,
+    PublishCaFile,
+    PublishCertFile,
+    PublishHmacKeyFile,
+    PublishPasswordFile,
+    PublishWhat,
+    SpoolMaxMb,
+    Threads,
+    check_port,
+    publish_settings,
+    read_api_key,
+    use_threads,
+)
 from cflowad.common.errors import UserError
 from cflowad.line.settings import ServeSettings
 
@@ -49,12 +63,20 @@ def studio(
     ] = _SERVE.max_image_mb,
     threads: Threads = None,
     device: Device = "auto",
+    publish: Publish = None,
+    publish_what: PublishWhat = _SERVE.publish.what,
+    publish_password_file: PublishPasswordFile = None,
+    publish_hmac_key_file: PublishHmacKeyFile = None,
+    publish_ca_file: PublishCaFile = None,
+    publish_cert_file: PublishCertFile = None,
+    spool_max_mb: SpoolMaxMb = _SERVE.publish.spool_max_mb,
 ) -> None:
     """Train, review, set the threshold, mark false alarms, retrain and promote, and watch
     live sources, on one local page (http://127.0.0.1:8080/studio).
 
     Needs the studio extra (pip install 'cflowad[studio]'). The same process answers
-    cflowad serve's /v1 API for the workspace's models.
+    cflowad serve's /v1 API for the workspace's models. With --publish, live sources
+    and API answers go to MQTT or webhooks through WORKSPACE/spool.
     """
     key = read_api_key(api_key_file)
     if key is None and not _loopback(host):
@@ -66,8 +88,23 @@ def studio(
     from cflowad.line.server import run_server
     from cflowad.studio.app import StudioSettings, create_studio
 
+    sinks = publish_settings(
+        publish,
+        publish_what,
+        publish_password_file,
+        publish_hmac_key_file,
+        publish_ca_file,
+        publish_cert_file,
+        spool_max_mb,
+    )
     settings = StudioSettings(
-        serve=ServeSettings(max_image_mb=max_image_mb, api_key=key, device=device)
+        serve=ServeSettings(
+            max_image_mb=max_image_mb,
+            api_key=key,
+            device=device,
+            publish=sinks,
+            spool=opened.root / "spool",
+        )
     )
     app = create_studio(opened, settings)
     check_port(host, port)

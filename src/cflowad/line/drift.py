@@ -120,14 +120,16 @@ class DriftLog:
             DriftMonitor.for_model(calibration, self.settings) if self.settings.window else None
         )
 
-    def observe(self, raw_score: float) -> None:
+    def observe(self, raw_score: float) -> dict[str, Any] | None:
+        """Count one image; the ``drift`` record when the alarm trips or clears."""
         if self.monitor is None:
-            return
+            return None
         event = self.monitor.add(raw_score)
         if event is None:
-            return
+            return None
         with self.path.open("a") as handle:
             handle.write(json.dumps(event) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
         self.reporter.warn(f"drift {event['state']}: {event['message']}")
+        return event

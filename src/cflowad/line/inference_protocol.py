@@ -19,6 +19,7 @@ import binascii
 import json
 import struct
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -116,6 +117,7 @@ def add_inference_protocol(app: FastAPI, host: Any) -> None:
 
 
 async def _infer(host: Any, name: str, request: Request) -> Response:
+    arrived = datetime.now(UTC).isoformat(timespec="milliseconds")
     served = host.get(name)
     body = await request.body()
     header, binary = _split(body, request.headers.get(HEADER_LENGTH))
@@ -133,10 +135,17 @@ async def _infer(host: Any, name: str, request: Request) -> Response:
     futures = [served.batcher.submit(image) for image in images]
     results: list[ImageResult] = list(await asyncio.gather(*futures))
     tensors = await run_in_threadpool(_outputs, results, [w for w, _ in wanted])
-    for result in results:
-        served.observe(result, host.metrics)
-        host.metrics.decisions.labels(name, "anomalous" if result.anomalous else "normal").inc()
-        host.metrics.scores.labels(name).observe(result.score)
+    for result, image in zip(results, images, strict=True):
+        record = {
+            "model": name,
+            "revision": served.revision,
+            "score": round(result.score, 6),
+            "raw_score": result.raw_score,
+            "anomalous": result.anomalous,
+            "width": image.shape[1],
+            "height": image.shape[0],
+        }
+        await host.scored(served, result, record, arrived)
     answer: dict[str, Any] = {
         "model_name": name,
         "model_version": str(served.revision),

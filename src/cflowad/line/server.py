@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import numpy as np
 from PIL import Image
@@ -41,6 +42,7 @@ from cflowad.line.batching import DynamicBatcher
 from cflowad.line.catalog import find_models, scan_models
 from cflowad.line.drift import DriftMonitor
 from cflowad.line.inference_protocol import add_inference_protocol
+from cflowad.line.publish import Publisher, model_version
 from cflowad.line.settings import ServeSettings
 
 try:
@@ -56,6 +58,7 @@ try:
         Histogram,
         generate_latest,
     )
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as missing:  # pragma: no cover - depends on the installed extras
@@ -156,6 +159,7 @@ class _Served:
     loaded_at: str
     info: dict[str, Any] = field(default_factory=dict)
     drift: DriftMonitor | None = None
+    version: str = ""  # the model's fingerprint in published messages
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -169,10 +173,11 @@ class _Served:
             **self.info,
         }
 
-    def observe(self, result: ImageResult, metrics: _Metrics) -> None:
-        """Feed the drift alarm one scored image; log and count when it trips or clears."""
+    def observe(self, result: ImageResult, metrics: _Metrics) -> dict[str, Any] | None:
+        """Feed the drift alarm one scored image; log and count when it trips or clears
+        (the ``drift`` record then)."""
         if self.drift is None:
-            return
+            return None
         event = self.drift.add(result.raw_score)
         if self.drift.quantile is not None:
             metrics.drift_quantile.labels(self.name).set(self.drift.quantile)
@@ -180,6 +185,7 @@ class _Served:
         if event is not None:
             metrics.drift_events.labels(self.name, event["state"]).inc()
             log.warning("drift %s for %s: %s", event["state"], self.name, event["message"])
+        return event
 
 
 def _signature(path: Path) -> tuple[int, ...] | None:
@@ -199,10 +205,18 @@ class ServedModels:
     A model that fails to load is refused and the old one keeps serving.
     """
 
-    def __init__(self, sources: dict[str, Path], settings: ServeSettings) -> None:
+    def __init__(
+        self, sources: dict[str, Path], settings: ServeSettings, origin: str = "serve"
+    ) -> None:
         self.sources = sources
         self.settings = settings
         self.metrics = _Metrics()
+        self.publisher = (
+            Publisher(settings.publish, settings.spool, origin, log.warning)
+            if settings.publish.urls and settings.spool is not None
+            else None
+        )
+        self.metrics.registry.register(_PublishingCollector(self))
         self.served: dict[str, _Served] = {}
         self.failure: str | None = None
         self._compute = ThreadPoolExecutor(
@@ -337,11 +351,39 @@ class ServedModels:
             except UserError as error:
                 log.error("reload of %s refused: %s", name, error)
 
+    async def scored(
+        self, served: _Served, result: ImageResult, record: dict[str, Any], arrived: str
+    ) -> None:
+        """After each image a client had scored: decision metrics, the drift alarm, and the
+        ``--publish`` destinations (spooled durably off the event loop)."""
+        decision = "anomalous" if result.anomalous else "normal"
+        self.metrics.decisions.labels(served.name, decision).inc()
+        self.metrics.scores.labels(served.name).observe(result.score)
+        drifted = served.observe(result, self.metrics)
+        if self.publisher is None:
+            return
+        messages = [("result", record, f"request {uuid4().hex}", arrived)]
+        if drifted is not None:
+            messages.append(("drift", drifted, f"drift {drifted['state']}", drifted["time"]))
+        publisher, name, version = self.publisher, served.name, served.version
+
+        def publish() -> None:
+            for kind, message, subject, at in messages:
+                publisher.publish(
+                    kind, message, model=name, version=version, subject=subject, at=at
+                )
+
+        await run_in_threadpool(publish)
+
     async def close(self) -> None:
-        """Finish what is queued, then stop."""
+        """Finish what is queued, then stop (the spool keeps what is not yet delivered)."""
         for served in list(self.served.values()):
             await served.batcher.close()
         self._compute.shutdown(wait=True)
+        if self.publisher is not None:
+            left = await run_in_threadpool(self.publisher.close)
+            if left:
+                log.warning("%d messages wait in %s for the next start", left, self.publisher.spool)
 
     async def _load(self, name: str, revision: int) -> _Served:
         path = self.sources[name]
@@ -375,7 +417,36 @@ class ServedModels:
             drift=DriftMonitor.for_model(getattr(model, "calibration", None), self.settings.drift)
             if self.settings.drift.window
             else None,
+            version=model_version(model),
         )
+
+
+class _PublishingCollector:
+    """/metrics: what each ``--publish`` destination was sent, read at scrape time."""
+
+    def __init__(self, host: ServedModels) -> None:
+        self.host = host
+
+    def collect(self) -> Any:
+        publisher = self.host.publisher
+        stats = publisher.stats() if publisher is not None else []
+        for key, text in (
+            ("spooled", "Messages appended to a destination's spool."),
+            ("published", "Messages the broker or receiver confirmed."),
+            ("retried", "Messages sent again after a failed attempt."),
+            ("dropped", "Oldest messages dropped to keep the spool within --spool-max-mb."),
+            ("refused", "Messages a webhook refused for good (HTTP 400, 413, 415, 422)."),
+        ):
+            family = CounterMetricFamily(f"cflowad_messages_{key}", text, labels=["destination"])
+            for entry in stats:
+                family.add_metric([entry["destination"]], entry[key])
+            yield family
+        pending = GaugeMetricFamily(
+            "cflowad_messages_pending", "Messages waiting in the spool.", labels=["destination"]
+        )
+        for entry in stats:
+            pending.add_metric([entry["destination"]], entry["pending"])
+        yield pending
 
 
 class _ClientGone(Exception):
@@ -505,8 +576,6 @@ def add_serving_routes(app: FastAPI, host: ServedModels) -> None:
         try:
             answer = await _predict(host, name, request, _wanted(outputs), start)
             status = 200
-            metrics.decisions.labels(name, "anomalous" if answer["anomalous"] else "normal").inc()
-            metrics.scores.labels(name).observe(answer["score"])
             return JSONResponse(answer)
         except StarletteHTTPException as error:
             status = error.status_code
@@ -618,6 +687,7 @@ def _wanted(outputs: str) -> list[str]:
 async def _predict(
     host: ServedModels, name: str, request: Request, wanted: list[str], start: float
 ) -> dict[str, Any]:
+    arrived = datetime.now(UTC).isoformat(timespec="milliseconds")
     batcher = host.get(name).batcher
     with batcher.arriving():
         data, source = await _read_upload(request)
@@ -629,7 +699,6 @@ async def _predict(
         served = host.get(name)
         future = served.batcher.submit(image)
     result = await _answer_or_disconnect(request, future)
-    served.observe(result, host.metrics)
     answer: dict[str, Any] = {
         "model": name,
         "revision": served.revision,
@@ -642,6 +711,7 @@ async def _predict(
         "width": image.shape[1],
         "height": image.shape[0],
     }
+    await host.scored(served, result, dict(answer), arrived)
     if wanted:
         answer.update(await run_in_threadpool(_pictures, image, result, wanted))
     answer["latency_ms"] = round((time.perf_counter() - start) * 1000, 2)

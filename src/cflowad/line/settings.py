@@ -7,9 +7,11 @@ without importing FastAPI (an optional extra).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cflowad.common.errors import UserError
 from cflowad.line.drift import DriftSettings
+from cflowad.line.sinks import PublishSettings
 
 __all__ = ["ServeSettings"]
 
@@ -32,6 +34,8 @@ class ServeSettings:
     device: str = "auto"
     follow_seconds: float = 2.0  # how often model files are checked for changes; 0: never
     drift: DriftSettings = field(default_factory=DriftSettings)  # window 0: no alarm
+    publish: PublishSettings = field(default_factory=PublishSettings)
+    spool: Path | None = None  # where --publish messages wait (needed with --publish)
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -44,3 +48,8 @@ class ServeSettings:
             raise UserError(f"option --reload-every={self.follow_seconds} must be 0 or more")
         if self.workers < 1:
             raise UserError(f"option --workers={self.workers} must be at least 1")
+        if self.publish.urls and self.spool is None:
+            raise UserError(
+                "option --publish needs --spool DIR: messages wait there while a broker or "
+                "receiver is away, and survive a restart"
+            )

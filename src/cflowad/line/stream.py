@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from cflowad.data.files import refuse_foreign
 from cflowad.engine.inference import ImageResult, Predictor
 from cflowad.line.calibrate import SourceCalibration
 from cflowad.line.drift import DriftLog, DriftSettings
+from cflowad.line.publish import SPOOL, Publisher, model_version
 from cflowad.line.watch import OnResult
 
 __all__ = ["Frame", "StreamSummary", "is_stream_output", "parse_roi", "stream_video"]
@@ -65,8 +67,9 @@ class StreamSummary:
 
 
 def is_stream_output(folder: Path) -> bool:
-    """An earlier stream's output folder (so a new stream may write there)."""
-    return (folder / "frames.jsonl").is_file()
+    """An earlier stream's output folder (so a new stream may write there), or one that
+    holds only the spool of a stream stopped before its first frame."""
+    return (folder / "frames.jsonl").is_file() or (folder / SPOOL).is_dir()
 
 
 def parse_roi(text: str | None) -> Roi | None:
@@ -103,6 +106,8 @@ def stream_video(
     on_result: OnResult | None = None,
     calibrate_frames: int = 0,
     drift: DriftSettings | None = None,
+    publisher: Publisher | None = None,
+    model_name: str = "model",
 ) -> StreamSummary:
     """Score ``source`` (a video file, a camera index, or an rtsp/http URL) into ``out``.
 
@@ -127,6 +132,8 @@ def stream_video(
             them (:mod:`cflowad.line.calibrate`), save ``out/model``, score on with it.
         drift: the drift alarm's settings (:mod:`cflowad.line.drift`); trips and clears go
             to ``out/drift.jsonl``.
+        publisher: where frame records, events and drift alarms are published
+            (:mod:`cflowad.line.publish`); ``model_name`` names the model there.
     """
     if every < 1 or debounce < 1 or batch_size < 1 or retries < 0:
         raise UserError("options --every, --debounce and --batch-size must be at least 1")
@@ -146,7 +153,26 @@ def stream_video(
     if save_anomalous:
         (out / "anomalous").mkdir(exist_ok=True)
     summary = StreamSummary()
-    events = _Events(debounce, out / "events.jsonl")
+    started = datetime.now(UTC).isoformat(timespec="milliseconds")
+
+    def publish(kind: str, record: dict[str, Any], subject: str) -> None:
+        if publisher is not None:
+            publisher.publish(
+                kind,
+                record | {"source": source},
+                model=model_name,
+                version=model_version(model),  # 30 us; a served revision may change
+                subject=subject,
+                at=started,
+            )
+
+    events = _Events(
+        debounce,
+        out / "events.jsonl",
+        lambda event: publish(
+            "event", event, f"{source} frames {event['first_frame']}-{event['last_frame']}"
+        ),
+    )
     writer: _VideoWriter | None = None
     start = time.monotonic()
     last_report = start
@@ -179,7 +205,9 @@ def stream_video(
                         }
                         lines.write(json.dumps(calibrating) + "\n")
                         continue
-                    alarm.observe(result.raw_score)
+                    drifted = alarm.observe(result.raw_score)
+                    if drifted is not None:
+                        publish("drift", drifted, f"{source} drift at frame {frame.index}")
                     record = {
                         "frame": frame.index,
                         "pts_seconds": frame.pts_seconds,
@@ -189,6 +217,7 @@ def stream_video(
                     }
                     lines.write(json.dumps(record) + "\n")
                     lines.flush()
+                    publish("result", record, f"{source} frame {frame.index}")
                     summary.scored += 1
                     summary.anomalous += result.anomalous
                     summary.latencies_ms.append(latency)
@@ -282,8 +311,10 @@ def _crop(rgb: np.ndarray, roi: Roi | None) -> np.ndarray:
 class _Events:
     """Runs of at least ``debounce`` anomalous scored frames, written as they end."""
 
-    def __init__(self, debounce: int, path: Path) -> None:
-        self.debounce = debounce
+    def __init__(
+        self, debounce: int, path: Path, on_event: Callable[[dict[str, Any]], None]
+    ) -> None:
+        self.debounce, self.on_event = debounce, on_event
         self.file = path.open("w")
         self.run: list[tuple[Frame, float]] = []
 
@@ -315,6 +346,7 @@ class _Events:
         }
         self.file.write(json.dumps(event) + "\n")
         self.file.flush()
+        self.on_event(event)
         return 1
 
 

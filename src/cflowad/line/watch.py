@@ -38,6 +38,7 @@ from cflowad.engine.inference import ImageResult, Predictor
 from cflowad.engine.loading import load
 from cflowad.line.calibrate import MODEL_FOLDER, RECORD, SourceCalibration
 from cflowad.line.drift import DriftLog, DriftSettings
+from cflowad.line.publish import SPOOL, Publisher, model_version
 
 __all__ = [
     "JOURNAL",
@@ -60,8 +61,9 @@ _RESCAN_SECONDS = 5.0
 
 
 def is_watch_output(folder: Path) -> bool:
-    """An earlier watch's output folder (its journal), which a restart resumes."""
-    return (folder / JOURNAL).is_file()
+    """An earlier watch's output folder (its journal), which a restart resumes, or one
+    that holds only the spool of a watch stopped before its first record."""
+    return (folder / JOURNAL).is_file() or (folder / SPOOL).is_dir()
 
 
 @dataclass
@@ -105,6 +107,8 @@ def watch_folder(
     on_result: OnResult | None = None,
     calibrate_images: int = 0,
     drift: DriftSettings | None = None,
+    publisher: Publisher | None = None,
+    model_name: str = "model",
 ) -> WatchSummary:
     """Score new images in ``inbox`` until ``stop`` is set (or, with ``once``, until the
     folder holds nothing new); records go to ``out/results.jsonl``.
@@ -132,6 +136,10 @@ def watch_folder(
             it; after a restart the saved calibration is used.
         drift: the drift alarm's settings (:mod:`cflowad.line.drift`); trips and clears go
             to ``out/drift.jsonl``.
+        publisher: where records, drift alarms and rejected files are published
+            (:mod:`cflowad.line.publish`); a record is spooled before it is journaled,
+            so a kill between the two scores the file again under the same message id.
+        model_name: the model's name in published messages.
     """
     if not inbox.is_dir():
         raise UserError(f"INBOX {inbox}: folder not found")
@@ -143,7 +151,17 @@ def watch_folder(
         )
     refuse_foreign(out, is_watch_output)
     folder = _HotFolder(
-        model, inbox, out, move_done, pictures, reporter, on_result, calibrate_images, drift
+        model,
+        inbox,
+        out,
+        move_done,
+        pictures,
+        reporter,
+        on_result,
+        calibrate_images,
+        drift,
+        publisher,
+        model_name,
     )
     stop = stop or threading.Event()
     wake = threading.Event()
@@ -184,8 +202,11 @@ class _HotFolder:
         on_result: OnResult | None = None,
         calibrate_images: int = 0,
         drift: DriftSettings | None = None,
+        publisher: Publisher | None = None,
+        model_name: str = "model",
     ) -> None:
         self.model, self.inbox, self.out = model, inbox, out
+        self.publisher, self.model_name = publisher, model_name
         self.on_result = on_result
         self.calibration: SourceCalibration | None = None
         if (out / RECORD).is_file():  # calibrated before a restart: score on with it
@@ -211,6 +232,19 @@ class _HotFolder:
         self.arriving: dict[str, _Candidate] = {}
         self.closed = _ClosedNames()  # filled by the observer's close-after-write events
         self.summary = WatchSummary()
+
+    def publish(self, kind: str, record: dict[str, Any], subject: str, at: str) -> None:
+        """Spool ``record`` for the ``--publish`` destinations (if any)."""
+        if self.publisher is None:
+            return
+        self.publisher.publish(
+            kind,
+            record,
+            model=self.model_name,
+            version=model_version(self.model),  # 30 us; a served revision may change
+            subject=subject,
+            at=at,
+        )
 
     def scan(
         self, settle: float, reject_after: float
@@ -306,13 +340,17 @@ class _HotFolder:
                     del record[decided]
                 record["calibration"] = True
             else:
-                self.drift.observe(result.raw_score)
+                event = self.drift.observe(result.raw_score)
+                if event is not None:
+                    self.publish("drift", event, f"drift {event['state']}", event["time"])
             np.save(self.out / record["map"], result.anomaly_map)
             if self.pictures:
                 from cflowad.results.pictures import save_overlay
 
                 record["picture"] = f"pictures/{path.name}.png"
                 save_overlay(self.out / record["picture"], image, result.anomaly_map, result.mask)
+            if not record.get("calibration"):  # spooled first: a kill here scores it again
+                self.publish("result", record, f"{key[0]} {key[1]}", str(key[2]))
             journal.write(json.dumps(record) + "\n")
             journal.flush()
             os.fsync(journal.fileno())  # the record first: then a crash never rescores
@@ -332,6 +370,7 @@ class _HotFolder:
         with (self.out / "rejected" / "rejected.jsonl").open("a") as log:
             log.write(json.dumps(entry) + "\n")
         self.arriving.pop(path.name, None)
+        self.publish("rejected", entry, path.name, datetime.now(UTC).isoformat())
         self.summary.rejected += 1
         self.reporter.warn(f"{reason}; moved to {target}")
 

@@ -123,7 +123,7 @@ class _Attach(BaseModel):
 def create_studio(workspace: Workspace, settings: StudioSettings | None = None) -> FastAPI:
     """The studio app on an opened workspace."""
     settings = settings or StudioSettings()
-    host = ServedModels({}, settings.serve)
+    host = ServedModels({}, settings.serve, origin="studio")
     csrf = hmac.new(workspace.secret.encode(), b"csrf", hashlib.sha256).hexdigest()
     api_key = settings.serve.api_key
     session = (
@@ -152,7 +152,7 @@ def create_studio(workspace: Workspace, settings: StudioSettings | None = None) 
         return (revision.number if revision else 0), results
 
     runs = ScoringRuns(workspace, score)
-    live = LiveSources(workspace, lambda name: _Current(host, name))
+    live = LiveSources(workspace, lambda name: _Current(host, name), host.publisher)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -22,6 +22,7 @@ from PIL import Image
 
 from cflowad.common.errors import UserError, reason
 from cflowad.engine.inference import ImageResult, Predictor
+from cflowad.line.publish import Publisher
 from cflowad.line.stream import stream_video
 from cflowad.line.watch import watch_folder
 from cflowad.results.pictures import blend
@@ -85,9 +86,12 @@ class _Source:
 class LiveSources:
     """The attached sources of a workspace, each scored by its model's served revision."""
 
-    def __init__(self, workspace: Workspace, model_for: Any) -> None:
+    def __init__(
+        self, workspace: Workspace, model_for: Any, publisher: Publisher | None = None
+    ) -> None:
         self.workspace = workspace
         self.model_for = model_for  # name -> Predictor that scores with the served revision
+        self.publisher = publisher  # the studio's --publish destinations
         self.sources: dict[str, _Source] = {}
         self._lock = threading.Lock()
 
@@ -191,6 +195,8 @@ class LiveSources:
                     batch_size=1,
                     stop=source.stop,
                     on_result=source.on_result,
+                    publisher=self.publisher,
+                    model_name=spec["model"],
                 )
             else:
                 stream_video(
@@ -201,6 +207,8 @@ class LiveSources:
                     live=True,
                     stop=source.stop,
                     on_result=source.on_result,
+                    publisher=self.publisher,
+                    model_name=spec["model"],
                 )
             source.state = "stopped" if source.stop.is_set() else "ended"
         except Exception as error:  # shown on the page, not a dead thread
