@@ -3,7 +3,9 @@ kill it and start it again; it appends every message it takes to a file, so a te
 knows exactly what reached the broker (a subscriber could miss messages around a
 restart, which would test the subscriber, not us).
 
-    python tests/mqtt_broker.py PORT RECORD_FILE
+    python tests/mqtt_broker.py PORT RECORD_FILE [CERT_FILE KEY_FILE]
+
+With a certificate and its key, it listens with TLS (mqtts://).
 """
 
 from __future__ import annotations
@@ -27,8 +29,11 @@ class Recorder(BasePlugin):  # type: ignore[type-arg]
 
 
 async def main(port: int) -> None:
+    listener: dict[str, Any] = {"type": "tcp", "bind": f"127.0.0.1:{port}"}
+    if len(sys.argv) > 4:
+        listener.update(ssl=True, certfile=sys.argv[3], keyfile=sys.argv[4])
     config = {
-        "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+        "listeners": {"default": listener},
         "plugins": {
             "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
             "mqtt_broker.Recorder": {},

@@ -143,13 +143,15 @@ def test_bad_publish_options_are_one_line_errors(tmp_path):
 class _Broker:
     """amqtt in its own process (tests/mqtt_broker.py): kill it, start it again."""
 
-    def __init__(self, tmp_path: Path, port: int) -> None:
+    def __init__(self, tmp_path: Path, port: int, tls: tuple[Path, Path] | None = None) -> None:
         self.port, self.record = port, tmp_path / "broker.jsonl"
+        self.tls = [str(path) for path in tls or ()]
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
+        script = str(HERE / "mqtt_broker.py")
         self.process = subprocess.Popen(
-            [sys.executable, str(HERE / "mqtt_broker.py"), str(self.port), str(self.record)],
+            [sys.executable, script, str(self.port), str(self.record), *self.tls],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -304,3 +306,43 @@ def test_watch_command_publishes_to_a_webhook(trained_model, texture_dataset, tm
     assert [(m["file"], m["score"]) for m in messages] == [(r["file"], r["score"]) for r in journal]
     assert {m["model"] for m in messages} == {"brick"} and len(messages) == len(images)
     assert main([*command, "--publish", "mqtt://host", "-q"]) == 2  # a one-line error
+
+
+def test_mqtts_with_a_ca_file_delivers_and_an_unknown_ca_does_not(tmp_path, free_port):
+    """TLS to the broker: the certificate is checked against --publish-ca-file."""
+    import trustme
+
+    ca, stranger = trustme.CA(), trustme.CA()
+    server = ca.issue_cert("127.0.0.1")
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    server.cert_chain_pems[0].write_to_path(cert)
+    server.private_key_pem.write_to_path(key)
+    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
+    stranger.cert_pem.write_to_path(tmp_path / "stranger.pem")
+    broker = _Broker(tmp_path, free_port(), tls=(cert, key))
+    broker.start()
+    try:
+        url = f"mqtts://127.0.0.1:{broker.port}/secure"
+        warnings: list[str] = []
+        trusted = Publisher(
+            PublishSettings(urls=(url,), ca_file=tmp_path / "ca.pem"),
+            tmp_path / "a",
+            "watch",
+            warnings.append,
+        )
+        untrusted = Publisher(
+            PublishSettings(urls=(url,), ca_file=tmp_path / "stranger.pem"),
+            tmp_path / "b",
+            "watch",
+            warnings.append,
+        )
+        _publish_numbers(trusted, range(3))
+        _publish_numbers(untrusted, range(100, 103))
+        _wait_for(lambda: trusted.stats()[0]["published"] == 3)
+        time.sleep(2)
+        assert untrusted.stats()[0]["published"] == 0 and untrusted.stats()[0]["pending"] == 3
+        assert trusted.close() == 0 and untrusted.close(0) == 3  # kept for a fixed CA
+    finally:
+        broker.kill()
+    assert [m["n"] for _, m in broker.messages()] == [0, 1, 2]
+    assert any("cannot deliver" in w for w in warnings)
