@@ -12,6 +12,7 @@ import onnxruntime
 import pytest
 import torch
 
+import cflowad
 from cflowad import CFlowAD
 from cflowad.cli import main
 from cflowad.common.errors import UserError
@@ -176,3 +177,105 @@ def test_onnx_only_processes_give_onnx_runtime_the_threads_and_torch_one(exporte
     assert (torch.get_num_threads(), options.intra_op_num_threads) == (2, 2)
     with pytest.raises(UserError, match="--workers=3"):
         threads.share_threads(2, onnx_only=True, workers=3)
+
+
+@pytest.fixture(scope="module")
+def openvino_folder(model_dir):
+    folder = model_dir.parent / "model-openvino"
+    assert main(["export", str(model_dir), "--openvino", str(folder), "--quiet"]) == 0
+    return folder
+
+
+def test_openvino_folder_scores_like_the_model_directory(
+    model_dir, openvino_folder, texture_dataset, tmp_path
+):
+    from cflowad.engine.openvino import OpenVinoModel
+    from cflowad.line.catalog import find_models
+
+    assert sorted(p.name for p in openvino_folder.iterdir()) == ["model.bin", "model.xml"]
+    images = [str(p) for p in sorted((texture_dataset / "test").glob("*/*.png"))]
+    for name, model in (("torch", model_dir), ("openvino", openvino_folder)):
+        out = tmp_path / name
+        command = ["predict", str(model), *images, "--out", str(out), "--batch-size", "3", "-q"]
+        assert main(command) == 0
+    expected = json.loads((tmp_path / "torch" / "predictions.json").read_text())
+    got = json.loads((tmp_path / "openvino" / "predictions.json").read_text())
+    for ours, theirs in zip(got, expected, strict=True):
+        assert ours["score"] == pytest.approx(theirs["score"], rel=1e-4, abs=1e-6)
+        difference = np.load(tmp_path / "openvino" / ours["map"]) - np.load(
+            tmp_path / "torch" / theirs["map"]
+        )
+        assert np.abs(difference).max() <= 1e-4
+    assert [r["anomalous"] for r in got] == [r["anomalous"] for r in expected]
+    loaded = cflowad.load(openvino_folder)
+    assert isinstance(loaded, OpenVinoModel)
+    assert loaded.describe() == CFlowAD.load(model_dir).describe()
+    assert loaded.calibration["holdout_raw_scores"]  # the drift alarm's reference came along
+    assert find_models(openvino_folder.parent)["model-openvino"] == openvino_folder
+
+
+def test_openvino_export_and_scoring_errors_are_one_line(
+    model_dir, openvino_folder, texture_dataset, tmp_path, monkeypatch, capsys
+):
+    image = str(next((texture_dataset / "test" / "good").glob("*.png")))
+    assert main(["export", str(model_dir)]) == 2
+    assert "--onnx FILE, --openvino DIR" in capsys.readouterr().err
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    assert main(["export", str(model_dir), "--openvino", str(users), "-q"]) == 2
+    assert (users / "notes.txt").read_text() == "mine"  # never touched
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.xml").write_text("<net/>")
+    assert main(["predict", str(broken), image, "--out", str(tmp_path / "o")]) == 2
+    assert "model.xml" in capsys.readouterr().err
+    out = str(tmp_path / "o")
+    assert main(["predict", str(openvino_folder), image, "--out", out, "--device", "cuda"]) == 2
+    assert "run on the CPU" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    assert main(["predict", str(openvino_folder), image, "--out", str(tmp_path / "o")]) == 2
+    assert "pip install 'cflowad[openvino]'" in capsys.readouterr().err
+
+
+def test_int8_export_refits_the_thresholds_on_the_int8_graph(
+    model_dir, texture_dataset, tmp_path, capsys
+):
+    """The convolutions are int8 and nothing else is; the image threshold is the order
+    statistic of the int8 file's own raw scores on the training's held-out images."""
+    from cflowad.engine.model import training_items
+    from cflowad.engine.openvino import OpenVinoModel
+    from cflowad.method.calibration import order_statistic_threshold
+
+    file, folder = tmp_path / "int8.onnx", tmp_path / "int8-openvino"
+    command = ["export", str(model_dir), "--onnx", str(file), "--openvino", str(folder)]
+    assert main([*command, "--int8", "--data", str(texture_dataset), "-q"]) == 0
+    graph = onnx.load(str(file)).graph
+    constants = {i.name for i in graph.initializer}
+    dequantized = {  # outputs of DequantizeLinear: of int8 weights, or of int8 activations
+        out: node.input[0] in constants
+        for node in graph.node
+        if node.op_type == "DequantizeLinear"
+        for out in node.output
+    }
+    int8_weights = {n.op_type for n in graph.node if any(dequantized.get(i) for i in n.input)}
+    assert int8_weights == {"Conv"}
+    fed_by_int8 = {n.op_type for n in graph.node if any(i in dequantized for i in n.input)}
+    assert not fed_by_int8 & {"MatMul", "Gemm", "Exp", "Log"}  # the flows stay float
+    model = CFlowAD.load(model_dir)
+    _, held = model.split_holdout(training_items(texture_dataset))
+    int8 = OnnxModel(file)
+    raw = np.array([r.raw_score for r in int8.predict_iter(held)])
+    expected = order_statistic_threshold(raw, model.config.image_fpr).value
+    assert int8.image_threshold_raw == pytest.approx(expected, rel=1e-6)
+    assert int8.image_threshold_raw != model.calibration["image_threshold_raw"]
+    assert json.loads(int8._metadata["quantization"])["quantized"] == ["Conv"]
+    images = sorted((texture_dataset / "test").glob("*/*.png"))
+    float_maps = model.predict(images).maps
+    for name, exported in (("onnx", int8), ("openvino", OpenVinoModel(folder))):
+        maps = exported.predict(images).maps
+        pairs = zip(float_maps, maps, strict=True)
+        correlation = np.median([np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in pairs])
+        assert correlation > 0.7, name  # int8 moves the maps a little, not their shape
+    assert main(["export", str(model_dir), "--onnx", str(file), "--int8"]) == 2
+    assert "--data" in capsys.readouterr().err

@@ -110,11 +110,11 @@ def test_holdout_never_trains_and_is_seeded():
         min_holdout=3,
         seed=1,
     )
-    fitted, held = model._split(list(range(10)))
+    fitted, held = model.split_holdout(list(range(10)))
     assert len(held) == 3 and not set(fitted) & set(held)
-    assert model._split(list(range(10))) == (fitted, held)
+    assert model.split_holdout(list(range(10))) == (fitted, held)
     with pytest.raises(UserError, match=r"need at least 5 training images"):
-        model._split(list(range(4)))
+        model.split_holdout(list(range(4)))
 
 
 def test_broken_model_files_give_errors_naming_the_file(small_model, tmp_path):
@@ -374,3 +374,24 @@ def test_scale_weights_are_saved_loaded_and_exported(tmp_path):
     onnx = OnnxModel(tmp_path / "model.onnx").predict(IMAGES[6:])
     for a, b in zip(before.maps, onnx.maps, strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_coupling_blocks_per_scale_build_saved_and_loaded_flows(tmp_path):
+    """--coupling-blocks 2,1,1: the finest scale's flow gets 2 blocks, the others 1;
+    model.json records it, and a reload scores the same."""
+    options = dict(compile_training=False, encoder_weights="random", image_size=64, steps=10)
+    model = CFlowAD(**options, min_holdout=3, coupling_blocks=(2, 1, 1)).fit(IMAGES[:6])
+    assert [len(model.net.decoder(k).blocks) for k in range(3)] == [2, 1, 1]
+    model.save(tmp_path / "model")
+    meta = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert meta["config"]["coupling_blocks"] == [2, 1, 1]
+    loaded = CFlowAD.load(tmp_path / "model")
+    assert loaded.config.blocks_per_scale == (2, 1, 1)
+    before, after = model.predict(IMAGES[6:]), loaded.predict(IMAGES[6:])
+    assert all(np.array_equal(a, b) for a, b in zip(before.maps, after.maps, strict=True))
+    assert Config(coupling_blocks=[4]).coupling_blocks == 4  # one number: every scale
+    assert Config(coupling_blocks=4).blocks_per_scale == (4, 4, 4)
+    with pytest.raises(UserError, match="coupling_blocks"):
+        Config(coupling_blocks=(4, 6))  # three strides
+    with pytest.raises(UserError, match="coupling_blocks"):
+        Config(coupling_blocks=(4, 0, 8))

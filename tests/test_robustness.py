@@ -215,7 +215,7 @@ def test_thresholds_are_order_statistics_with_the_achievable_rate(small_model, t
     calibration = small_model.calibration
     assert calibration["n_images"] == 4
     assert calibration["image_fpr_achievable"] == pytest.approx(1 / 5)
-    held = small_model._split(IMAGES)[1]
+    held = small_model.split_holdout(IMAGES)[1]
     raw = small_model.predict(held).raw_scores
     assert calibration["image_threshold_raw"] == pytest.approx(raw.max(), rel=1e-5)
     with pytest.warns(UserWarning, match="99 held-out images are needed"):

@@ -5,6 +5,7 @@ fast each engine scores it.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -30,31 +31,104 @@ __all__ = ["bench", "export"]
 
 def export(
     model_dir: Annotated[Path, typer.Argument(help="A model directory from cflowad train.")],
-    onnx: Annotated[Path, typer.Option("--onnx", help="ONNX file to write.")],
+    onnx: Annotated[Path | None, typer.Option("--onnx", help="ONNX file to write.")] = None,
+    openvino: Annotated[
+        Path | None,
+        typer.Option(
+            "--openvino",
+            help="OpenVINO folder to write (model.xml + model.bin); needs "
+            "pip install 'cflowad[openvino]'.",
+        ),
+    ] = None,
+    int8: Annotated[
+        bool,
+        typer.Option(
+            "--int8",
+            help="Quantize the encoder's convolutions to int8 (calibrated on the training "
+            "images of --data) and refit the thresholds on the int8 graph with the held-out "
+            "ones. Needs onnxruntime.",
+        ),
+    ] = False,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="With --int8: what the model was trained on (the same folder)."),
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Write the model as one ONNX file: images -> scores, decisions, maps, masks."""
+    """Write the model for a runtime: images -> scores, decisions, maps, masks.
+
+    --onnx FILE for ONNX Runtime, --openvino DIR for OpenVINO (either or both); give
+    the file or folder wherever a model directory goes.
+    """
+    if onnx is None and openvino is None:
+        raise UserError("cflowad export: give --onnx FILE, --openvino DIR, or both")
+    if int8 and data is None:
+        raise UserError("option --int8 needs --data DIR: the images the model was trained on")
     model = CFlowAD.load(model_dir)
     reporter = Reporter(enabled=not quiet)
-    with reporter.task("exporting", 1) as task:
-        result = model.export_onnx(onnx)
-        task.advance()
-    difference = result["max_relative_difference"]
     height, width = model.config.image_size
-    summary_table(
-        [
-            ("written", f"{result['onnx']} ({result['megabytes']} MiB, {result['seconds']} s)"),
-            ("input", f"images: float32 (N, 3, {height}, {width}), RGB in [0, 1]"),
-            ("outputs", "scores, anomalous, maps, masks (at the input size)"),
-            (
-                "checked",
-                "onnxruntime not installed: not checked"
-                if difference is None
-                else f"onnxruntime equals PyTorch (max relative difference {difference:.1e})",
-            ),
-        ],
-        quiet,
-    )
+    rows: list[tuple[str, str]] = []
+    with tempfile.TemporaryDirectory() as folder:
+        if int8:
+            from cflowad.engine.quantize import export_int8
+
+            target = onnx or Path(folder) / "int8.onnx"
+            result = export_int8(model, target, data, reporter)
+            rows += [
+                (
+                    "int8",
+                    f"{result['onnx'] if onnx else 'converted to OpenVINO'}, "
+                    f"{result['megabytes']} MiB, {result['seconds']} s",
+                ),
+                (
+                    "int8 vs float",
+                    f"maps correlate {result['map_correlation_median']} (median), raw scores "
+                    f"{result['raw_score_correlation']}, on {result['held_out_images']} "
+                    "held-out images",
+                ),
+                (
+                    "thresholds",
+                    "refitted on the int8 graph: image "
+                    f"{result['image_threshold_raw']['float']:.4f} -> "
+                    f"{result['image_threshold_raw']['int8']:.4f} (raw)",
+                ),
+            ]
+        elif onnx is not None:
+            with reporter.task("exporting to ONNX", 1) as task:
+                result = model.export_onnx(onnx)
+                task.advance()
+            difference = result["max_relative_difference"]
+            rows += [
+                ("written", f"{result['onnx']} ({result['megabytes']} MiB, {result['seconds']} s)"),
+                (
+                    "checked",
+                    "onnxruntime not installed: not checked"
+                    if difference is None
+                    else f"onnxruntime equals PyTorch (max relative difference {difference:.1e})",
+                ),
+            ]
+        if openvino is not None:
+            with reporter.task("converting to OpenVINO", 1) as task:
+                result = model.export_openvino(openvino, target if int8 else None)
+                task.advance()
+            difference = result["max_relative_difference"]
+            rows += [
+                (
+                    "written",
+                    f"{result['openvino']} ({result['megabytes']} MiB, {result['seconds']} s)",
+                ),
+                (
+                    "checked",
+                    "int8: see above"
+                    if difference is None
+                    else f"OpenVINO equals PyTorch (max relative difference {difference:.1e})",
+                ),
+            ]
+    rows += [
+        ("input", f"images: float32 (N, 3, {height}, {width}), RGB in [0, 1]"),
+        ("outputs", "scores, anomalous, maps, masks (at the input size)"),
+    ]
+    summary_table(rows, quiet)
 
 
 def bench(
@@ -76,18 +150,34 @@ def bench(
         Path | None, typer.Option("--train", help="Also time training on this data.")
     ] = None,
     steps: Annotated[int, typer.Option(help="Training steps to time with --train.")] = 200,
+    runtimes: Annotated[
+        str,
+        typer.Option(
+            help="Runtimes to time side by side, comma-separated: torch, onnx (ONNX "
+            "Runtime), openvino."
+        ),
+    ] = "torch",
     onnx: Annotated[
-        bool, typer.Option("--onnx", help="Also time the ONNX export in ONNX Runtime.")
+        bool, typer.Option("--onnx", help="Also time ONNX Runtime (as --runtimes torch,onnx).")
     ] = False,
     device: Device = "auto",
     quiet: Quiet = False,
 ) -> None:
-    """Time the whole predict path against the encoder alone; optionally training."""
-    from cflowad.engine.bench import run_bench
+    """Time the whole predict path against the encoder alone, per runtime; optionally
+    training."""
+    from cflowad.engine.bench import RUNTIMES, run_bench
 
     sizes = list(comma_separated(batch_size, "batch_size", int, "1,16"))
     if any(s < 1 for s in sizes) or repeats < 1:
         raise UserError("options --batch-size and --repeats must be at least 1")
+    named = [r.strip() for r in runtimes.split(",") if r.strip()]
+    chosen = tuple(dict.fromkeys(["torch", *named]))
+    chosen += ("onnx",) if onnx and "onnx" not in chosen else ()
+    unknown = [r for r in chosen if r not in RUNTIMES]
+    if unknown:
+        raise UserError(
+            f"option --runtimes: unknown {', '.join(unknown)}; choose from {', '.join(RUNTIMES)}"
+        )
     use_threads(threads)
     files = image_files(images or [])[: max(sizes)]
     for image in files:
@@ -100,7 +190,7 @@ def bench(
         train_data,
         steps,
         Reporter(enabled=not quiet),
-        onnx=onnx,
+        runtimes=chosen,
         device=device,
     )
     replace_file(json_file, json.dumps(result, indent=2))
@@ -114,11 +204,11 @@ def bench(
                 f"ratio {b['ratio']:.2f}",
             )
         )
-        if "onnxruntime" in b:
-            o = b["onnxruntime"]
+        for runtime in chosen[1:]:
+            o = b[RUNTIMES[runtime]]
             rows.append(
                 (
-                    "  onnxruntime",
+                    f"  {RUNTIMES[runtime]}",
                     f"{o['images_per_second']:.1f} img/s model, "
                     f"{o['encoder_images_per_second']:.1f} img/s encoder, ratio {o['ratio']:.2f}",
                 )

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from cflowad.common.errors import UserError
 from cflowad.data.images import list_images, readable
-from cflowad.line.catalog import is_onnx_file
+from cflowad.line.catalog import is_exported
 from cflowad.line.publish import Publisher
 from cflowad.line.sinks import PublishSettings
 from cflowad.method.config import Config
@@ -138,7 +138,7 @@ def use_threads(threads: int | None, scoring: Iterable[Path] = (), workers: int 
     from cflowad.engine.threads import share_threads
 
     models = list(scoring)
-    share_threads(threads, bool(models) and all(is_onnx_file(m) for m in models), workers)
+    share_threads(threads, bool(models) and all(is_exported(m) for m in models), workers)
 
 
 def keep_readable(files: list[Path]) -> list[int]:

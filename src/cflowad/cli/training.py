@@ -80,8 +80,12 @@ def train(
     ] = DEFAULTS.aspect,
     strides: Annotated[str, typer.Option(help="Feature strides, comma-separated.")] = "8,16,32",
     coupling_blocks: Annotated[
-        int, typer.Option(help="Coupling blocks per flow.")
-    ] = DEFAULTS.coupling_blocks,
+        str,
+        typer.Option(
+            help="Coupling blocks per flow: one number for every scale, or one per stride, "
+            "finest first (4,6,8 lightens the finest scale, which has the most positions)."
+        ),
+    ] = str(DEFAULTS.coupling_blocks),
     condition_dim: Annotated[
         int, typer.Option(help="Positional-encoding channels.")
     ] = DEFAULTS.condition_dim,
@@ -227,7 +231,11 @@ def train(
     }
     if given.pop("random_weights", False):
         given["encoder_weights"] = "random"
-    for name, kind, example in (("strides", int, "8,16,32"), ("scale_weights", float, "2,1,1")):
+    for name, kind, example in (
+        ("strides", int, "8,16,32"),
+        ("scale_weights", float, "2,1,1"),
+        ("coupling_blocks", int, "4,6,8"),
+    ):
         if name in given:
             given[name] = comma_separated(given[name], name, kind, example)
     for name in ("weights_file", "feature_cache_dir"):

@@ -3,8 +3,9 @@
 Reports medians over repetitions after a warm-up. The "fiber loop" figure runs
 the same decoders the way public implementations do (64 feature vectors per call,
 a Python loop over chunks, the condition recomputed each time): the baseline the
-fast path is measured against. With ``onnx`` the exported model (and the encoder
-alone, exported the same way) are timed in ONNX Runtime too.
+fast path is measured against. With ``runtimes`` the exported model (and the
+encoder alone, exported the same way) are timed in ONNX Runtime and OpenVINO too,
+side by side in one run.
 """
 
 from __future__ import annotations
@@ -28,9 +29,13 @@ from cflowad.data.images import batches
 from cflowad.engine.export import write_onnx
 from cflowad.engine.model import CFlowAD
 from cflowad.engine.onnx import INPUT_NAME, cpu_session, require_onnxruntime
+from cflowad.engine.openvino import cpu_config, require_openvino
 from cflowad.method.scoring import CFlowNet
 
-__all__ = ["fiber_loop_forward", "run_bench"]
+__all__ = ["RUNTIMES", "fiber_loop_forward", "run_bench"]
+
+# a runtime's name on the command line -> its key in the bench JSON
+RUNTIMES = {"torch": "torch", "onnx": "onnxruntime", "openvino": "openvino"}
 
 
 def fiber_loop_forward(net: CFlowNet, images: torch.Tensor, fiber: int = 64) -> torch.Tensor:
@@ -56,10 +61,11 @@ def run_bench(
     train_data: Path | None,
     steps: int,
     reporter: Reporter,
-    onnx: bool = False,
+    runtimes: tuple[str, ...] = ("torch",),
     device: str = "auto",
 ) -> dict[str, Any]:
-    """Measure and return the figures written to the bench JSON, in torch's current threads."""
+    """Measure and return the figures written to the bench JSON, in torch's current threads
+    (PyTorch always; ``runtimes`` may add ``onnx`` and ``openvino``)."""
     model = CFlowAD.load(model_dir, device=device)
     net = model.net
     size = model.config.image_size
@@ -68,7 +74,7 @@ def run_bench(
     else:
         pool = torch.rand(max(batch_sizes), 3, *size, generator=torch.Generator().manual_seed(0))
     pool = pool.to(model.device)
-    sessions = _onnx_sessions(model, reporter) if onnx else None
+    exported = _exported_runners(model, runtimes, reporter)
     results: list[dict[str, Any]] = []
     with reporter.task("timing", len(batch_sizes)) as task:
         for batch_size in batch_sizes:
@@ -92,16 +98,16 @@ def run_bench(
                 )
                 results[-1]["fiber_loop_images_per_second"] = round(batch_size / loop, 2)
                 results[-1]["speedup_over_fiber_loop"] = round(loop / whole, 2)
-            if sessions is not None:
-                feed = {INPUT_NAME: batch.cpu().numpy()}
-                ort_whole = _median_seconds(partial(sessions[0].run, None, feed), repeats)
-                ort_encoder = _median_seconds(partial(sessions[1].run, None, feed), repeats)
-                results[-1]["onnxruntime"] = {
-                    "images_per_second": round(batch_size / ort_whole, 2),
-                    "encoder_images_per_second": round(batch_size / ort_encoder, 2),
-                    "ratio": round(ort_encoder / ort_whole, 3),
-                    "speedup_over_fiber_loop": round(loop / ort_whole, 2) if loop else None,
-                    "ms_per_image": round(1000 * ort_whole / batch_size, 2),
+            feed = batch.cpu().numpy()
+            for key, (run_whole, run_encoder) in exported.items():
+                seconds = _median_seconds(partial(run_whole, feed), repeats)
+                encoder_seconds = _median_seconds(partial(run_encoder, feed), repeats)
+                results[-1][key] = {
+                    "images_per_second": round(batch_size / seconds, 2),
+                    "encoder_images_per_second": round(batch_size / encoder_seconds, 2),
+                    "ratio": round(encoder_seconds / seconds, 3),
+                    "speedup_over_fiber_loop": round(loop / seconds, 2) if loop else None,
+                    "ms_per_image": round(1000 * seconds / batch_size, 2),
                 }
             task.advance()
     result: dict[str, Any] = {
@@ -142,18 +148,44 @@ class _EncoderOnly(torch.nn.Module):
         return tuple(self.encoder(images))
 
 
-def _onnx_sessions(model: CFlowAD, reporter: Reporter) -> tuple[Any, Any]:
-    """ONNX Runtime sessions of the exported model and of its encoder alone."""
-    require_onnxruntime("--onnx")
+def _exported_runners(
+    model: CFlowAD, runtimes: tuple[str, ...], reporter: Reporter
+) -> dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]]:
+    """Per exported runtime asked for: run the whole model, run the encoder alone (each
+    takes a float32 batch), both from the same ONNX export."""
+    wanted = [r for r in runtimes if r != "torch"]
+    if not wanted:
+        return {}
+    if "onnx" in wanted:
+        require_onnxruntime("--runtimes onnx")
+    openvino = require_openvino("--runtimes openvino") if "openvino" in wanted else None
     height, width = model.config.image_size
-    with tempfile.TemporaryDirectory() as folder, reporter.task("exporting to ONNX", 2) as task:
+    runners: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {}
+    with tempfile.TemporaryDirectory() as folder, reporter.task("exporting", 2) as task:
         whole = Path(folder) / "model.onnx"
         model.export_onnx(whole)
         task.advance()
         encoder = Path(folder) / "encoder.onnx"
         write_onnx(_EncoderOnly(model.net).eval(), torch.rand(2, 3, height, width), encoder)
         task.advance()
-        return cpu_session(whole), cpu_session(encoder)
+        if "onnx" in wanted:
+            sessions = cpu_session(whole), cpu_session(encoder)
+            runners[RUNTIMES["onnx"]] = (
+                partial(_run_onnx, sessions[0]),
+                partial(_run_onnx, sessions[1]),
+            )
+        if openvino is not None:
+            core = openvino.Core()
+            requests = [
+                core.compile_model(str(path), "CPU", cpu_config()).create_infer_request()
+                for path in (whole, encoder)
+            ]
+            runners[RUNTIMES["openvino"]] = (requests[0].infer, requests[1].infer)
+    return runners
+
+
+def _run_onnx(session: Any, images: Any) -> Any:
+    return session.run(None, {INPUT_NAME: images})
 
 
 @torch.inference_mode()

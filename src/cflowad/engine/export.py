@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +32,7 @@ from cflowad.engine.onnx import INPUT_NAME, MARK, OUTPUT_NAMES
 from cflowad.method.config import Config
 from cflowad.method.scoring import CFlowNet
 
-__all__ = ["export_onnx", "is_cflowad_onnx", "write_onnx"]
+__all__ = ["export_onnx", "export_openvino", "is_cflowad_onnx", "write_onnx"]
 
 
 class _Decisions(nn.Module):
@@ -173,4 +174,83 @@ def _check_with_onnxruntime(file: Path, wrapper: _Decisions, example: Tensor) ->
             worst = max(worst, float(np.abs(ours - eager_np).max()) / scale)
             if worst > 1e-3:
                 raise RuntimeError(f"ONNX Runtime's {name} differ from PyTorch's by {worst:.2e}")
+    return worst
+
+
+def export_openvino(
+    net: CFlowNet,
+    config: Config,
+    calibration: dict[str, Any],
+    training: dict[str, Any],
+    weights_sha256: str | None,
+    folder: Path,
+    onnx_file: Path | None = None,
+) -> dict[str, Any]:
+    """Write a fitted network as an OpenVINO IR folder (``model.xml`` + ``model.bin``).
+
+    The ONNX export is converted by OpenVINO's own converter and saved in float32 with
+    the ONNX file's metadata; the IR is checked against PyTorch before it replaces
+    ``folder``, which may be missing, empty, or an earlier export of cflowad's. With
+    ``onnx_file`` (an int8 export of this network) that file is converted instead, and
+    not held to float's tolerance.
+
+    Returns:
+        ``openvino`` (the folder), ``megabytes``, ``seconds``, ``max_relative_difference``
+        (None for ``onnx_file``).
+    """
+    from cflowad.engine.openvino import IR_FILE, METADATA_KEY, OpenVinoModel, require_openvino
+
+    openvino = require_openvino("OpenVINO export")
+    import onnx
+
+    folder = Path(folder)
+    ours = {IR_FILE, IR_FILE.replace(".xml", ".bin")}
+    if folder.exists() and not (folder.is_dir() and {p.name for p in folder.iterdir()} <= ours):
+        raise UserError(
+            f"{folder}: exists and was not written by cflowad; choose another --openvino"
+        )
+    start = time.perf_counter()
+    staging = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    staging.mkdir(parents=True)
+    try:
+        source = onnx_file or staging / "model.onnx"
+        if onnx_file is None:
+            export_onnx(net, config, calibration, training, weights_sha256, source)
+        written = onnx.load(str(source), load_external_data=False)
+        metadata = {p.key: p.value for p in written.metadata_props}
+        model = openvino.convert_model(str(source))
+        model.set_rt_info(json.dumps(metadata), METADATA_KEY)
+        openvino.save_model(model, str(staging / IR_FILE), compress_to_fp16=False)
+        (staging / "model.onnx").unlink(missing_ok=True)
+        converted = OpenVinoModel(staging)
+        difference = None if onnx_file else _check_with_openvino(converted, net, config)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    size = sum(p.stat().st_size for p in folder.iterdir())
+    return {
+        "openvino": str(folder),
+        "megabytes": round(size / 2**20, 1),
+        "seconds": round(time.perf_counter() - start, 1),
+        "max_relative_difference": difference,
+    }
+
+
+@torch.inference_mode()
+def _check_with_openvino(model: Any, net: CFlowNet, config: Config) -> float:
+    """Max relative difference of OpenVINO's scores, maps and raw scores from PyTorch's
+    (the bound and batches of :func:`_check_with_onnxruntime`)."""
+    height, width = config.image_size
+    example = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(0))
+    worst = 0.0
+    for images in (example, example[:1]):
+        for name, eager, ours in zip(
+            ("scores", "maps", "raw_scores"), net(images), model.score_batch(images), strict=True
+        ):
+            scale = max(float(eager.abs().max()), 1e-12)
+            worst = max(worst, float((ours - eager).abs().max()) / scale)
+            if worst > 1e-3:
+                raise RuntimeError(f"OpenVINO's {name} differ from PyTorch's by {worst:.2e}")
     return worst

@@ -34,6 +34,7 @@ __all__ = [
     "Predictor",
     "as_images",
     "describe",
+    "map_sample",
 ]
 
 THRESHOLD = 0.5
@@ -269,3 +270,10 @@ def _resize(anomaly_map: Tensor, size: tuple[int, int]) -> np.ndarray:
             anomaly_map[None, None], size=size, mode="bilinear", align_corners=False
         )[0, 0]
     return anomaly_map.numpy().astype(np.float32, copy=False)
+
+
+def map_sample(anomaly_map: np.ndarray, size: int = 20_000) -> np.ndarray:
+    """About ``size`` evenly spaced pixels of one map: what refitting a pixel threshold
+    on new images needs of each, in bounded memory."""
+    flat = anomaly_map.ravel()
+    return flat[:: max(1, flat.size // size)].astype(np.float32)

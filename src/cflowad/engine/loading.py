@@ -10,31 +10,38 @@ from cflowad.common.errors import UserError
 if TYPE_CHECKING:
     from cflowad.engine.model import CFlowAD
     from cflowad.engine.onnx import OnnxModel
+    from cflowad.engine.openvino import OpenVinoModel
 
 __all__ = ["load"]
 
 
-def load(path: str | Path, device: str = "auto") -> CFlowAD | OnnxModel:
-    """A model directory from ``cflowad train``, or an ONNX file from ``cflowad export``.
+def load(path: str | Path, device: str = "auto") -> CFlowAD | OnnxModel | OpenVinoModel:
+    """A model directory from ``cflowad train``, or what ``cflowad export`` wrote: an
+    ONNX file, or an OpenVINO folder (``model.xml``).
 
-    The ONNX path never imports the trainer or timm.
+    The exported paths never import the trainer or timm.
 
     Args:
-        path: a model directory, or a ``.onnx`` file.
-        device: ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``; ONNX files run on the CPU,
+        path: a model directory, a ``.onnx`` file, or an OpenVINO folder.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``; exported models run on the CPU,
             so a CUDA device with one is a UserError.
 
     Returns:
-        A :class:`CFlowAD` or an :class:`OnnxModel`; both satisfy
+        A :class:`CFlowAD`, :class:`OnnxModel` or :class:`OpenVinoModel`; all satisfy
         :class:`cflowad.engine.inference.Predictor`.
     """
     path = Path(path)
-    if path.suffix == ".onnx" and not path.is_dir():
-        from cflowad.engine.onnx import OnnxModel
-
+    exported = path.suffix == ".onnx" and not path.is_dir()
+    if exported or (path / "model.xml").is_file():
         if device not in ("auto", "cpu"):
-            raise UserError(f"option --device={device}: ONNX files run on the CPU here")
-        return OnnxModel(path)
+            raise UserError(f"option --device={device}: exported models run on the CPU here")
+        if exported:
+            from cflowad.engine.onnx import OnnxModel
+
+            return OnnxModel(path)
+        from cflowad.engine.openvino import OpenVinoModel
+
+        return OpenVinoModel(path)
     from cflowad.engine.model import CFlowAD
 
     return CFlowAD.load(path, device=device)

@@ -30,7 +30,7 @@ from cflowad.data.datasets import find_training_images
 from cflowad.data.files import staged_directory
 from cflowad.data.images import ImageInput, batches, median_aspect_ratio
 from cflowad.engine.device import resolve_device
-from cflowad.engine.export import export_onnx
+from cflowad.engine.export import export_onnx, export_openvino
 from cflowad.engine.inference import InferenceEngine, describe
 from cflowad.method.calibration import (
     Threshold,
@@ -42,7 +42,7 @@ from cflowad.method.config import Config
 from cflowad.method.scoring import CFlowNet
 from cflowad.method.train import encode, fit_decoders, fit_gaussians, training_features
 
-__all__ = ["CFlowAD", "is_model_dir"]
+__all__ = ["CFlowAD", "is_model_dir", "training_items"]
 
 FORMAT = "cflowad-model"
 FORMAT_VERSION = 3
@@ -109,7 +109,7 @@ class CFlowAD(InferenceEngine):
             This model, fitted (so that ``CFlowAD().fit(data).predict(...)`` reads).
         """
         reporter = reporter or Reporter(enabled=False)
-        items = _training_items(data)
+        items = training_items(data)
         resolved = self.config.resolve_size(median_aspect_ratio(items))
         if resolved != self.config:
             reporter.log(
@@ -118,7 +118,7 @@ class CFlowAD(InferenceEngine):
             )
             self.config = resolved
             self.net = CFlowNet(resolved, self.net.encoder).eval().to(self.device)
-        train_items, calibration_items = self._split(items)
+        train_items, calibration_items = self.split_holdout(items)
         reporter.log(
             f"{len(train_items)} training images, {len(calibration_items)} for calibration"
             + (" (the same images)" if self.config.calibrate_on_train else "")
@@ -210,6 +210,30 @@ class CFlowAD(InferenceEngine):
                 self.training,
                 self.weights_sha256,
                 Path(path),
+            )
+        finally:
+            self.net.to(self.device)
+
+    def export_openvino(
+        self, folder: str | Path, onnx_file: str | Path | None = None
+    ) -> dict[str, Any]:
+        """Write the scoring network as an OpenVINO IR folder (:func:`export_openvino`),
+        or convert ``onnx_file``, this model's int8 export (:mod:`cflowad.engine.quantize`).
+
+        Returns:
+            ``openvino``, ``megabytes``, ``seconds`` and ``max_relative_difference``
+            from PyTorch in OpenVINO (None when converting ``onnx_file``).
+        """
+        calibration = self._require_fitted()
+        try:
+            return export_openvino(
+                self.net.to("cpu"),
+                self.config,
+                calibration,
+                self.training,
+                self.weights_sha256,
+                Path(folder),
+                None if onnx_file is None else Path(onnx_file),
             )
         finally:
             self.net.to(self.device)
@@ -345,7 +369,9 @@ class CFlowAD(InferenceEngine):
             self.weights_sha256,
         )
 
-    def _split(self, items: list[ImageInput]) -> tuple[list[ImageInput], list[ImageInput]]:
+    def split_holdout(self, items: list[ImageInput]) -> tuple[list[ImageInput], list[ImageInput]]:
+        """The training images and the held-out ones, as :meth:`fit` splits them (seeded:
+        the same list gives the same split, so an int8 export refits on the same images)."""
         config = self.config
         if config.calibrate_on_train:
             if len(items) < 2:
@@ -426,7 +452,8 @@ class CFlowAD(InferenceEngine):
         return f"CFlowAD({fields})"
 
 
-def _training_items(data: str | Path | Sequence[ImageInput]) -> list[ImageInput]:
+def training_items(data: str | Path | Sequence[ImageInput]) -> list[ImageInput]:
+    """The training images ``fit`` takes from ``data`` (a folder, an MVTec category, a list)."""
     if isinstance(data, (str, Path)):
         return list(find_training_images(Path(data)))
     items = list(data)

@@ -25,6 +25,7 @@ __all__ = [
     "INPUT_NAME",
     "MARK",
     "OUTPUT_NAMES",
+    "ExportedModel",
     "OnnxModel",
     "cpu_session",
     "require_onnxruntime",
@@ -82,8 +83,9 @@ def _register_shared_arena(onnxruntime: Any) -> None:
         _shared_arena_registered.append(True)
 
 
-class OnnxModel(InferenceEngine):
-    """A file written by ``cflowad export``, run by ONNX Runtime (threads: :func:`cpu_session`).
+class ExportedModel(InferenceEngine):
+    """What ``cflowad export`` wrote, whatever runtime scores it: the contract of its
+    metadata (input size, thresholds, calibration, training summary) and outputs.
 
     Attributes (from the file's metadata):
         image_size: model input (height, width).
@@ -91,20 +93,13 @@ class OnnxModel(InferenceEngine):
         pixel_threshold_raw: the pixel threshold before the readable scale.
     """
 
-    def __init__(self, path: str | Path) -> None:
-        require_onnxruntime(f"{path}: scoring an ONNX file")
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise UserError(f"{self.path}: ONNX file not found")
-        try:
-            self._session = cpu_session(self.path)
-        except Exception as error:  # ONNX Runtime's own errors for a broken or foreign file
-            first = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
-            raise UserError(f"{self.path}: not a readable ONNX model ({first})") from None
-        meta = self._session.get_modelmeta().custom_metadata_map
+    path: Path
+    _metadata: dict[str, str]
+
+    def _take_metadata(self, meta: dict[str, str], outputs: tuple[str, ...]) -> None:
+        """Check the export's mark and layout, and keep what it says about the model."""
         if MARK not in meta:
             raise UserError(f"{self.path}: not written by cflowad export")
-        outputs = tuple(o.name for o in self._session.get_outputs())
         if outputs != OUTPUT_NAMES or "image_threshold_raw" not in meta:
             raise UserError(
                 f"{self.path}: exported by cflowad {meta[MARK]} in an older layout; "
@@ -139,6 +134,23 @@ class OnnxModel(InferenceEngine):
             json.loads(meta.get("training", "{}")),
             meta.get("weights_sha256") or None,
         )
+
+
+class OnnxModel(ExportedModel):
+    """A file written by ``cflowad export``, run by ONNX Runtime (threads: :func:`cpu_session`)."""
+
+    def __init__(self, path: str | Path) -> None:
+        require_onnxruntime(f"{path}: scoring an ONNX file")
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"{self.path}: ONNX file not found")
+        try:
+            self._session = cpu_session(self.path)
+        except Exception as error:  # ONNX Runtime's own errors for a broken or foreign file
+            first = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+            raise UserError(f"{self.path}: not a readable ONNX model ({first})") from None
+        meta = self._session.get_modelmeta().custom_metadata_map
+        self._take_metadata(meta, tuple(o.name for o in self._session.get_outputs()))
 
     def score_batch(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, 3, H, W) at :attr:`image_size` -> readable scores, readable maps, raw scores."""

@@ -22,7 +22,7 @@ import numpy as np
 from cflowad.common.errors import UserError
 from cflowad.common.progress import Reporter
 from cflowad.data.files import replace_file
-from cflowad.engine.inference import ImageResult, Predictor
+from cflowad.engine.inference import ImageResult, Predictor, map_sample
 from cflowad.engine.model import CFlowAD
 
 __all__ = ["SourceCalibration"]
@@ -56,9 +56,7 @@ class SourceCalibration:
     def add(self, result: ImageResult) -> Predictor | None:
         """Take one good image's result; after the last one, the recalibrated model."""
         self.raw_scores.append(result.raw_score)
-        pixels = result.anomaly_map.ravel()
-        step = max(1, pixels.size // 20_000)  # a bounded sample of each map's pixels
-        self.map_values.append(pixels[::step].astype(np.float32))
+        self.map_values.append(map_sample(result.anomaly_map))
         if not self.done:
             return None
         return self._refit()

@@ -1,8 +1,9 @@
 """Which models a path holds, and the names they are known by (served, listed, chosen).
 
-A model is a directory from ``cflowad train`` (it holds ``model.json``) or an ONNX
-file from ``cflowad export``. A directory is known by its folder name, an ONNX file by
-its file name (``magnetic_tile.onnx``), so a model and its export can sit side by side.
+A model is a directory from ``cflowad train`` (it holds ``model.json``), an ONNX
+file or an OpenVINO folder (it holds ``model.xml``) from ``cflowad export``. A
+directory is known by its folder name, an ONNX file by its file name
+(``magnetic_tile.onnx``), so a model and its export can sit side by side.
 """
 
 from __future__ import annotations
@@ -12,16 +13,38 @@ from pathlib import Path
 
 from cflowad.common.errors import UserError
 
-__all__ = ["NAME_PATTERN", "find_models", "is_model_source", "is_onnx_file", "scan_models"]
+__all__ = [
+    "NAME_PATTERN",
+    "find_models",
+    "is_exported",
+    "is_model_source",
+    "is_onnx_file",
+    "model_files",
+    "scan_models",
+]
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def is_model_source(path: Path) -> bool:
-    """A model directory (with ``model.json``) or an ``.onnx`` file."""
+    """A model directory (with ``model.json``), an ``.onnx`` file or an OpenVINO folder."""
     if path.is_dir():
-        return (path / "model.json").is_file()
+        return (path / "model.json").is_file() or (path / "model.xml").is_file()
     return is_onnx_file(path)
+
+
+def is_exported(path: Path) -> bool:
+    """An ONNX file or an OpenVINO folder: scored by a runtime other than PyTorch."""
+    return is_onnx_file(path) or (path.is_dir() and (path / "model.xml").is_file())
+
+
+def model_files(path: Path) -> list[Path]:
+    """The files a model is made of: what changes when it is replaced on disk."""
+    if not path.is_dir():
+        return [path]
+    if (path / "model.xml").is_file():
+        return [path / "model.xml", path / "model.bin"]
+    return [path / "model.json", path / "model.safetensors"]
 
 
 def is_onnx_file(path: Path) -> bool:
@@ -53,7 +76,7 @@ def find_models(path: Path, option: str = "MODELS") -> dict[str, Path]:
             raise UserError(
                 f"{option} {path}: no models in it (model directories from cflowad train, "
                 "holding model.json, "
-                "or .onnx files from cflowad export, directly in the folder)"
+                "or .onnx files and OpenVINO folders from cflowad export, directly in the folder)"
             )
     else:
         raise UserError(

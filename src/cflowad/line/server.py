@@ -39,7 +39,7 @@ from cflowad.data.images import decode_image
 from cflowad.engine.inference import THRESHOLD, ImageResult, Predictor
 from cflowad.engine.loading import load
 from cflowad.line.batching import DynamicBatcher
-from cflowad.line.catalog import find_models, scan_models
+from cflowad.line.catalog import find_models, model_files, scan_models
 from cflowad.line.drift import DriftMonitor
 from cflowad.line.inference_protocol import add_inference_protocol
 from cflowad.line.publish import Publisher, model_version
@@ -164,7 +164,11 @@ class _Served:
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "format": "onnx" if self.path.suffix.lower() == ".onnx" else "model directory",
+            "format": "onnx"
+            if self.path.suffix.lower() == ".onnx"
+            else "openvino"
+            if (self.path / "model.xml").is_file()
+            else "model directory",
             "revision": self.revision,
             "loaded_at": self.loaded_at,
             "drift": None
@@ -190,7 +194,7 @@ class _Served:
 
 def _signature(path: Path) -> tuple[int, ...] | None:
     """What changes when a model's files are replaced: their sizes and modification times."""
-    files = [path / "model.json", path / "model.safetensors"] if path.is_dir() else [path]
+    files = model_files(path)
     try:
         return tuple(v for f in files for v in (f.stat().st_mtime_ns, f.stat().st_size))
     except OSError:

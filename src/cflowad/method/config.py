@@ -51,7 +51,7 @@ class Config:
     image_size: tuple[int, int] = (256, 256)
     aspect: str = "auto"
     strides: tuple[int, ...] = (8, 16, 32)
-    coupling_blocks: int = 8
+    coupling_blocks: int | tuple[int, ...] = 8  # one for every scale, or one per scale
     condition_dim: int = 128
     clamp_alpha: float = 1.9
     objective: str = "nll"
@@ -86,6 +86,14 @@ class Config:
                     f"option scale_weights={self.scale_weights!r} must be numbers, e.g. 2,1,1"
                 ) from None
             object.__setattr__(self, "scale_weights", weights)
+        if not isinstance(self.coupling_blocks, int):  # a list from JSON, a tuple, "4,6,8"
+            try:
+                blocks = tuple(int(b) for b in self.coupling_blocks)
+            except (TypeError, ValueError):
+                raise UserError(
+                    f"option coupling_blocks={self.coupling_blocks!r} must be integers, e.g. 4,6,8"
+                ) from None
+            object.__setattr__(self, "coupling_blocks", blocks[0] if len(blocks) == 1 else blocks)
         checks = [
             (self.objective in OBJECTIVES, "objective", f"one of {', '.join(OBJECTIVES)}"),
             (self.decoder in DECODERS, "decoder", f"one of {', '.join(DECODERS)}"),
@@ -100,7 +108,12 @@ class Config:
                 "encoder_weights",
                 f"one of {', '.join(ENCODER_WEIGHTS)}",
             ),
-            (self.coupling_blocks >= 1, "coupling_blocks", "at least 1"),
+            (
+                all(b >= 1 for b in self.blocks_per_scale)
+                and len(self.blocks_per_scale) == len(self.strides),
+                "coupling_blocks",
+                "at least 1: one number for every scale, or one per stride, finest first",
+            ),
             (
                 self.condition_dim >= 2 and self.condition_dim % 4 == 0,
                 "condition_dim",
@@ -149,6 +162,13 @@ class Config:
                 f"option image_size={self.image_size} must be multiples of {largest} "
                 "(the largest feature stride)"
             )
+
+    @property
+    def blocks_per_scale(self) -> tuple[int, ...]:
+        """Coupling blocks of each scale's flow, finest first."""
+        if isinstance(self.coupling_blocks, int):
+            return (self.coupling_blocks,) * len(self.strides)
+        return self.coupling_blocks
 
     def resolve_size(self, aspect_ratio: float) -> Config:
         """This config with ``image_size`` fitted to ``aspect_ratio`` (width / height)."""

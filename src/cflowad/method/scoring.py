@@ -70,12 +70,12 @@ class CFlowNet(nn.Module):
             else ConditionalFlow(
                 dim,
                 config.condition_dim,
-                config.coupling_blocks,
+                blocks,
                 config.clamp_alpha,
                 seed=config.seed + k,
             )
-            for k, (dim, (height, width)) in enumerate(
-                zip(encoder.channels, self.feature_sizes, strict=True)
+            for k, (dim, (height, width), blocks) in enumerate(
+                zip(encoder.channels, self.feature_sizes, config.blocks_per_scale, strict=True)
             )
         )
         for k, (height, width) in enumerate(self.feature_sizes):
