@@ -20,6 +20,7 @@ __all__ = [
     "is_model_source",
     "is_onnx_file",
     "model_files",
+    "model_format",
     "scan_models",
 ]
 
@@ -36,6 +37,13 @@ def is_model_source(path: Path) -> bool:
 def is_exported(path: Path) -> bool:
     """An ONNX file or an OpenVINO folder: scored by a runtime other than PyTorch."""
     return is_onnx_file(path) or (path.is_dir() and (path / "model.xml").is_file())
+
+
+def model_format(path: Path) -> str:
+    """How a model is stored, as the model lists say it: onnx, openvino, model directory."""
+    if is_onnx_file(path) or path.suffix.lower() == ".onnx":
+        return "onnx"
+    return "openvino" if (path / "model.xml").is_file() else "model directory"
 
 
 def model_files(path: Path) -> list[Path]:

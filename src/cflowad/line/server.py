@@ -39,7 +39,7 @@ from cflowad.data.images import decode_image
 from cflowad.engine.inference import THRESHOLD, ImageResult, Predictor
 from cflowad.engine.loading import load
 from cflowad.line.batching import DynamicBatcher
-from cflowad.line.catalog import find_models, model_files, scan_models
+from cflowad.line.catalog import find_models, model_files, model_format, scan_models
 from cflowad.line.drift import DriftMonitor
 from cflowad.line.inference_protocol import add_inference_protocol
 from cflowad.line.publish import Publisher, model_version
@@ -164,11 +164,7 @@ class _Served:
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "format": "onnx"
-            if self.path.suffix.lower() == ".onnx"
-            else "openvino"
-            if (self.path / "model.xml").is_file()
-            else "model directory",
+            "format": model_format(self.path),
             "revision": self.revision,
             "loaded_at": self.loaded_at,
             "drift": None

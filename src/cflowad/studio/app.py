@@ -35,6 +35,7 @@ from cflowad.data.images import IMAGE_SUFFIXES, decode_image, load_image
 from cflowad.engine.inference import ImageResult, Predictor
 from cflowad.engine.loading import load
 from cflowad.engine.model import CFlowAD
+from cflowad.line.catalog import model_format
 from cflowad.line.server import (
     ASGIApp,
     BodyLimit,
@@ -263,7 +264,7 @@ def create_studio(workspace: Workspace, settings: StudioSettings | None = None) 
                 }
                 for r in revisions
             ],
-            "format": "onnx" if name.endswith(".onnx") else "model directory",
+            "format": model_format(workspace.models / name),
         }
 
     @app.get("/studio/api/browse")
