@@ -38,6 +38,8 @@ def as_image(pixels: np.ndarray) -> np.ndarray:
 # (noise), the focus.
 CHANGES = {
     "brighter, more contrast (x1.15 + 15)": lambda p: as_image(1.15 * load(p) + 15),
+    "much brighter, more contrast (x1.4 + 40)": lambda p: as_image(1.4 * load(p) + 40),
+    "darker (x0.6)": lambda p: as_image(0.6 * load(p)),
     "light from one side (0.5x to 1.5x across)": lambda p: as_image(
         load(p) * np.linspace(0.5, 1.5, load(p).shape[1])[None, :, None]
     ),
