@@ -78,6 +78,7 @@ def _threads_restored():
     yield
     torch.set_num_threads(threads)
     cflowad.engine.threads._threads.clear()
+    cflowad.engine.threads._scorers.clear()
 
 
 def _free_port() -> int:

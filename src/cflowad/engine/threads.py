@@ -10,9 +10,10 @@ import torch
 
 from cflowad.common.errors import UserError
 
-__all__ = ["onnx_threads", "set_num_threads", "share_threads"]
+__all__ = ["onnx_threads", "scorers", "set_num_threads", "share_threads"]
 
 _threads: list[int] = []  # ONNX Runtime's intra-op threads once set; torch's count until then
+_scorers: list[int] = []  # batches scored at once (serve --workers) once set; 1 until then
 # torch's count before any command changed it: all cores unless the user set it
 _DEFAULT_THREADS = torch.get_num_threads()
 
@@ -46,9 +47,16 @@ def share_threads(threads: int | None, onnx_only: bool, workers: int = 1) -> Non
         )
     each = total // workers
     set_num_threads(each)
+    _scorers[:] = [workers]
     torch.set_num_threads(1 if onnx_only else each)
 
 
 def onnx_threads() -> int:
     """ONNX Runtime's intra-op threads for a new session: as set, else torch's count."""
     return _threads[0] if _threads else torch.get_num_threads()
+
+
+def scorers() -> int:
+    """How many batches are scored at once (``serve --workers``), each on
+    :func:`onnx_threads` threads: OpenVINO needs as many streams to run them side by side."""
+    return _scorers[0] if _scorers else 1
