@@ -17,11 +17,10 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -32,7 +31,7 @@ from cflowad.engine.onnx import INPUT_NAME, MARK, OUTPUT_NAMES
 from cflowad.method.config import Config
 from cflowad.method.scoring import CFlowNet
 
-__all__ = ["export_onnx", "export_openvino", "is_cflowad_onnx", "write_onnx"]
+__all__ = ["export_onnx", "export_openvino", "is_cflowad_onnx", "refuse_foreign_onnx", "write_onnx"]
 
 
 class _Decisions(nn.Module):
@@ -77,6 +76,12 @@ def is_cflowad_onnx(path: Path) -> bool:
     return any(p.key == MARK for p in model.metadata_props)
 
 
+def refuse_foreign_onnx(path: Path) -> None:
+    """A one-line error unless ``path`` is missing or an ONNX file that cflowad wrote."""
+    if path.exists() and not (path.is_file() and is_cflowad_onnx(path)):
+        raise UserError(f"{path}: exists and was not written by cflowad; choose another --onnx")
+
+
 def export_onnx(
     net: CFlowNet,
     config: Config,
@@ -103,12 +108,11 @@ def export_onnx(
             "ONNX export needs the onnx and onnxscript packages: pip install 'cflowad[onnx]'"
         ) from None
     path = Path(path)
-    if path.exists() and not (path.is_file() and is_cflowad_onnx(path)):
-        raise UserError(f"{path}: exists and was not written by cflowad; choose another --onnx")
+    refuse_foreign_onnx(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     height, width = config.image_size
     wrapper = _Decisions(net).eval()
-    example = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(0))
+    example = _example(config)
     staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     start = time.perf_counter()
     try:
@@ -149,32 +153,55 @@ def export_onnx(
     }
 
 
-@torch.inference_mode()
 def _check_with_onnxruntime(file: Path, wrapper: _Decisions, example: Tensor) -> float | None:
-    """Max relative difference of ONNX Runtime's maps and scores from PyTorch's, or None.
-
-    Runs batches of 2 and 1, which also proves the batch dimension dynamic. Scores
-    and maps lie in [0, 1], so the bound 1e-3 of the largest value catches any real
-    mismatch (a missing constant is order 1) while float32 rounding stays far below.
-    """
+    """:func:`_worst_difference` of ONNX Runtime's outputs, or None without ONNX Runtime."""
     try:
         import onnxruntime
     except ImportError:
         return None
     session = onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    return _worst_difference(
+        "ONNX Runtime",
+        wrapper,
+        lambda images: [
+            torch.from_numpy(o) for o in session.run(None, {INPUT_NAME: images.numpy()})
+        ],
+        OUTPUT_NAMES,
+        example,
+    )
+
+
+@torch.inference_mode()
+def _worst_difference(
+    runtime: str,
+    eager: Callable[[Tensor], Sequence[Tensor]],
+    exported: Callable[[Tensor], Sequence[Tensor]],
+    names: Sequence[str],
+    example: Tensor,
+) -> float:
+    """Max relative difference of an exported runtime's outputs from PyTorch's.
+
+    Runs batches of 2 and 1, which also proves the batch dimension dynamic. Scores
+    and maps lie in [0, 1], so the bound 1e-3 of the largest value catches any real
+    mismatch (a missing constant is order 1) while float32 rounding stays far below.
+    Decisions (booleans) follow from the scores and are not compared.
+    """
     worst = 0.0
     for images in (example, example[:1]):
-        expected = wrapper(images)
-        got = session.run(None, {INPUT_NAME: images.numpy()})
-        for name, eager, ours in zip(OUTPUT_NAMES, expected, got, strict=True):
-            if eager.dtype == torch.bool:
+        for name, expected, got in zip(names, eager(images), exported(images), strict=True):
+            if expected.dtype == torch.bool:
                 continue
-            eager_np = eager.numpy()
-            scale = max(float(np.abs(eager_np).max()), 1e-12)
-            worst = max(worst, float(np.abs(ours - eager_np).max()) / scale)
+            scale = max(float(expected.abs().max()), 1e-12)
+            worst = max(worst, float((got - expected).abs().max()) / scale)
             if worst > 1e-3:
-                raise RuntimeError(f"ONNX Runtime's {name} differ from PyTorch's by {worst:.2e}")
+                raise RuntimeError(f"{runtime}'s {name} differ from PyTorch's by {worst:.2e}")
     return worst
+
+
+def _example(config: Config) -> Tensor:
+    """The seeded batch of two images an export is traced and checked with."""
+    height, width = config.image_size
+    return torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(0))
 
 
 def export_openvino(
@@ -223,7 +250,17 @@ def export_openvino(
         openvino.save_model(model, str(staging / IR_FILE), compress_to_fp16=False)
         (staging / "model.onnx").unlink(missing_ok=True)
         converted = OpenVinoModel(staging)
-        difference = None if onnx_file else _check_with_openvino(converted, net, config)
+        difference = (
+            None
+            if onnx_file
+            else _worst_difference(
+                "OpenVINO",
+                net,
+                converted.score_batch,
+                ("scores", "maps", "raw_scores"),
+                _example(config),
+            )
+        )
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(staging, folder)
@@ -236,21 +273,3 @@ def export_openvino(
         "seconds": round(time.perf_counter() - start, 1),
         "max_relative_difference": difference,
     }
-
-
-@torch.inference_mode()
-def _check_with_openvino(model: Any, net: CFlowNet, config: Config) -> float:
-    """Max relative difference of OpenVINO's scores, maps and raw scores from PyTorch's
-    (the bound and batches of :func:`_check_with_onnxruntime`)."""
-    height, width = config.image_size
-    example = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(0))
-    worst = 0.0
-    for images in (example, example[:1]):
-        for name, eager, ours in zip(
-            ("scores", "maps", "raw_scores"), net(images), model.score_batch(images), strict=True
-        ):
-            scale = max(float(eager.abs().max()), 1e-12)
-            worst = max(worst, float((ours - eager).abs().max()) / scale)
-            if worst > 1e-3:
-                raise RuntimeError(f"OpenVINO's {name} differ from PyTorch's by {worst:.2e}")
-    return worst

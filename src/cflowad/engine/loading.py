@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cflowad.common.errors import UserError
+from cflowad.engine.openvino import is_openvino_folder
 
 if TYPE_CHECKING:
     from cflowad.engine.model import CFlowAD
@@ -32,7 +33,7 @@ def load(path: str | Path, device: str = "auto") -> CFlowAD | OnnxModel | OpenVi
     """
     path = Path(path)
     exported = path.suffix == ".onnx" and not path.is_dir()
-    if exported or (path / "model.xml").is_file():
+    if exported or is_openvino_folder(path):
         if device not in ("auto", "cpu"):
             raise UserError(f"option --device={device}: exported models run on the CPU here")
         if exported:

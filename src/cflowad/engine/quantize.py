@@ -35,6 +35,7 @@ import torch
 from cflowad.common.errors import UserError
 from cflowad.common.progress import Reporter
 from cflowad.data.images import batches
+from cflowad.engine.export import refuse_foreign_onnx
 from cflowad.engine.inference import map_sample
 from cflowad.engine.model import CFlowAD, training_items
 from cflowad.engine.onnx import INPUT_NAME, OnnxModel, require_onnxruntime
@@ -66,7 +67,7 @@ def export_int8(
     reporter = reporter or Reporter(enabled=False)
     start = time.perf_counter()
     items = training_items(data)
-    _refuse_foreign(path)
+    refuse_foreign_onnx(path)
     train, held = model.split_holdout(items)
     if len(held) < 2:
         raise UserError(f"{data}: int8 needs held-out images to refit the thresholds")
@@ -180,17 +181,10 @@ def _quantize(
     quantized = onnx.load(str(staging))
     for key, value in (metadata or {}).items():
         quantized.metadata_props.add(key=key, value=value)
-    _refuse_foreign(path)
+    refuse_foreign_onnx(path)  # again: the file may have appeared while quantizing
     target = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same file system: atomic
     try:
         onnx.save(quantized, str(target))
         os.replace(target, path)
     finally:
         target.unlink(missing_ok=True)
-
-
-def _refuse_foreign(path: Path) -> None:
-    from cflowad.engine.export import is_cflowad_onnx
-
-    if path.exists() and not (path.is_file() and is_cflowad_onnx(path)):
-        raise UserError(f"{path}: exists and was not written by cflowad; choose another --onnx")

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from cflowad.common.errors import UserError
+from cflowad.engine.openvino import IR_FILE, is_openvino_folder
 
 __all__ = [
     "NAME_PATTERN",
@@ -30,28 +31,28 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 def is_model_source(path: Path) -> bool:
     """A model directory (with ``model.json``), an ``.onnx`` file or an OpenVINO folder."""
     if path.is_dir():
-        return (path / "model.json").is_file() or (path / "model.xml").is_file()
+        return (path / "model.json").is_file() or is_openvino_folder(path)
     return is_onnx_file(path)
 
 
 def is_exported(path: Path) -> bool:
     """An ONNX file or an OpenVINO folder: scored by a runtime other than PyTorch."""
-    return is_onnx_file(path) or (path.is_dir() and (path / "model.xml").is_file())
+    return is_onnx_file(path) or is_openvino_folder(path)
 
 
 def model_format(path: Path) -> str:
     """How a model is stored, as the model lists say it: onnx, openvino, model directory."""
     if is_onnx_file(path) or path.suffix.lower() == ".onnx":
         return "onnx"
-    return "openvino" if (path / "model.xml").is_file() else "model directory"
+    return "openvino" if is_openvino_folder(path) else "model directory"
 
 
 def model_files(path: Path) -> list[Path]:
     """The files a model is made of: what changes when it is replaced on disk."""
     if not path.is_dir():
         return [path]
-    if (path / "model.xml").is_file():
-        return [path / "model.xml", path / "model.bin"]
+    if is_openvino_folder(path):
+        return [path / IR_FILE, path / IR_FILE.replace(".xml", ".bin")]
     return [path / "model.json", path / "model.safetensors"]
 
 
