@@ -181,6 +181,14 @@ def train(
     seed: Annotated[
         int, typer.Option(help="Seed for hold-out split, weights and sampling.")
     ] = DEFAULTS.seed,
+    region: Annotated[
+        str | None,
+        typer.Option(
+            help="Inspect only here: a mask image the training images' shape (white: "
+            "inspect) or a box x,y,w,h in their pixels. Maps are zero outside it and the "
+            "score and thresholds ignore it, in every command and export.",
+        ),
+    ] = None,
     device: Device = "auto",
     jobs: Annotated[
         int,
@@ -217,8 +225,8 @@ def train(
     A root of categories trains one model per category into OUT/<category> and lists
     them in OUT/fleet.json; a re-run skips the categories already trained the same way.
 
-    Every option but --out, --config, --device, --skip-bad, --quiet, --progress-file and
-    the fleet's
+    Every option but --out, --config, --region, --device, --skip-bad, --quiet,
+    --progress-file and the fleet's
     (--jobs, --engine, --ray-address, --threads) is a field of cflowad.Config under
     the same name; the model's model.json records them all.
     """
@@ -253,6 +261,8 @@ def train(
         + " (saved in model.json)"
     )
     categories = find_categories(data, out)
+    if categories and region is not None:
+        raise UserError(f"option --region: {data} is a root of categories; give one category")
     if categories:
         fleet = train_fleet(
             categories,
@@ -279,7 +289,7 @@ def train(
     images = find_training_images(data)
     if skip_bad:
         images = [images[i] for i in keep_readable(images)]
-    model = CFlowAD(config, device=device).fit(images, reporter=reporter)
+    model = CFlowAD(config, device=device).fit(images, reporter=reporter, region=region)
     model.save(out)
     summary_table([("model", str(out)), *_training_rows(model)], quiet)
 

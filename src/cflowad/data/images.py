@@ -26,6 +26,7 @@ __all__ = [
     "ImageInput",
     "batches",
     "decode_image",
+    "image_sizes",
     "list_images",
     "load_image",
     "median_aspect_ratio",
@@ -174,17 +175,22 @@ def readable(files: Sequence[Path], workers: int = 2) -> tuple[list[int], list[s
 
 def median_aspect_ratio(items: Sequence[ImageInput]) -> float:
     """Median width / height of the images, read from file headers (no decoding)."""
-    ratios = []
+    return float(np.median([width / height for height, width in image_sizes(items)]))
+
+
+def image_sizes(items: Sequence[ImageInput]) -> list[tuple[int, int]]:
+    """(height, width) of each image as it is scored, from file headers (no decoding)."""
+    sizes = []
     for item in items:
         if isinstance(item, np.ndarray):
-            ratios.append(item.shape[1] / item.shape[0])
+            sizes.append((int(item.shape[0]), int(item.shape[1])))
             continue
         with open_image(Path(item), decode=False) as image:
             width, height = image.size
             if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF says: rotate 90 degrees
                 width, height = height, width
-        ratios.append(width / height)
-    return float(np.median(ratios))
+        sizes.append((height, width))
+    return sizes
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -29,6 +29,7 @@ from cflowad.common.version import __version__
 from cflowad.engine.inference import THRESHOLD
 from cflowad.engine.onnx import INPUT_NAME, MARK, OUTPUT_NAMES
 from cflowad.method.config import Config
+from cflowad.method.region import encode_region
 from cflowad.method.scoring import CFlowNet
 
 __all__ = ["export_onnx", "export_openvino", "is_cflowad_onnx", "refuse_foreign_onnx", "write_onnx"]
@@ -138,6 +139,8 @@ def export_onnx(
             "calibration": json.dumps(calibration),
             "training": json.dumps(training),
         }
+        if net.region is not None:  # in the graph; for maps at each image's own size too
+            metadata["region"] = json.dumps(encode_region(net.region.cpu().numpy() > 0.5))
         for key, value in metadata.items():
             onnx_model.metadata_props.add(key=key, value=value)
         onnx.save(onnx_model, str(staging))

@@ -25,6 +25,7 @@ from torch.nn import functional as F
 from cflowad.common.errors import UserError
 from cflowad.common.progress import Reporter
 from cflowad.data.images import ImageInput, batches, list_images
+from cflowad.method.region import region_at
 
 __all__ = [
     "THRESHOLD",
@@ -127,6 +128,19 @@ class InferenceEngine:
     """
 
     image_size: tuple[int, int]
+    #: the inspection region at :attr:`image_size` (:mod:`cflowad.method.region`), or None
+    region: np.ndarray | None = None
+
+    def region_at(self, size: tuple[int, int]) -> np.ndarray | None:
+        """The inspection region at an image's (height, width), None without one."""
+        if self.region is None:
+            return None
+        cache: dict[tuple[int, int], np.ndarray] = self.__dict__.setdefault("_regions", {})
+        if size not in cache:
+            if len(cache) > 8:  # sizes seen on a line are few; a bound all the same
+                cache.clear()
+            cache[size] = region_at(self.region, size)
+        return cache[size]
 
     def score_batch(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, 3, H, W) in [0, 1] at ``image_size`` -> scores (B,), maps (B, H, W), raw (B,)."""
@@ -152,6 +166,10 @@ class InferenceEngine:
                     scores.tolist(), maps, raw.tolist(), sizes, strict=True
                 ):
                     resized = _resize(anomaly_map, size)
+                    inside = self.region_at(size)
+                    if inside is not None:  # the graph zeroed the outside at the input
+                        # size; resizing blurs that edge by under an input pixel
+                        resized = np.where(inside, resized, np.float32(0))
                     item = items[index]
                     yield ImageResult(
                         index=index,
@@ -272,8 +290,11 @@ def _resize(anomaly_map: Tensor, size: tuple[int, int]) -> np.ndarray:
     return anomaly_map.numpy().astype(np.float32, copy=False)
 
 
-def map_sample(anomaly_map: np.ndarray, size: int = 20_000) -> np.ndarray:
-    """About ``size`` evenly spaced pixels of one map: what refitting a pixel threshold
-    on new images needs of each, in bounded memory."""
-    flat = anomaly_map.ravel()
+def map_sample(
+    anomaly_map: np.ndarray, inside: np.ndarray | None = None, size: int = 20_000
+) -> np.ndarray:
+    """About ``size`` evenly spaced pixels of one map (those ``inside`` the inspection
+    region, if given): what refitting a pixel threshold on new images needs of each, in
+    bounded memory."""
+    flat = anomaly_map.ravel() if inside is None else anomaly_map[inside]
     return flat[:: max(1, flat.size // size)].astype(np.float32)

@@ -28,7 +28,7 @@ from cflowad.common.progress import Reporter
 from cflowad.common.version import __version__
 from cflowad.data.datasets import find_training_images
 from cflowad.data.files import staged_directory
-from cflowad.data.images import ImageInput, batches, median_aspect_ratio
+from cflowad.data.images import ImageInput, batches, image_sizes, median_aspect_ratio
 from cflowad.engine.device import resolve_device
 from cflowad.engine.export import export_onnx, export_openvino
 from cflowad.engine.inference import InferenceEngine, describe
@@ -39,6 +39,7 @@ from cflowad.method.calibration import (
     raw_from_readable,
 )
 from cflowad.method.config import Config
+from cflowad.method.region import decode_region, encode_region, read_region, region_at
 from cflowad.method.scoring import CFlowNet
 from cflowad.method.train import encode, fit_decoders, fit_gaussians, training_features
 
@@ -46,6 +47,9 @@ __all__ = ["CFlowAD", "is_model_dir", "training_items"]
 
 FORMAT = "cflowad-model"
 FORMAT_VERSION = 3
+# A model with an inspection region says 4, so that a cflowad before 0.11, which would
+# ignore the region and report specks outside it, refuses the model instead.
+REGION_FORMAT_VERSION = 4
 # What changed in each version, for the one-line message that an old model gets.
 _RETRAIN = {
     2: "it fuses the scales by unbounded z-scores, which let the coarsest scale swamp the "
@@ -86,11 +90,15 @@ class CFlowAD(InferenceEngine):
         )
         self.net.eval().to(self.device)
         self.calibration: dict[str, Any] | None = None
+        self.region: np.ndarray | None = None
         self.training: dict[str, Any] = {}
         self.weights_sha256: str | None = None  # of the saved weights file, once saved or loaded
 
     def fit(
-        self, data: str | Path | Sequence[ImageInput], reporter: Reporter | None = None
+        self,
+        data: str | Path | Sequence[ImageInput],
+        reporter: Reporter | None = None,
+        region: str | Path | np.ndarray | None = None,
     ) -> CFlowAD:
         """Train on defect-free images and calibrate thresholds on held-out ones.
 
@@ -104,6 +112,10 @@ class CFlowAD(InferenceEngine):
             data: an MVTec category (its ``train/good`` is used), a folder of images,
                 or a list of paths or (H, W[, C]) arrays.
             reporter: progress output.
+            region: inspect only here (:mod:`cflowad.method.region`): ``"x,y,w,h"`` in
+                pixels of the training images, a mask image of their shape (white:
+                inspect) or a boolean array. Maps are zero outside it, and the score
+                and thresholds do not see there.
 
         Returns:
             This model, fitted (so that ``CFlowAD().fit(data).predict(...)`` reads).
@@ -118,6 +130,13 @@ class CFlowAD(InferenceEngine):
             )
             self.config = resolved
             self.net = CFlowNet(resolved, self.net.encoder).eval().to(self.device)
+        if region is not None:  # read before any training, so that a mistake costs nothing
+            mask = read_region(region, image_sizes(items))
+            self.region = region_at(mask, self.config.image_size)
+            reporter.log(f"inspecting {self.region.mean():.1%} of the image (--region)")
+        else:
+            self.region = None
+        self.net.set_region(self.region)
         train_items, calibration_items = self.split_holdout(items)
         reporter.log(
             f"{len(train_items)} training images, {len(calibration_items)} for calibration"
@@ -146,6 +165,8 @@ class CFlowAD(InferenceEngine):
             **summary,
             "total_seconds": round(time.perf_counter() - start, 2),
         }
+        if self.region is not None:
+            self.training["region_inside"] = round(float(self.region.mean()), 4)
         return self
 
     @property
@@ -181,13 +202,15 @@ class CFlowAD(InferenceEngine):
             self.weights_sha256 = _sha256(weights)
             meta = {
                 "format": FORMAT,
-                "format_version": FORMAT_VERSION,
+                "format_version": FORMAT_VERSION if self.region is None else REGION_FORMAT_VERSION,
                 "cflowad_version": __version__,
                 "weights_sha256": self.weights_sha256,
                 "config": self.config.to_dict(),
                 "calibration": self.calibration,
                 "training": self.training,
             }
+            if self.region is not None:
+                meta["region"] = encode_region(self.region)
             (staging / META_FILE).write_text(json.dumps(meta, indent=2))
         return target
 
@@ -268,10 +291,10 @@ class CFlowAD(InferenceEngine):
                 f"{meta_path}: format version {version} needs retraining with this cflowad "
                 f"(cflowad train): {_RETRAIN[version]}"
             )
-        if version != FORMAT_VERSION:
+        if version not in (FORMAT_VERSION, REGION_FORMAT_VERSION):
             raise UserError(
                 f"{meta_path}: format version {version} is not supported (this cflowad "
-                f"reads {FORMAT_VERSION}; a newer cflowad wrote it?)"
+                f"reads {FORMAT_VERSION} and {REGION_FORMAT_VERSION}; a newer cflowad wrote it?)"
             )
         if _sha256(weights_path) != meta.get("weights_sha256"):
             raise UserError(f"{weights_path}: checksum mismatch (truncated or modified file)")
@@ -283,7 +306,10 @@ class CFlowAD(InferenceEngine):
             if missing:
                 raise KeyError(", ".join(missing))
             state = load_file(str(weights_path))
-        except (KeyError, TypeError) as error:
+            region = decode_region(meta["region"]) if "region" in meta else None
+            if region is not None and region.shape != config.image_size:
+                raise TypeError(f"region {region.shape} is not the input size")
+        except (KeyError, TypeError, ValueError) as error:
             raise UserError(f"{meta_path}: incomplete model description ({error})") from None
         except SafetensorError as error:
             raise UserError(f"{weights_path}: unreadable weights ({error})") from None
@@ -299,6 +325,8 @@ class CFlowAD(InferenceEngine):
             ) from None
         model.net.eval().to(model.device)
         model.net.refresh_conditions()
+        model.region = region
+        model.net.set_region(region)
         model.calibration = calibration
         model.training = meta.get("training", {})
         model.weights_sha256 = meta["weights_sha256"]
@@ -410,7 +438,9 @@ class CFlowAD(InferenceEngine):
         self.net.fit_reference([torch.cat([b[k] for b in per_batch]) for k in scales])
         raw_maps = [self.net.raw_map(log_likelihoods).cpu() for log_likelihoods in per_batch]
         raw_scores = torch.cat([self.net.raw_score(m) for m in raw_maps]).double().numpy()
-        pixels = torch.cat([m.flatten() for m in raw_maps]).double().numpy()
+        inside = None if self.region is None else torch.from_numpy(self.region)
+        inside_values = [m.flatten(1) if inside is None else m[:, inside] for m in raw_maps]
+        pixels = torch.cat(inside_values).flatten().double().numpy()
         image = order_statistic_threshold(raw_scores, self.config.image_fpr)
         pixel = order_statistic_threshold(pixels, self.config.pixel_fpr)
         if not image.enough_images:

@@ -20,6 +20,7 @@ from torch import Tensor
 from cflowad.common.errors import UserError
 from cflowad.engine.inference import InferenceEngine, describe
 from cflowad.engine.threads import onnx_threads
+from cflowad.method.region import decode_region
 
 __all__ = [
     "INPUT_NAME",
@@ -109,6 +110,7 @@ class ExportedModel(InferenceEngine):
         self.image_size = (height, width)
         self.image_threshold_raw = float(meta["image_threshold_raw"])
         self.pixel_threshold_raw = float(meta["pixel_threshold_raw"])
+        self.region = decode_region(json.loads(meta["region"])) if "region" in meta else None
         self._metadata = dict(meta)
 
     @property

@@ -84,7 +84,12 @@ def export_int8(
             refitted = copy.deepcopy(model)
             image, pixel = refitted.calibrate_thresholds(
                 np.array([r.raw_score for r in int8_results]),
-                np.concatenate([map_sample(r.anomaly_map) for r in int8_results]),
+                np.concatenate(
+                    [
+                        map_sample(r.anomaly_map, model.region_at(r.anomaly_map.shape))
+                        for r in int8_results
+                    ]
+                ),
                 "int8 export, held-out images",
             )
             metadata = {

@@ -56,7 +56,9 @@ class SourceCalibration:
     def add(self, result: ImageResult) -> Predictor | None:
         """Take one good image's result; after the last one, the recalibrated model."""
         self.raw_scores.append(result.raw_score)
-        self.map_values.append(map_sample(result.anomaly_map))
+        self.map_values.append(
+            map_sample(result.anomaly_map, self.model.region_at(result.anomaly_map.shape))
+        )
         if not self.done:
             return None
         return self._refit()

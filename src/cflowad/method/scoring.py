@@ -53,6 +53,7 @@ class CFlowNet(nn.Module):
     reference: Tensor
     image_threshold: Tensor
     pixel_threshold: Tensor
+    region: Tensor | None
 
     def __init__(self, config: Config, encoder: Encoder) -> None:
         super().__init__()
@@ -85,6 +86,9 @@ class CFlowNet(nn.Module):
         self.register_buffer("reference", torch.zeros(len(self.decoders)))
         self.register_buffer("image_threshold", torch.tensor(0.5))
         self.register_buffer("pixel_threshold", torch.tensor(0.5))
+        # the inspection region at the input size (cflowad.method.region), kept in
+        # model.json rather than the weights: None inspects everything
+        self.register_buffer("region", None, persistent=False)
 
     @classmethod
     def build(cls, config: Config, pretrained: bool) -> CFlowNet:
@@ -162,7 +166,8 @@ class CFlowNet(nn.Module):
             self.reference[k] = float(np.quantile(flat, REFERENCE_QUANTILE))
 
     def raw_map(self, log_likelihoods: list[Tensor]) -> Tensor:
-        """Per-scale log-likelihood maps -> raw anomaly map (B, H, W) in [0, 1).
+        """Per-scale log-likelihood maps -> raw anomaly map (B, H, W) in [0, 1), zero
+        outside the inspection region if the model has one.
 
         Upsampling is linear, so the weighted mean of the upsampled terms is computed as
         ``1 - sum(w_k up(exp(min(0, l_k - m_k)))) / sum(w_k)``, in place on the full-size
@@ -176,7 +181,15 @@ class CFlowNet(nn.Module):
             )
             weight = self.scale_weights[k]
             total = upsampled.mul_(weight) if k == 0 else total.add_(upsampled, alpha=weight)
-        return total[:, 0].mul_(-1 / sum(self.scale_weights)).add_(1)
+        raw = total[:, 0].mul_(-1 / sum(self.scale_weights)).add_(1)
+        return raw if self.region is None else raw.mul_(self.region)
+
+    def set_region(self, mask: np.ndarray | None) -> None:
+        """Inspect only where ``mask`` (H, W at the input size) is true; None: everywhere."""
+        if mask is not None and mask.shape != tuple(self.image_size):
+            raise ValueError(f"a region at the input size {self.image_size}, got {mask.shape}")
+        device = self.reference.device
+        self.region = None if mask is None else torch.from_numpy(mask).float().to(device)
 
     def raw_score(self, raw_maps: Tensor) -> Tensor:
         """(B, H, W) raw maps -> (B,) raw image scores: max, or mean of the top fraction."""

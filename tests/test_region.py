@@ -1,0 +1,138 @@
+"""The inspection region: maps zero and scores blind outside it, in every runtime."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+import cflowad
+from cflowad import CFlowAD
+from cflowad.cli import main
+from cflowad.common.errors import UserError
+from cflowad.data.images import batches
+from cflowad.method.region import decode_region, encode_region, read_region, region_at
+from cflowad.method.scoring import readable
+
+FAST = ["--image-size", "64", "--steps", "20", "--no-compile", "--quiet"]
+CENTRE, RADIUS = (64, 64), 40  # a disc in the 128 x 128 texture images
+
+
+def disc(size: int = 128) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size] * (128 / size) + 64 / size
+    return (yy - CENTRE[0]) ** 2 + (xx - CENTRE[1]) ** 2 <= RADIUS**2
+
+
+def test_a_box_and_a_mask_image_give_the_same_region(tmp_path):
+    file = tmp_path / "region.png"
+    box = np.zeros((120, 160), bool)
+    box[30:90, 40:140] = True
+    Image.fromarray(box.astype(np.uint8) * 255).save(file)
+    assert np.array_equal(read_region("40,30,100,60", [(120, 160)]), box)
+    assert np.array_equal(read_region(str(file), [(120, 160)] * 3 + [(50, 50)]), box)
+    # a mask at another resolution of the same shape is the same region
+    half = tmp_path / "half.png"
+    Image.fromarray(box[::2, ::2].astype(np.uint8) * 255).save(half)
+    assert np.array_equal(read_region(str(half), [(120, 160)]), box[::2, ::2])
+    assert np.array_equal(decode_region(encode_region(box)), box)
+    # resizing keeps the share inside and its place
+    small = region_at(box, (60, 80))
+    assert small.mean() == pytest.approx(box.mean(), abs=0.01)
+    assert np.array_equal(small, box[::2, ::2])
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("0,0,0,10", "positive width"),
+        ("100,0,100,10", "inside the training images"),
+        ("a,b,c,d", "x,y,w,h"),
+        ("missing.png", "not found"),
+    ],
+)
+def test_a_wrong_region_is_a_one_line_error(spec, message):
+    with pytest.raises(UserError, match=message):
+        read_region(spec, [(120, 160)])
+
+
+def test_a_mask_of_another_shape_or_empty_is_refused(tmp_path):
+    wrong, empty = tmp_path / "wrong.png", tmp_path / "empty.png"
+    Image.fromarray(np.full((100, 100), 255, np.uint8)).save(wrong)
+    Image.fromarray(np.zeros((120, 160), np.uint8)).save(empty)
+    with pytest.raises(UserError, match="100x100 but the training images are 160x120"):
+        read_region(str(wrong), [(120, 160)])
+    with pytest.raises(UserError, match="empty"):
+        read_region(str(empty), [(120, 160)])
+
+
+@pytest.fixture(scope="module")
+def region_model(texture_dataset, tmp_path_factory):
+    root = tmp_path_factory.mktemp("region")
+    mask = root / "region.png"
+    Image.fromarray(disc().astype(np.uint8) * 255).save(mask)
+    out = root / "model"
+    assert (
+        main(["train", str(texture_dataset), "--out", str(out), "--region", str(mask), *FAST]) == 0
+    )
+    return out
+
+
+def test_the_score_is_the_maximum_of_the_map_inside_the_region(region_model, texture_dataset):
+    """Brute force: the same network without its region, its map's maximum inside."""
+    model = CFlowAD.load(region_model, device="cpu")
+    meta = json.loads((region_model / "model.json").read_text())
+    assert meta["format_version"] == 4 and meta["training"]["region_inside"] > 0
+    inside = torch.from_numpy(decode_region(meta["region"]))
+    assert tuple(inside.shape) == (64, 64)
+    assert inside.float().mean() == pytest.approx(np.pi * 20**2 / 64**2, abs=0.02)
+    images = sorted((texture_dataset / "test").glob("*/*.png"))
+    batch = torch.cat([b for b, _ in batches(images, (64, 64), 64)])
+    with torch.inference_mode():
+        scores, maps, raw = model.net(batch)
+        model.net.set_region(None)
+        _, _, everywhere = model.net(batch)
+        full = model.net.raw_map(model.net.log_likelihoods(batch))
+    assert (maps[:, ~inside] == 0).all() and (maps[:, inside] > 0).all()
+    expected = full[:, inside].amax(dim=1)
+    torch.testing.assert_close(raw, expected)
+    torch.testing.assert_close(scores, readable(expected, model.net.image_threshold))
+    assert (everywhere >= raw).all() and (everywhere > raw).any()  # the outside counted before
+
+
+def test_maps_are_zero_outside_the_region_in_every_runtime(region_model, texture_dataset, tmp_path):
+    onnx_file, folder = tmp_path / "model.onnx", tmp_path / "openvino"
+    assert main(["export", str(region_model), "--onnx", str(onnx_file), "--quiet"]) == 0
+    assert main(["export", str(region_model), "--openvino", str(folder), "--quiet"]) == 0
+    images = [str(p) for p in sorted((texture_dataset / "test").glob("*/*.png"))]
+    outside = ~disc()
+    # further than one input pixel (2 image pixels) outside the drawn disc
+    eroded = Image.fromarray(outside.astype(np.uint8) * 255).filter(ImageFilter.MinFilter(5))
+    far = np.asarray(eroded).astype(bool)
+    results = {}
+    for name, model in (("torch", region_model), ("onnx", onnx_file), ("openvino", folder)):
+        out = tmp_path / f"out-{name}"
+        assert main(["predict", str(model), *images, "--out", str(out), "-q"]) == 0
+        records = json.loads((out / "predictions.json").read_text())
+        maps = [np.load(out / r["map"]) for r in records]
+        assert all(m.shape == (128, 128) and (m[far] == 0).all() for m in maps)
+        assert all(m[disc()].max() > 0 for m in maps)
+        results[name] = (np.array([r["score"] for r in records]), np.stack(maps))
+        assert cflowad.load(model).region_at((128, 128)) is not None
+    for name in ("onnx", "openvino"):
+        np.testing.assert_allclose(results[name][0], results["torch"][0], atol=1e-5)
+        np.testing.assert_allclose(results[name][1], results["torch"][1], atol=1e-4)
+
+
+def test_region_errors_stop_before_training(texture_dataset, tmp_path, capsys):
+    out = tmp_path / "model"
+    command = ["train", str(texture_dataset), "--out", str(out), *FAST]
+    assert main([*command, "--region", "0,0,500,10"]) == 2
+    assert "--region 0,0,500,10" in capsys.readouterr().err
+    assert not out.exists()
+    assert (
+        main(["train", str(texture_dataset.parent), "--out", str(out), "--region", "0,0,5,5"]) == 2
+    )
+    assert "root of categories" in capsys.readouterr().err
