@@ -203,7 +203,7 @@ def main() -> None:
     defective, masks = [], []
     rng = np.random.default_rng(7)
     for seed in (1, 2, 3):
-        d, m, _ = paste_defects(clean, seed=seed)
+        d, m, _ = paste_defects(clean, seed=seed, kinds=("cutpaste", "noise", "scratch"))
         if "--faint" in sys.argv:
             d = [c + rng.uniform(0.2, 0.6) * (x - c) for c, x in zip(clean, d, strict=True)]
             m = [np.abs(x - c).max(axis=2) > 1e-3 for c, x in zip(clean, d, strict=True)]

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from cflowad.cli.options import (
     DEFAULTS,
@@ -25,6 +27,7 @@ from cflowad.data.files import refuse_foreign
 from cflowad.engine.model import CFlowAD, is_model_dir
 from cflowad.fleet.training import FLEET_FILE, Category, find_categories, train_fleet
 from cflowad.method.config import CONFIG_FIELDS, Config, read_config_file
+from cflowad.results.tune import tune as tune_model
 
 __all__ = ["train"]
 
@@ -189,6 +192,22 @@ def train(
             "score and thresholds ignore it, in every command and export.",
         ),
     ] = None,
+    tune: Annotated[
+        bool,
+        typer.Option(
+            "--tune",
+            help="Train a few candidates (flows and Gaussian decoder, input size x7/8, x1, "
+            "x5/4, three scale weightings) and keep the best on synthetic defects pasted "
+            "into held-out good images; every candidate's figures go into model.json.",
+        ),
+    ] = False,
+    tune_budget: Annotated[
+        float | None,
+        typer.Option(
+            help="With --tune: skip candidates that would end training after this many "
+            "minutes (the configured model always trains).",
+        ),
+    ] = None,
     device: Device = "auto",
     jobs: Annotated[
         int,
@@ -225,9 +244,9 @@ def train(
     A root of categories trains one model per category into OUT/<category> and lists
     them in OUT/fleet.json; a re-run skips the categories already trained the same way.
 
-    Every option but --out, --config, --region, --device, --skip-bad, --quiet,
-    --progress-file and the fleet's
-    (--jobs, --engine, --ray-address, --threads) is a field of cflowad.Config under
+    Every option but --out, --config, --region, --tune, --tune-budget, --device,
+    --skip-bad, --quiet, --progress-file and the fleet's (--jobs, --engine,
+    --ray-address, --threads) is a field of cflowad.Config under
     the same name; the model's model.json records them all.
     """
     reporter = Reporter(enabled=not quiet, progress_file=progress_file)
@@ -261,8 +280,11 @@ def train(
         + " (saved in model.json)"
     )
     categories = find_categories(data, out)
-    if categories and region is not None:
-        raise UserError(f"option --region: {data} is a root of categories; give one category")
+    for option, single in (("--region", region is not None), ("--tune", tune)):
+        if categories and single:
+            raise UserError(f"option {option}: {data} is a root of categories; give one category")
+    if tune_budget is not None and (not tune or tune_budget <= 0):
+        raise UserError("option --tune-budget: a positive number of minutes, with --tune")
     if categories:
         fleet = train_fleet(
             categories,
@@ -289,8 +311,13 @@ def train(
     images = find_training_images(data)
     if skip_bad:
         images = [images[i] for i in keep_readable(images)]
-    model = CFlowAD(config, device=device).fit(images, reporter=reporter, region=region)
+    if tune:
+        model = tune_model(config, images, device, reporter, tune_budget, region)
+    else:
+        model = CFlowAD(config, device=device).fit(images, reporter=reporter, region=region)
     model.save(out)
+    if tune and not quiet:
+        _tune_table(model.training["tune"])
     summary_table([("model", str(out)), *_training_rows(model)], quiet)
 
 
@@ -326,6 +353,29 @@ def _fleet_summary(
             raise UserError(message)
         print(f"cflowad: error: {message}", file=sys.stderr)
         raise typer.Exit(1)
+
+
+def _tune_table(tune: dict[str, Any]) -> None:
+    """The candidates of --tune, the chosen one marked."""
+    table = Table(title=f"--tune: {tune['criterion']}", box=None, highlight=False)
+    for column in ("", "decoder", "input", "weights", "image AUROC", "pixel AUROC"):
+        table.add_column(column)
+    table.add_column("AUPRO")
+    table.add_column("criterion")
+    table.add_column("train s")
+    for row in tune["candidates"]:
+        if row.get("skipped"):
+            table.add_row("", row["decoder"], row["size"], "skipped (--tune-budget)")
+            continue
+        table.add_row(
+            "*" if row["chosen"] else "",
+            row["decoder"],
+            row["size"],
+            row["scale_weights"],
+            *(f"{row[k]:.3f}" for k in ("image_auroc", "pixel_auroc", "aupro", "criterion")),
+            f"{row['train_seconds']:.0f}",
+        )
+    Console(highlight=False).print(table)
 
 
 def _training_rows(model: CFlowAD) -> list[tuple[str, str]]:

@@ -2,16 +2,23 @@
 
 Choosing a default on a test set's labels tunes it to that set. Pasting defects
 with known masks into held-out good images gives a validation set that needs no
-labels at all. Three kinds, each drawn with probability 1/3:
+labels at all. Five kinds, each drawn with equal probability:
 
 - ``cutpaste``: a rectangle copied from elsewhere in the image, flipped or
   rotated by 90 degrees and brightened or darkened by 20-50 %;
 - ``noise``: an ellipse whose pixels are mixed with Gaussian noise;
-- ``scratch``: a line 2-6 px wide, darker or brighter than the surface.
+- ``scratch``: a line 2-6 px wide, darker or brighter than the surface;
+- ``spot``: a disc 4-12 px across at the image's own resolution, dark on a bright
+  surface or bright on a dark one: on a 5-megapixel photo a speck that a 256-pixel
+  input shrinks below one pixel, so a choice of input size or tiles is not biased
+  to large defects;
+- ``faint``: a large ellipse (a sixth to a third of the image's side) whose texture
+  is smoothed and brightness moved by 8-15 %: a region of changed texture, as a
+  stain or an uneven coat.
 
-Every defect changes its pixels by a clearly visible amount; the mask is exactly
-the set of pixels that changed. Defects are a few percent of the image's area,
-like most real ones.
+Every defect changes its pixels (the faint ones subtly, the others clearly); the
+mask is exactly the set of pixels that changed. Apart from the faint kind, defects
+are a few percent of the image's area or less, like most real ones.
 """
 
 from __future__ import annotations
@@ -22,11 +29,11 @@ import numpy as np
 
 __all__ = ["DEFECT_KINDS", "paste_defect", "paste_defects"]
 
-DEFECT_KINDS = ("cutpaste", "noise", "scratch")
+DEFECT_KINDS = ("cutpaste", "noise", "scratch", "spot", "faint")
 
 
 def paste_defects(
-    images: Sequence[np.ndarray], seed: int = 0
+    images: Sequence[np.ndarray], seed: int = 0, kinds: Sequence[str] = DEFECT_KINDS
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
     """One synthetic defect per image: (defective images, boolean masks, kinds).
 
@@ -34,6 +41,7 @@ def paste_defects(
         images: float RGB images (H, W, 3) in [0, 1], as
             :func:`cflowad.data.images.load_image` gives.
         seed: the defects are a pure function of the images and the seed.
+        kinds: the kinds drawn from, with equal probability.
 
     Example:
         >>> image = np.full((64, 48, 3), 0.5, np.float32)
@@ -42,14 +50,14 @@ def paste_defects(
         (True, False)
     """
     rng = np.random.default_rng(seed)
-    out, masks, kinds = [], [], []
+    out, masks, drawn = [], [], []
     for image in images:
-        kind = DEFECT_KINDS[int(rng.integers(len(DEFECT_KINDS)))]
+        kind = kinds[int(rng.integers(len(kinds)))]
         defective, mask = paste_defect(image, kind, rng)
         out.append(defective)
         masks.append(mask)
-        kinds.append(kind)
-    return out, masks, kinds
+        drawn.append(kind)
+    return out, masks, drawn
 
 
 def paste_defect(
@@ -89,10 +97,45 @@ def paste_defect(
         region = (np.abs(along) <= length / 2) & (across <= rng.uniform(1.0, 3.0))
         level = 0.05 if image[region].mean() > 0.5 else 0.95
         result[region] = level
+    elif kind == "spot":
+        radius = rng.uniform(2.0, 6.0)
+        cy, cx = rng.uniform(radius, height - radius), rng.uniform(radius, width - radius)
+        yy, xx = np.mgrid[:height, :width]
+        region = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+        result[region] = 0.05 if image[region].mean() > 0.5 else 0.95
+    elif kind == "faint":
+        ry = rng.uniform(height / 12, height / 6)
+        rx = rng.uniform(width / 12, width / 6)
+        cy, cx = rng.uniform(ry, height - ry), rng.uniform(rx, width - rx)
+        yy, xx = np.mgrid[:height, :width]
+        region = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+        smooth = _box_blur(image, max(1, round(min(height, width) / 100)))
+        gain = 1 + rng.choice([-1.0, 1.0]) * rng.uniform(0.08, 0.15)
+        result[region] = np.clip(smooth[region] * gain, 0, 1)
     else:
         raise ValueError(f"unknown defect kind {kind!r}; one of {', '.join(DEFECT_KINDS)}")
     changed = np.abs(result - image).max(axis=2) > 1e-3
     return np.where(changed[..., None], result, image).astype(np.float32), changed
+
+
+def _box_blur(image: np.ndarray, radius: int) -> np.ndarray:
+    """A (2r+1)-pixel box blur of each channel, edges repeated (separable cumulative sums)."""
+    out = image.astype(np.float32)
+    for axis in (0, 1):
+        padded = np.concatenate(
+            [
+                np.repeat(out.take([0], axis), radius + 1, axis),
+                out,
+                np.repeat(out.take([-1], axis), radius, axis),
+            ],
+            axis,
+        )
+        total = np.cumsum(padded, axis=axis, dtype=np.float64)
+        size = out.shape[axis]
+        upper = total.take(np.arange(2 * radius + 1, 2 * radius + 1 + size), axis)
+        lower = total.take(np.arange(size), axis)
+        out = ((upper - lower) / (2 * radius + 1)).astype(np.float32)
+    return out
 
 
 def _corner(rng: np.random.Generator, side: int, extent: int) -> int:

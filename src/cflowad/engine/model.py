@@ -120,8 +120,22 @@ class CFlowAD(InferenceEngine):
         Returns:
             This model, fitted (so that ``CFlowAD().fit(data).predict(...)`` reads).
         """
-        reporter = reporter or Reporter(enabled=False)
         items = training_items(data)
+        train_items, calibration_items = self.split_holdout(items)
+        return self.fit_split(train_items, calibration_items, reporter, region)
+
+    def fit_split(
+        self,
+        train_items: Sequence[ImageInput],
+        calibration_items: Sequence[ImageInput],
+        reporter: Reporter | None = None,
+        region: str | Path | np.ndarray | None = None,
+    ) -> CFlowAD:
+        """:meth:`fit` on a split already made: train the decoders on ``train_items``,
+        calibrate on ``calibration_items`` (``train --tune`` keeps some held-out images
+        back for its validation)."""
+        reporter = reporter or Reporter(enabled=False)
+        items = [*train_items, *calibration_items]
         resolved = self.config.resolve_size(median_aspect_ratio(items))
         if resolved != self.config:
             reporter.log(
@@ -137,7 +151,6 @@ class CFlowAD(InferenceEngine):
         else:
             self.region = None
         self.net.set_region(self.region)
-        train_items, calibration_items = self.split_holdout(items)
         reporter.log(
             f"{len(train_items)} training images, {len(calibration_items)} for calibration"
             + (" (the same images)" if self.config.calibrate_on_train else "")
@@ -155,7 +168,7 @@ class CFlowAD(InferenceEngine):
             summary = fit_gaussians(self.net, cache, reporter)
         else:
             summary = fit_decoders(self.net, cache, self.config, reporter)
-        self.calibration = self._calibrate(calibration_items, reporter)
+        self.calibration = self.calibrate(calibration_items, reporter)
         self.training = {
             "n_train": len(train_items),
             "n_calibration": len(calibration_items),
@@ -419,7 +432,7 @@ class CFlowAD(InferenceEngine):
         )
 
     @torch.inference_mode()
-    def _calibrate(self, items: list[ImageInput], reporter: Reporter) -> dict[str, Any]:
+    def calibrate(self, items: Sequence[ImageInput], reporter: Reporter) -> dict[str, Any]:
         """Fit the scales' references, then both thresholds, on defect-free images.
 
         The reference of each scale is a high quantile of its held-out log-likelihoods
