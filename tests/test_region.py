@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -81,7 +84,8 @@ def region_model(texture_dataset, tmp_path_factory):
 
 
 def test_the_score_is_the_maximum_of_the_map_inside_the_region(region_model, texture_dataset):
-    """Brute force: the same network without its region, its map's maximum inside."""
+    """Brute force: the same network without its region, on the images with the outside
+    painted in the encoder's input mean; its map's maximum inside the region."""
     model = CFlowAD.load(region_model, device="cpu")
     meta = json.loads((region_model / "model.json").read_text())
     assert meta["format_version"] == 4 and meta["training"]["region_inside"] > 0
@@ -90,16 +94,37 @@ def test_the_score_is_the_maximum_of_the_map_inside_the_region(region_model, tex
     assert inside.float().mean() == pytest.approx(np.pi * 20**2 / 64**2, abs=0.02)
     images = sorted((texture_dataset / "test").glob("*/*.png"))
     batch = torch.cat([b for b, _ in batches(images, (64, 64), 64)])
+    mean = model.net.encoder.mean
     with torch.inference_mode():
         scores, maps, raw = model.net(batch)
         model.net.set_region(None)
-        _, _, everywhere = model.net(batch)
-        full = model.net.raw_map(model.net.log_likelihoods(batch))
+        painted = torch.where(inside, batch, mean.expand_as(batch))
+        full = model.net.raw_map(model.net.log_likelihoods(painted))
     assert (maps[:, ~inside] == 0).all() and (maps[:, inside] > 0).all()
     expected = full[:, inside].amax(dim=1)
     torch.testing.assert_close(raw, expected)
     torch.testing.assert_close(scores, readable(expected, model.net.image_threshold))
-    assert (everywhere >= raw).all() and (everywhere > raw).any()  # the outside counted before
+
+
+def test_specks_outside_the_region_change_nothing(region_model, texture_dataset):
+    model = CFlowAD.load(region_model, device="cpu")
+    clean = np.asarray(Image.open(sorted((texture_dataset / "test" / "good").glob("*.png"))[0]))
+    dusty = clean.copy()
+    rng = np.random.default_rng(0)
+    # dark and bright specks in the corners, at least 4 pixels from the disc
+    far = ~np.asarray(
+        Image.fromarray(disc().astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(9))
+    ).astype(bool)
+    ys, xs = np.nonzero(far)
+    for i in rng.choice(len(ys), 300, replace=False):
+        dusty[ys[i], xs[i]] = 0 if i % 2 else 255
+    before, after = model.predict([clean, dusty]).maps
+    scores = model.predict([clean, dusty]).scores
+    assert scores[0] == scores[1]
+    np.testing.assert_array_equal(before, after)
+    model.net.set_region(None)  # the network without its region sees the specks
+    model.region = None
+    assert model.predict(dusty).raw_scores[0] != model.predict(clean).raw_scores[0]
 
 
 def test_maps_are_zero_outside_the_region_in_every_runtime(region_model, texture_dataset, tmp_path):
@@ -136,3 +161,45 @@ def test_region_errors_stop_before_training(texture_dataset, tmp_path, capsys):
         main(["train", str(texture_dataset.parent), "--out", str(out), "--region", "0,0,5,5"]) == 2
     )
     assert "root of categories" in capsys.readouterr().err
+
+
+def test_the_server_answers_with_the_region_applied(region_model, texture_dataset):
+    from fastapi.testclient import TestClient
+
+    from cflowad.line.server import create_app
+
+    image = sorted((texture_dataset / "test" / "patch").glob("*.png"))[0]
+    model = cflowad.load(region_model)
+    expected = model.predict(str(image))
+    with TestClient(create_app({"boxed": region_model})) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "the model did not load"
+            time.sleep(0.1)
+        answer = client.post(
+            "/v1/models/boxed/predict",
+            content=image.read_bytes(),
+            headers={"content-type": "image/png"},
+            params={"outputs": "map"},
+        ).json()
+    served = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["map"])))) / 65535
+    assert answer["score"] == pytest.approx(float(expected.scores[0]), abs=1e-6)
+    np.testing.assert_allclose(served, expected.maps[0], atol=1.5 / 65535)
+    outside = ~model.region_at((128, 128))
+    assert (served[outside] == 0).all() and outside.mean() > 0.5
+
+
+def test_the_flows_train_and_calibrate_on_the_cells_that_touch_the_region():
+    from cflowad.method.config import Config
+    from cflowad.method.scoring import CFlowNet
+
+    net = CFlowNet.build(Config(encoder_weights="random", image_size=64), pretrained=False)
+    assert net.region_cells(0) is None
+    mask = region_at(disc(), (64, 64))
+    net.set_region(mask)
+    for k, stride in enumerate((8, 16, 32)):
+        cells = net.region_cells(k)
+        assert cells is not None
+        side = 64 // stride
+        brute = mask.reshape(side, stride, side, stride).any(axis=(1, 3))
+        np.testing.assert_array_equal(cells.numpy(), brute)

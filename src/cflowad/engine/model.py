@@ -448,7 +448,11 @@ class CFlowAD(InferenceEngine):
                 )
                 task.advance(len(batch))
         scales = range(len(self.net.decoders))
-        self.net.fit_reference([torch.cat([b[k] for b in per_batch]) for k in scales])
+        good = [torch.cat([b[k] for b in per_batch]) for k in scales]
+        cells = [self.net.region_cells(k) for k in scales]
+        self.net.fit_reference(
+            [g if c is None else g[:, c] for g, c in zip(good, cells, strict=True)]
+        )
         raw_maps = [self.net.raw_map(log_likelihoods).cpu() for log_likelihoods in per_batch]
         raw_scores = torch.cat([self.net.raw_score(m) for m in raw_maps]).double().numpy()
         inside = None if self.region is None else torch.from_numpy(self.region)

@@ -3,10 +3,11 @@
 A camera on a line sees the part and its surroundings (a fixture, a belt, a dusty
 cloth). Specks on the background score like small defects, and the image score, the
 map's maximum, then reports them. A region is a fixed mask of the image: the model
-keeps it at its input size, multiplies the raw map by it inside the scoring graph (so
-maps are zero outside, and the score, the maximum of the map, cannot see there; the
-same in every runtime and export), and calibrates its pixel threshold on the pixels
-inside only.
+keeps it at its input size and, inside the scoring graph (so in every runtime and
+export), paints the image outside it in the encoder's input mean before encoding (a
+speck there reaches no feature) and multiplies the raw map by it (maps are zero
+outside, and the score, the map's maximum, cannot see there). Its pixel threshold is
+calibrated on the pixels inside only.
 
 A region is given as a box ``x,y,w,h`` in pixels of the training images, or as a mask
 image the training images' shape (white: inspect). In the model file it is the mask

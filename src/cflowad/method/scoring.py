@@ -132,9 +132,17 @@ class CFlowNet(nn.Module):
     def features(self, images: Tensor) -> list[Tensor]:
         """(B, 3, H, W) in [0, 1] -> the flows' inputs [(B, D_k, H_k, W_k)].
 
+        With an inspection region, the image outside it is replaced by the encoder's
+        input mean first.
+
         With ``feature_pooling`` p > 1 each position's feature is the mean over its
         p x p neighbourhood (as PatchCore's local aggregation), padding excluded.
         """
+        if self.region is not None:
+            # Outside the region the encoder sees the input mean, which its normalization
+            # turns into zeros: its own padding. Specks there reach no feature, so nothing
+            # outside can move a map inside, and training sees the parts the same way.
+            images = images * self.region + self.encoder.mean * (1 - self.region)
         features = self.encoder(images)
         if self.feature_pooling == 1:
             return features
@@ -160,7 +168,7 @@ class CFlowNet(nn.Module):
 
     @torch.no_grad()
     def fit_reference(self, good: list[Tensor]) -> None:
-        """Set each scale's ``m_k`` from held-out good log-likelihood maps [(N, H_k, W_k)]."""
+        """Set each scale's ``m_k`` from held-out good log-likelihoods [(N, ...)] of scale k."""
         for k, values in enumerate(good):
             flat = values.detach().double().flatten().cpu().numpy()
             self.reference[k] = float(np.quantile(flat, REFERENCE_QUANTILE))
@@ -183,6 +191,15 @@ class CFlowNet(nn.Module):
             total = upsampled.mul_(weight) if k == 0 else total.add_(upsampled, alpha=weight)
         raw = total[:, 0].mul_(-1 / sum(self.scale_weights)).add_(1)
         return raw if self.region is None else raw.mul_(self.region)
+
+    def region_cells(self, k: int) -> Tensor | None:
+        """Positions of scale k (H_k, W_k) whose cell touches the region: those that
+        reach a map inside it, so the ones the flows train on and the reference
+        describes (the painted outside would swamp both). None without a region."""
+        if self.region is None:
+            return None
+        pooled = F.adaptive_max_pool2d(self.region[None, None], self.feature_sizes[k])
+        return pooled[0, 0] > 0
 
     def set_region(self, mask: np.ndarray | None) -> None:
         """Inspect only where ``mask`` (H, W at the input size) is true; None: everywhere."""

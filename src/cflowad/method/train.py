@@ -264,6 +264,9 @@ def fit_decoders(
     optimizer = torch.optim.Adam(net.decoders.parameters(), lr=config.learning_rate, fused=True)
     warmup = max(1, int(config.warmup_fraction * config.steps))
     counts = fiber_batches(config)
+    # with an inspection region, only the positions that reach a map inside it
+    inside = [net.region_cells(k) for k in range(len(features))]
+    allowed = [None if c is None else torch.nonzero(c.flatten().cpu())[:, 0] for c in inside]
 
     def schedule(step: int) -> float:
         if step < warmup:
@@ -293,7 +296,14 @@ def fit_decoders(
             zs, cs = [], []
             for k in range(len(features)):
                 shape = (counts[k], config.fiber_batch_size)
-                index = torch.randint(features[k].shape[0], shape, generator=generator)
+                cells = allowed[k]
+                if cells is None:
+                    index = torch.randint(features[k].shape[0], shape, generator=generator)
+                else:
+                    images = features[k].shape[0] // cache.positions[k]
+                    image = torch.randint(images, shape, generator=generator)
+                    cell = cells[torch.randint(len(cells), shape, generator=generator)]
+                    index = image * cache.positions[k] + cell
                 zs.append(features[k][index].to(device, torch.float32))
                 cs.append(codes[k][(index % cache.positions[k]).to(device)])
             try:
