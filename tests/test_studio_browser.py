@@ -155,6 +155,10 @@ def api(url: str, method: str, path: str, **kwargs) -> httpx.Response:
     )
 
 
+def state_roots(url: str) -> list[str]:
+    return httpx.get(f"{url}/studio/api/state").json()["roots"]
+
+
 def wait_for(condition, seconds: float = 120, what: str = "condition"):
     deadline = time.monotonic() + seconds
     while not (value := condition()):
@@ -542,3 +546,46 @@ def test_live_sources_and_api_answers_are_published(data, tmp_path, webhook):
     assert sorted(m["file"] for m in messages if "file" in m) == ["part0.png", "part1.png"]
     assert [m["score"] for m in messages if "file" not in m] == [answer["score"]]
     assert (workspace / "spool").is_dir()
+
+
+def test_the_region_is_drawn_on_a_sample_and_trained_with(running, page):
+    url, workspace = running
+    page.goto(f"{url}/studio")
+    form = page.get_by_role("form", name="New training")
+    form.get_by_label("Model name").fill("boxed")
+    pick(page, "Folder of good images", "brick")
+    form.get_by_text("Settings").click()
+    canvas = page.get_by_label("Sample image: drag a box on it")
+    expect(canvas).to_be_visible()
+    box = canvas.bounding_box()
+    assert box is not None
+    # drag from a tenth to six tenths of the sample: pixels 12 to 77 of a 128-pixel image
+    page.mouse.move(box["x"] + 0.1 * box["width"], box["y"] + 0.1 * box["height"])
+    page.mouse.down()
+    page.mouse.move(box["x"] + 0.6 * box["width"], box["y"] + 0.6 * box["height"], steps=5)
+    page.mouse.up()
+    shot(page, "region")
+    drawn = form.get_by_label("Inspection region").input_value()
+    x, y, w, h = (int(v) for v in drawn.split(","))
+    assert abs(x - 12.8) <= 1.5 and abs(y - 12.8) <= 1.5 and abs(w - 64) <= 2 and abs(h - 64) <= 2
+    form.get_by_label("Decoder").select_option("gaussian")
+    form.get_by_label("Image size").fill("64")
+    form.get_by_role("button", name="Start training").click()
+    meta_file = workspace / "models" / "boxed" / "model.json"
+    wait_for(meta_file.is_file, what="the boxed model")
+    meta = json.loads(meta_file.read_text())
+    assert meta["training"]["region_inside"] == pytest.approx(w * h / 128**2, abs=0.03)
+    assert meta["region"]["height"] == 64
+    # a region that is not a box is refused before anything is queued
+    answer = api(
+        url,
+        "POST",
+        "/studio/api/trainings",
+        json={
+            "name": "bad",
+            "root": next(r for r in state_roots(url) if r.startswith("allowed")),
+            "path": "brick",
+            "settings": {"region": "/etc/passwd"},
+        },
+    )
+    assert answer.status_code in (400, 422) and "x,y,w,h" in answer.text

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import io
 import json
 import logging
 import math
@@ -28,9 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from cflowad.common.errors import UserError
 from cflowad.common.version import __version__
+from cflowad.data.datasets import find_training_images
 from cflowad.data.images import IMAGE_SUFFIXES, decode_image, load_image
 from cflowad.engine.inference import ImageResult, Predictor
 from cflowad.engine.loading import load
@@ -280,6 +283,24 @@ def create_studio(workspace: Workspace, settings: StudioSettings | None = None) 
             "images": sum(1 for p in entries if p.suffix.lower() in IMAGE_SUFFIXES),
             "files": [p.name for p in entries if p.is_file() and not p.name.startswith(".")][:200],
         }
+
+    @app.get("/studio/api/sample")
+    async def sample(root: str = "workspace", path: str = "") -> Response:
+        """The first training image of a folder as JPEG, to draw a region on; its own
+        size in X-Image-Width and X-Image-Height (the region is in its pixels)."""
+        folder = workspace.resolve(root, path)
+        first = find_training_images(folder)[0]
+        image = await run_in_threadpool(load_image, first)
+        height, width = image.shape[:2]
+        picture = Image.fromarray((image * 255).round().astype(np.uint8))
+        picture.thumbnail((1024, 1024))
+        buffer = io.BytesIO()
+        picture.save(buffer, format="JPEG", quality=85)
+        return Response(
+            buffer.getvalue(),
+            media_type="image/jpeg",
+            headers={"x-image-width": str(width), "x-image-height": str(height)},
+        )
 
     # -- training ---------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -50,6 +51,8 @@ SETTINGS = {
     "scale_weights": "--scale-weights",
     "encoder_weights": "--encoder-weights",
     "compile_training": "--compile-training",  # "false": --no-compile-training
+    "region": "--region",  # a box x,y,w,h only: the page never names a file to read
+    "tune": "--tune",  # a switch: "true" adds --tune
 }
 _ACTIVE = ("queued", "running")
 
@@ -88,6 +91,9 @@ class TrainingQueue:
         unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
             raise UserError(f"unknown settings {', '.join(unknown)}; known: {', '.join(SETTINGS)}")
+        region = str(settings.get("region") or "")
+        if region and not re.fullmatch(r"\d+,\d+,\d+,\d+", region.replace(" ", "")):
+            raise UserError(f"region {region!r}: a box x,y,w,h in pixels of the images")
         job_id = new_id(self.workspace.jobs, "train-")
         job = {
             "id": job_id,
@@ -190,9 +196,13 @@ class TrainingQueue:
         command = [sys.executable, "-m", "cflowad", "train", str(data), "--out", str(target)]
         command += ["--progress-file", str(folder / "progress.json")]
         for key, value in job["settings"].items():
+            off = str(value).lower() in ("false", "0", "no", "off")
             if key == "compile_training":  # a switch, not a value
-                off = str(value).lower() in ("false", "0", "no", "off")
                 command.append("--no-compile-training" if off else "--compile-training")
+            elif key == "tune":
+                command += [] if off else ["--tune"]
+            elif key == "region":
+                command += ["--region", str(value).replace(" ", "")]
             else:
                 command += [SETTINGS[key], str(value)]
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -98,6 +98,7 @@ function makePicker(container) {
     picker.files = listing.files;
     chosen.value = `${picker.root}/${picker.path}`;
     info.textContent = `${listing.images} images here`;
+    if (picker.onload) picker.onload();
     folders.replaceChildren(...listing.folders.map((name) => el("button", {
       type: "button", text: `${name}/`, "aria-label": `Open folder ${name}`,
       onclick: () => { picker.path = picker.path ? `${picker.path}/${name}` : name; picker.load(); },
@@ -202,6 +203,65 @@ function renderJobs() {
       bar, cancel, job.log_tail ? el("pre", { text: job.log_tail.join("\n") }) : null);
   }));
 }
+
+// -- the inspection region, drawn as a box on the folder's first image ---------------
+const region = { canvas: $("#region-canvas"), image: null, width: 0, height: 0, start: null, box: null };
+pickers.train.onload = async () => {
+  const query = new URLSearchParams({ root: pickers.train.root, path: pickers.train.path });
+  const response = await fetch(`/studio/api/sample?${query}`).catch(() => null);
+  if (!response || !response.ok) { region.canvas.hidden = true; region.image = null; return; }
+  region.width = Number(response.headers.get("x-image-width"));
+  region.height = Number(response.headers.get("x-image-height"));
+  const image = new Image();
+  image.onload = () => { region.image = image; region.canvas.hidden = false; drawRegion(); };
+  image.src = URL.createObjectURL(await response.blob());
+};
+function drawRegion() {
+  const canvas = region.canvas;
+  if (!region.image) return;
+  canvas.width = Math.min(640, region.image.width);
+  canvas.height = Math.round(canvas.width * region.image.height / region.image.width);
+  const context = canvas.getContext("2d");
+  context.drawImage(region.image, 0, 0, canvas.width, canvas.height);
+  const box = region.box;
+  if (!box) return;
+  const scale = canvas.width / region.width;
+  context.fillStyle = "rgba(0, 0, 0, 0.45)";  // outside the region: dimmed
+  context.beginPath();
+  context.rect(0, 0, canvas.width, canvas.height);
+  context.rect(box[0] * scale, box[1] * scale, box[2] * scale, box[3] * scale);
+  context.fill("evenodd");
+  context.strokeStyle = "#ffd400";
+  context.lineWidth = 2;
+  context.strokeRect(box[0] * scale, box[1] * scale, box[2] * scale, box[3] * scale);
+}
+function imagePoint(event) {  // a pointer position in the image's own pixels
+  const rect = region.canvas.getBoundingClientRect();
+  const x = (event.clientX - rect.left) / rect.width * region.width;
+  const y = (event.clientY - rect.top) / rect.height * region.height;
+  return [Math.max(0, Math.min(region.width, x)), Math.max(0, Math.min(region.height, y))];
+}
+region.canvas.addEventListener("pointerdown", (event) => {
+  region.start = imagePoint(event);
+  region.canvas.setPointerCapture(event.pointerId);
+});
+region.canvas.addEventListener("pointermove", (event) => {
+  if (!region.start) return;
+  const [x, y] = imagePoint(event);
+  const [x0, y0] = region.start;
+  const left = Math.floor(Math.min(x, x0)), top = Math.floor(Math.min(y, y0));
+  region.box = [left, top, Math.max(1, Math.ceil(Math.max(x, x0)) - left), Math.max(1, Math.ceil(Math.max(y, y0)) - top)];
+  drawRegion();
+});
+region.canvas.addEventListener("pointerup", () => {
+  region.start = null;
+  if (region.box) $("#train-form").elements.region.value = region.box.join(",");
+});
+$("#train-form").elements.region.addEventListener("change", (event) => {
+  const parts = event.target.value.split(",").map((v) => Number(v.trim()));
+  region.box = parts.length === 4 && parts.every((v) => Number.isInteger(v) && v >= 0) ? parts : null;
+  drawRegion();
+});
 
 $("#train-form").addEventListener("submit", (event) => {
   event.preventDefault();
