@@ -40,6 +40,7 @@ class Reporter:
         self.console = Console(stderr=True, highlight=False, soft_wrap=True)
         self.interactive = enabled and self.console.is_terminal and sys.stdout.isatty()
         self.progress_file = progress_file
+        self.show_warnings = True  # off for steps whose warnings a later step repeats
 
     def log(self, message: str) -> None:
         """One line of what is happening."""
@@ -48,6 +49,8 @@ class Reporter:
 
     def warn(self, message: str) -> None:
         """A warning: one stderr line when enabled, a Python ``UserWarning`` when silent."""
+        if not self.show_warnings:
+            return
         if self.enabled:
             self.console.print(f"cflowad: warning: {message}", markup=False, highlight=False)
         else:

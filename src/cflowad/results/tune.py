@@ -27,6 +27,7 @@ No test image is read: everything comes from the training folder.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -105,6 +106,7 @@ def tune(
     reporter: Reporter,
     budget_minutes: float | None = None,
     region: str | Path | np.ndarray | None = None,
+    keep: Path | None = None,
 ) -> CFlowAD:
     """Train the candidates, keep the best on synthetic defects, recalibrate it.
 
@@ -116,6 +118,8 @@ def tune(
         budget_minutes: skip a candidate whose training would end past this (the
             first, the configured model, always trains).
         region: the inspection region, for every candidate.
+        keep: save every trained candidate (calibrated on half the held-out images)
+            in ``keep/<decoder>-<WIDTHxHEIGHT>``, to study them (benchmarks/tune.py).
 
     Returns:
         The chosen model, fitted and calibrated on every held-out image, with
@@ -144,6 +148,10 @@ def tune(
         f"--tune: {len(train)} training images, {len(fit_part)} to calibrate each candidate, "
         f"{len(clean)} to validate ({len(defective)} with synthetic defects); {CRITERION}"
     )
+    # each candidate calibrates on half the held-out images: its warning that they are
+    # too few for the false-positive target would repeat what the final calibration says
+    quiet = copy.copy(reporter)
+    quiet.show_warnings = False
     rows: list[dict[str, Any]] = []
     best: tuple[float, CFlowAD, tuple[float, ...] | None] | None = None
     flow_seconds: float | None = None
@@ -164,8 +172,10 @@ def tune(
         )
         began = time.perf_counter()
         model = CFlowAD(candidate.config(config), device=device)
-        model.fit_split(train, fit_part, reporter, region)
+        model.fit_split(train, fit_part, quiet, region)
         seconds = time.perf_counter() - began
+        if keep is not None:
+            model.save(keep / f"{candidate.decoder}-{_size(model.image_size)}")
         if candidate.decoder == "flow" and flow_seconds is None:
             flow_seconds = seconds
         for name, weights, figures in _validate(model, clean, defective, masks):
