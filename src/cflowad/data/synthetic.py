@@ -79,11 +79,7 @@ def paste_defect(
         result[y0 : y0 + h, x0 : x0 + w] = np.clip(patch * (1 + gain) + 0.1 * gain, 0, 1)
         region[y0 : y0 + h, x0 : x0 + w] = True
     elif kind == "noise":
-        ry = rng.uniform(height / 30, height / 10)
-        rx = rng.uniform(width / 30, width / 10)
-        cy, cx = rng.uniform(ry, height - ry), rng.uniform(rx, width - rx)
-        yy, xx = np.mgrid[:height, :width]
-        region = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+        region = _ellipse(rng, height, width, 30, 10)
         noise = rng.normal(0.0, rng.uniform(0.15, 0.35), (int(region.sum()), 1))
         result[region] = np.clip(result[region] * 0.5 + 0.25 + noise, 0, 1)
     elif kind == "scratch":
@@ -104,11 +100,7 @@ def paste_defect(
         region = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
         result[region] = 0.05 if image[region].mean() > 0.5 else 0.95
     elif kind == "faint":
-        ry = rng.uniform(height / 12, height / 6)
-        rx = rng.uniform(width / 12, width / 6)
-        cy, cx = rng.uniform(ry, height - ry), rng.uniform(rx, width - rx)
-        yy, xx = np.mgrid[:height, :width]
-        region = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+        region = _ellipse(rng, height, width, 12, 6)
         smooth = _box_blur(image, max(1, round(min(height, width) / 100)))
         gain = 1 + rng.choice([-1.0, 1.0]) * rng.uniform(0.08, 0.15)
         result[region] = np.clip(smooth[region] * gain, 0, 1)
@@ -116,6 +108,18 @@ def paste_defect(
         raise ValueError(f"unknown defect kind {kind!r}; one of {', '.join(DEFECT_KINDS)}")
     changed = np.abs(result - image).max(axis=2) > 1e-3
     return np.where(changed[..., None], result, image).astype(np.float32), changed
+
+
+def _ellipse(
+    rng: np.random.Generator, height: int, width: int, smallest: int, largest: int
+) -> np.ndarray:
+    """A random ellipse inside the image, semi-axes between 1/``smallest`` and
+    1/``largest`` of the image's side."""
+    ry = rng.uniform(height / smallest, height / largest)
+    rx = rng.uniform(width / smallest, width / largest)
+    cy, cx = rng.uniform(ry, height - ry), rng.uniform(rx, width - rx)
+    yy, xx = np.mgrid[:height, :width]
+    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
 
 
 def _box_blur(image: np.ndarray, radius: int) -> np.ndarray:
