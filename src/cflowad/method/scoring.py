@@ -59,7 +59,8 @@ class CFlowNet(nn.Module):
         super().__init__()
         self.image_size = config.image_size
         self.score_top_k = config.score_top_k
-        self.scale_weights = list(config.scale_weights or [1.0] * len(config.strides))
+        self.scale_weights: list[float] = []
+        self.set_scale_weights(config.scale_weights, len(config.strides))
         self.feature_pooling = config.feature_pooling
         self.encoder = encoder
         self.feature_sizes = [
@@ -191,6 +192,10 @@ class CFlowNet(nn.Module):
             total = upsampled.mul_(weight) if k == 0 else total.add_(upsampled, alpha=weight)
         raw = total[:, 0].mul_(-1 / sum(self.scale_weights)).add_(1)
         return raw if self.region is None else raw.mul_(self.region)
+
+    def set_scale_weights(self, weights: tuple[float, ...] | None, scales: int) -> None:
+        """Weight the scales' terms in the map (finest first); None: equal weights."""
+        self.scale_weights = list(weights or [1.0] * scales)
 
     def region_cells(self, k: int) -> Tensor | None:
         """Positions of scale k (H_k, W_k) whose cell touches the region: those that

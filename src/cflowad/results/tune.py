@@ -153,19 +153,17 @@ def tune(
     quiet = copy.copy(reporter)
     quiet.show_warnings = False
     rows: list[dict[str, Any]] = []
-    best: tuple[float, CFlowAD, tuple[float, ...] | None] | None = None
+    best: tuple[dict[str, Any], CFlowAD, tuple[float, ...] | None] | None = None
     flow_seconds: float | None = None
     for index, candidate in enumerate(candidates(config)):
         elapsed = time.perf_counter() - start
-        estimate = flow_seconds if candidate.decoder == "flow" else 0.0
-        if (
-            index > 0
-            and budget_minutes is not None
-            and elapsed + (estimate or 0.0) > budget_minutes * 60
-        ):
+        estimate = (flow_seconds or 0.0) if candidate.decoder == "flow" else 0.0
+        if index > 0 and budget_minutes is not None and elapsed + estimate > budget_minutes * 60:
             size = _size(candidate.image_size)
             reporter.log(f"--tune: {candidate.decoder} at {size} skipped (--tune-budget)")
-            rows.append({"decoder": candidate.decoder, "size": size, "skipped": True})
+            rows.append(
+                {"decoder": candidate.decoder, "size": size, "skipped": True, "chosen": False}
+            )
             continue
         reporter.log(
             f"--tune: candidate {index + 1}, {candidate.decoder} at {_size(candidate.image_size)}"
@@ -185,22 +183,17 @@ def tune(
                 "scale_weights": name,
                 **figures,
                 "train_seconds": round(seconds, 1),
+                "chosen": False,
             }
             rows.append(row)
-            if best is None or figures["criterion"] > best[0]:
-                best = (figures["criterion"], model, weights)
+            if best is None or figures["criterion"] > best[0]["criterion"]:
+                best = (row, model, weights)
     assert best is not None  # the first candidate always runs
-    _, chosen, weights = best
+    best_row, chosen, weights = best
+    best_row["chosen"] = True
     chosen.config = dataclasses.replace(chosen.config, scale_weights=weights)
-    chosen.net.scale_weights = list(weights or [1.0] * len(chosen.config.strides))
+    chosen.net.set_scale_weights(weights, len(chosen.config.strides))
     chosen.calibration = chosen.calibrate(held, reporter)
-    for row in rows:
-        row["chosen"] = bool(
-            not row.get("skipped")
-            and row["decoder"] == chosen.config.decoder
-            and row["size"] == _size(chosen.image_size)
-            and row["scale_weights"] == _name(weights, len(chosen.config.strides))
-        )
     chosen.training = {
         **chosen.training,
         "n_calibration": len(held),
@@ -217,10 +210,6 @@ def tune(
 def _size(image_size: tuple[int, int]) -> str:
     """WIDTHxHEIGHT, as --image-size takes it (a square one before the aspect is fitted)."""
     return f"{image_size[1]}x{image_size[0]}"
-
-
-def _name(weights: tuple[float, ...] | None, scales: int) -> str:
-    return next(n for n, w in weightings(scales) if w == weights)
 
 
 @torch.inference_mode()
@@ -242,7 +231,7 @@ def _validate(
     keep = [i for i, m in enumerate(small) if m.any()]
     out = []
     for name, weights in weightings(len(net.decoders)):
-        net.scale_weights = list(weights or [1.0] * len(net.decoders))
+        net.set_scale_weights(weights, len(net.decoders))
         good_scores = net.raw_score(net.raw_map(lls[0])).numpy()
         maps = net.raw_map(lls[1]).numpy()[keep]
         bad_scores = net.raw_score(torch.from_numpy(maps)).numpy()
@@ -257,7 +246,7 @@ def _validate(
             "criterion": round((image + pro) / 2, 4),
         }
         out.append((name, weights, figures))
-    net.scale_weights = list(model.config.scale_weights or [1.0] * len(net.decoders))
+    net.set_scale_weights(model.config.scale_weights, len(net.decoders))
     return out
 
 
