@@ -165,6 +165,21 @@ def train(
             "maps of small defects, the coarsest helps large ones (docs/design.md)."
         ),
     ] = None,
+    tile_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Run the encoder on square tiles of this many input pixels (a multiple of "
+            "32), stitched into one map: give --image-size the images' native size (or a "
+            "fraction of it) and memory follows the tile, not the image (docs/design.md).",
+        ),
+    ] = None,
+    tile_overlap: Annotated[
+        float,
+        typer.Option(
+            help="With --tile-size: share of a tile that neighbours overlap; each keeps "
+            "the half of the overlap nearer its centre."
+        ),
+    ] = DEFAULTS.tile_overlap,
     feature_cache_budget_mb: Annotated[
         int,
         typer.Option(

@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from cflowad.common.errors import UserError
 
 __all__ = [
+    "BATCH_PIXELS",
     "IMAGE_SUFFIXES",
     "ImageInput",
     "batches",
@@ -104,6 +105,10 @@ def to_model_input(image: np.ndarray, size: tuple[int, int]) -> Tensor:
     return tensor[0].clamp_(0.0, 1.0)
 
 
+# 16 inputs of 512 x 512: models of the usual sizes batch as asked
+BATCH_PIXELS = 2**22
+
+
 def batches(
     items: Iterable[ImageInput], size: tuple[int, int], batch_size: int, workers: int = 2
 ) -> Iterator[tuple[Tensor, list[tuple[int, int]]]]:
@@ -115,8 +120,11 @@ def batches(
     starts a second OpenMP team, and with more OpenMP threads than cores every
     team slows down (the model's forward pass took 3.5x longer on 2 cores, measured
     in docs/design.md); resizing runs here, in the caller's thread. Arrays have
-    nothing to decode and skip the pool (a server's lone image: 2 ms less).
+    nothing to decode and skip the pool (a server's lone image: 2 ms less). Batches
+    hold at most :data:`BATCH_PIXELS` input pixels (fewer images than ``batch_size``
+    for inputs of megapixels: a tiled model's memory must not grow with the batch).
     """
+    batch_size = max(1, min(batch_size, BATCH_PIXELS // (size[0] * size[1])))
     source = iter(items)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         pending: deque[Future[np.ndarray]] = deque()

@@ -81,7 +81,7 @@ def run_bench(
             index = torch.arange(batch_size) % len(pool)
             batch = pool[index].contiguous()
             whole = _median_seconds(partial(net, batch), repeats)
-            encoder = _median_seconds(partial(net.encoder, batch), repeats)
+            encoder = _median_seconds(partial(net.encode, batch), repeats)
             results.append(
                 {
                     "batch_size": batch_size,
@@ -143,9 +143,10 @@ class _EncoderOnly(torch.nn.Module):
     def __init__(self, net: CFlowNet) -> None:
         super().__init__()
         self.encoder = net.encoder
+        self.encode = net.encode  # in tiles, when the model has them
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.encoder(images))
+        return tuple(self.encode(images))
 
 
 def _exported_runners(

@@ -38,6 +38,9 @@ class Config:
     training step with torch.compile (falls back to eager if compiling fails).
     ``scale_weights`` (finest scale first; ``None``: equal, the default) weights each
     scale's bounded term in the map; training does not depend on it, thresholds do.
+    ``tile_size`` (a multiple of 32; ``None``: no tiles) runs the encoder on square tiles
+    of the input, neighbours sharing ``tile_overlap`` of a tile (:mod:`cflowad.method.tiles`):
+    ``image_size`` can then be the images' native size with memory set by the tile.
 
     Example:
         >>> Config(image_size=(256, 384)).image_size
@@ -70,6 +73,8 @@ class Config:
     feature_pooling: int = 1
     score_top_k: float = 0.0
     scale_weights: tuple[float, ...] | None = None
+    tile_size: int | None = None
+    tile_overlap: float = 0.25
     feature_cache_budget_mb: int = 4096
     feature_cache_dir: str | None = None
     seed: int = 0
@@ -135,6 +140,7 @@ class Config:
                 "feature_pooling",
                 "an odd kernel size, 1 for none",
             ),
+            (0 <= self.tile_overlap <= 0.75, "tile_overlap", "in [0, 0.75]"),
             (self.feature_cache_budget_mb >= 0, "feature_cache_budget_mb", "at least 0"),
             (
                 len(self.strides) >= 1
@@ -161,6 +167,12 @@ class Config:
             raise UserError(
                 f"option image_size={self.image_size} must be multiples of {largest} "
                 "(the largest feature stride)"
+            )
+        tile = self.tile_size
+        if tile is not None and (tile < 4 * largest or tile % largest):
+            raise UserError(
+                f"option tile_size={self.tile_size} must be a multiple of {largest} (the "
+                f"largest feature stride), at least {4 * largest}"
             )
 
     @property

@@ -159,6 +159,11 @@ class ConditionalFlow(nn.Module):
                 CouplingBlock(dim, condition_dim, clamp_alpha, generator) for _ in range(blocks)
             )
 
+    @property
+    def condition_width(self) -> int:
+        """Size 2d of one block's condition term (:meth:`condition`'s last axis)."""
+        return cast(CouplingBlock, self.blocks[0]).condition_layer.out_features
+
     def condition(self, c: Tensor) -> Tensor:
         """Per-block first-layer condition terms, (..., C) -> (blocks, ..., 2d)."""
         blocks = cast(list[CouplingBlock], list(self.blocks))

@@ -17,11 +17,20 @@ from cflowad.method.config import Config
 from cflowad.method.encoder import Encoder
 from cflowad.method.flows import ConditionalFlow, positional_encoding
 from cflowad.method.gaussian import GaussianDecoder
+from cflowad.method.tiles import TileLayout, tile_layout
 
 __all__ = ["REFERENCE_QUANTILE", "CFlowNet", "readable"]
 
 # The quantile of held-out good log-likelihoods that normalizes each scale.
 REFERENCE_QUANTILE = 0.999
+# Input pixels of the tiles of one image encoded in one call of the encoder (16 tiles
+# of 256 x 256): memory follows this and the batch, not the image.
+TILE_GROUP_PIXELS = 2**20
+# Precomputed condition terms above this many bytes (inputs of several megapixels) are
+# computed as the flows go instead, POSITION_CHUNK positions at a time: 8 blocks'
+# terms for a 20-megapixel input would take 4 GB.
+CONDITION_BUDGET = 256 * 2**20
+POSITION_CHUNK = 16384
 
 
 class CFlowNet(nn.Module):
@@ -63,6 +72,13 @@ class CFlowNet(nn.Module):
         self.set_scale_weights(config.scale_weights, len(config.strides))
         self.feature_pooling = config.feature_pooling
         self.encoder = encoder
+        self.tiles: TileLayout | None = (
+            None
+            if config.tile_size is None
+            else tile_layout(
+                config.image_size, config.tile_size, config.tile_overlap, max(config.strides)
+            )
+        )
         self.feature_sizes = [
             (config.image_size[0] // s, config.image_size[1] // s) for s in encoder.strides
         ]
@@ -111,10 +127,19 @@ class CFlowNet(nn.Module):
     def refresh_conditions(self) -> None:
         """Precompute every block's condition term for the model's image size.
 
-        Call after the decoder weights change (end of training, loading).
+        Call after the decoder weights change (end of training, loading). Inputs too
+        large for :data:`CONDITION_BUDGET` keep none: their flows compute the terms as
+        they go (:meth:`scale_log_likelihood`).
         """
+        terms = sum(
+            decoder.condition_width * len(decoder.blocks) * self.codes(k).shape[0] * 4
+            for k, decoder in enumerate(self.decoders)
+            if isinstance(decoder, ConditionalFlow)
+        )
         for k, decoder in enumerate(self.decoders):
-            if isinstance(decoder, ConditionalFlow):
+            if isinstance(decoder, ConditionalFlow) and terms > CONDITION_BUDGET:
+                setattr(self, f"conditions_{k}", torch.empty(0, device=self.reference.device))
+            elif isinstance(decoder, ConditionalFlow):
                 # Below 16 rows (a 4 x 4 map or smaller) BLAS picks its kernel by thread
                 # count, and rounds differently on one thread (measured): padded, the
                 # conditions and so the model are the same on any number of threads.
@@ -130,11 +155,61 @@ class CFlowNet(nn.Module):
             raise TypeError(f"scale {k} has a {type(decoder).__name__}, not a flow")
         return decoder
 
-    def features(self, images: Tensor) -> list[Tensor]:
+    def encode(self, images: Tensor, min_batch: int = 1) -> list[Tensor]:
+        """The encoder's features [(B, D_k, H_k, W_k)] of (B, 3, H, W) inputs: in one
+        pass, or with tiles (:mod:`cflowad.method.tiles`) stitched from what each tile
+        owns. Every call of the encoder gets at least ``min_batch`` images (repeats of
+        the last), which makes it round the same way on any number of threads
+        (:func:`cflowad.method.train.training_features`).
+        """
+        if self.tiles is None:
+            return self._encode_batch(images, min_batch)
+        layout, batch = self.tiles, images.shape[0]
+        height, width = layout.size
+        crops = [
+            images[:, :, row.start : row.start + height, column.start : column.start + width]
+            for row in layout.rows
+            for column in layout.columns
+        ]
+        group = max(1, TILE_GROUP_PIXELS // (height * width))
+        if min_batch > 1:  # training asks for min_batch inputs a call: tiles, not padding
+            group = max(group, -(-min_batch // batch))
+        tiles: list[list[Tensor]] = []  # per tile, per scale: (B, D_k, h_k, w_k)
+        for first in range(0, len(crops), group):
+            some = crops[first : first + group]
+            encoded = self._encode_batch(torch.cat(some), min_batch)
+            tiles.extend(
+                [f[i * batch : (i + 1) * batch] for f in encoded] for i in range(len(some))
+            )
+        stitched = []
+        for k, stride in enumerate(self.encoder.strides):
+            rows = [
+                torch.cat(
+                    [
+                        tiles[r * len(layout.columns) + c][k][
+                            :, :, row.owned(stride), column.owned(stride)
+                        ]
+                        for c, column in enumerate(layout.columns)
+                    ],
+                    dim=3,
+                )
+                for r, row in enumerate(layout.rows)
+            ]
+            stitched.append(torch.cat(rows, dim=2))
+        return stitched
+
+    def _encode_batch(self, images: Tensor, min_batch: int) -> list[Tensor]:
+        n = images.shape[0]
+        if n < min_batch:
+            images = torch.cat([images, images[-1:].expand(min_batch - n, -1, -1, -1)])
+            return [f[:n] for f in self.encoder(images)]
+        return self.encoder(images)
+
+    def features(self, images: Tensor, min_batch: int = 1) -> list[Tensor]:
         """(B, 3, H, W) in [0, 1] -> the flows' inputs [(B, D_k, H_k, W_k)].
 
         With an inspection region, the image outside it is replaced by the encoder's
-        input mean first.
+        input mean first. ``min_batch``: see :meth:`encode`.
 
         With ``feature_pooling`` p > 1 each position's feature is the mean over its
         p x p neighbourhood (as PatchCore's local aggregation), padding excluded.
@@ -144,7 +219,7 @@ class CFlowNet(nn.Module):
             # turns into zeros: its own padding. Specks there reach no feature, so nothing
             # outside can move a map inside, and training sees the parts the same way.
             images = images * self.region + self.encoder.mean * (1 - self.region)
-        features = self.encoder(images)
+        features = self.encode(images, min_batch)
         if self.feature_pooling == 1:
             return features
         p = self.feature_pooling
@@ -161,10 +236,22 @@ class CFlowNet(nn.Module):
         batch, dim, height, width = features.shape
         z = features.flatten(2).transpose(1, 2)  # (B, H*W, D)
         decoder = self.decoders[k]
+        conditions = getattr(self, f"conditions_{k}")
         if isinstance(decoder, GaussianDecoder):
             log_prob = decoder.log_prob(z)
-        else:
-            log_prob = self.decoder(k).log_prob_conditioned(z, getattr(self, f"conditions_{k}"))
+        elif conditions.numel():
+            log_prob = self.decoder(k).log_prob_conditioned(z, conditions)
+        else:  # no terms kept (refresh_conditions): computed for a chunk at a time
+            codes = self.codes(k)
+            log_prob = torch.cat(
+                [
+                    self.decoder(k).log_prob(
+                        z[:, i : i + POSITION_CHUNK], codes[i : i + POSITION_CHUNK]
+                    )
+                    for i in range(0, z.shape[1], POSITION_CHUNK)
+                ],
+                dim=1,
+            )
         return (log_prob / dim).view(batch, height, width)
 
     @torch.no_grad()

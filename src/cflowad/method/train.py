@@ -111,11 +111,7 @@ def training_features(net: CFlowNet, images: Tensor) -> list[Tensor]:
     bit the same on 1 to 16 threads (measured), so a model trained on a laptop, a
     server, ``--jobs N`` or a Ray worker is the same file.
     """
-    n = len(images)
-    size = max(16, torch.get_num_threads())
-    if n < size:
-        images = torch.cat([images, images[-1:].expand(size - n, -1, -1, -1)])
-    return [f[:n] for f in net.features(images)]
+    return net.features(images, min_batch=max(16, torch.get_num_threads()))
 
 
 def _disk_array(shape: tuple[int, int], folder: str | None) -> np.ndarray:

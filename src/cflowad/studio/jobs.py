@@ -44,6 +44,7 @@ log = logging.getLogger("cflowad.studio")
 SETTINGS = {
     "steps": "--steps",
     "image_size": "--image-size",
+    "tile_size": "--tile-size",
     "decoder": "--decoder",
     "image_fpr": "--image-fpr",
     "holdout_fraction": "--holdout-fraction",
