@@ -111,7 +111,16 @@ def tiled_model(make_textures, tmp_path_factory):
     root = tmp_path_factory.mktemp("tiles")
     data = make_textures(root / "brick", n_train=24, n_good=4, n_bad=4, size=256)
     out = root / "model"
-    command = ["train", str(data), "--out", str(out), "--image-size", "256", "--tile-size", "128"]
+    command = [
+        "train",
+        str(data),
+        "--out",
+        str(out),
+        "--image-size",
+        "native",
+        "--tile-size",
+        "128",
+    ]
     assert main([*command, *FAST]) == 0
     return data, out
 
@@ -135,10 +144,20 @@ def test_a_defect_on_a_cut_between_tiles_is_found(tiled_model):
     assert prediction.anomalous[1]
 
 
+def test_native_is_the_most_common_size_on_the_32_grid():
+    sizes = [(427, 640)] * 3 + [(1000, 1500)] * 2
+    assert Config(aspect="native").fit_to(sizes).image_size == (416, 640)
+    assert Config(aspect="native").fit_to(sizes).aspect == "fixed"
+    assert Config(aspect="native", strides=(8,)).fit_to([(40, 90)]).image_size == (40, 88)
+    assert Config(aspect="native").fit_to([(20, 300)]).image_size == (32, 288)
+    assert Config().fit_to(sizes).image_size == (256, 384)  # auto: the median aspect
+
+
 def test_a_tiled_model_scores_the_same_in_every_runtime(tiled_model, tmp_path):
     data, model_dir = tiled_model
     meta = json.loads((model_dir / "model.json").read_text())
     assert meta["config"]["tile_size"] == 128 and meta["config"]["tile_overlap"] == 0.25
+    assert meta["config"]["image_size"] == [256, 256]  # --image-size native
     onnx_file, folder = tmp_path / "model.onnx", tmp_path / "openvino"
     assert main(["export", str(model_dir), "--onnx", str(onnx_file), "--quiet"]) == 0
     assert main(["export", str(model_dir), "--openvino", str(folder), "--quiet"]) == 0

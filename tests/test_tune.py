@@ -41,6 +41,14 @@ def test_candidates_are_the_configured_model_first_then_cheapest():
         ("flow", (224, 224)),
         ("flow", (320, 320)),
     ]
+    # photos of more than twice the input's pixels: the flows at their own size in
+    # tiles instead of the flows at 5/4
+    photos = candidates(Config(image_size=256), [(427, 640)] * 5 + [(300, 300)])
+    assert [(c.decoder, c.image_size, c.tile_size) for c in photos[-2:]] == [
+        ("flow", (224, 224), None),
+        ("flow", (416, 640), 256),
+    ]
+    assert candidates(Config(image_size=256), [(300, 300)] * 5) == found
 
 
 def test_tune_keeps_the_best_candidate_on_synthetic_defects_without_reading_tests(
@@ -59,7 +67,11 @@ def test_tune_keeps_the_best_candidate_on_synthetic_defects_without_reading_test
     meta = json.loads((out / "model.json").read_text())
     tune = meta["training"]["tune"]
     rows = tune["candidates"]
-    assert len(rows) == 6  # flows and Gaussian at 64 px (7/8 and 5/4 round to 64), 3 weightings
+    # flows and Gaussian at 64 px (7/8 and 5/4 round to 64), and the flows at the images'
+    # own 128 px (4x the pixels) in one tile of 128: 3 weightings each
+    assert len(rows) == 9
+    assert [r["tile_size"] for r in rows[::3]] == [None, None, 128]
+    assert rows[-1]["size"] == "128x128" and " tile " in printed
     chosen = [r for r in rows if r["chosen"]]
     assert len(chosen) == 1
     assert chosen[0]["criterion"] == max(r["criterion"] for r in rows)
@@ -83,7 +95,7 @@ def test_tune_budget_skips_candidates_and_errors_are_one_line(make_textures, tmp
         main(["train", str(data), "--out", str(out), "--tune", "--tune-budget", "1e-6", *fast]) == 0
     )
     rows = json.loads((out / "model.json").read_text())["training"]["tune"]["candidates"]
-    assert [r["decoder"] for r in rows if r.get("skipped")] == ["gaussian"]
+    assert [r["decoder"] for r in rows if r.get("skipped")] == ["gaussian", "flow"]
     assert len([r for r in rows if not r.get("skipped")]) == 3  # the configured flow only
     assert main(["train", str(data), "--out", str(tmp_path / "m2"), "--tune-budget", "5"]) == 2
     assert "--tune-budget" in capsys.readouterr().err

@@ -75,11 +75,16 @@ def train(
         str,
         typer.Option(
             help="Model input: N (shorter side N, longer side keeps the training images' "
-            "median aspect unless --aspect fixed) or WIDTHxHEIGHT, multiples of 32."
+            "median aspect unless --aspect fixed), WIDTHxHEIGHT, multiples of 32, or native "
+            "(the training images' own size: with --tile-size for photos of megapixels)."
         ),
     ] = "256",
     aspect: Annotated[
-        str, typer.Option(help="auto: keep the median aspect ratio; fixed: N x N.")
+        str,
+        typer.Option(
+            help="auto: keep the median aspect ratio; fixed: N x N; native: the training "
+            "images' most common size, rounded down to multiples of 32 (--image-size native)."
+        ),
     ] = DEFAULTS.aspect,
     strides: Annotated[str, typer.Option(help="Feature strides, comma-separated.")] = "8,16,32",
     coupling_blocks: Annotated[
@@ -212,8 +217,9 @@ def train(
         typer.Option(
             "--tune",
             help="Train a few candidates (flows and Gaussian decoder, input size x7/8, x1, "
-            "x5/4, three scale weightings) and keep the best on synthetic defects pasted "
-            "into held-out good images; every candidate's figures go into model.json.",
+            "x5/4 or the photos' own size in tiles, three scale weightings) and keep the "
+            "best on synthetic defects pasted into held-out good images; every candidate's "
+            "figures go into model.json.",
         ),
     ] = False,
     tune_budget: Annotated[
@@ -271,6 +277,9 @@ def train(
         # typer vendors its own click: compare the source by name, not by class
         if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
     }
+    if str(given.get("image_size", "")).strip().lower() == "native":
+        given.pop("image_size")
+        given["aspect"] = "native"
     if given.pop("random_weights", False):
         given["encoder_weights"] = "random"
     for name, kind, example in (
@@ -373,19 +382,21 @@ def _fleet_summary(
 def _tune_table(tune: dict[str, Any]) -> None:
     """The candidates of --tune, the chosen one marked."""
     table = Table(title=f"--tune: {tune['criterion']}", box=None, highlight=False)
-    for column in ("", "decoder", "input", "weights", "image AUROC", "pixel AUROC"):
+    for column in ("", "decoder", "input", "tile", "weights", "image AUROC", "pixel AUROC"):
         table.add_column(column)
     table.add_column("AUPRO")
     table.add_column("criterion")
     table.add_column("train s")
     for row in tune["candidates"]:
+        tile = str(row.get("tile_size") or "")
         if row.get("skipped"):
-            table.add_row("", row["decoder"], row["size"], "skipped (--tune-budget)")
+            table.add_row("", row["decoder"], row["size"], tile, "skipped (--tune-budget)")
             continue
         table.add_row(
             "*" if row["chosen"] else "",
             row["decoder"],
             row["size"],
+            tile,
             row["scale_weights"],
             *(f"{row[k]:.3f}" for k in ("image_auroc", "pixel_auroc", "aupro", "criterion")),
             f"{row['train_seconds']:.0f}",

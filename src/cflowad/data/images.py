@@ -30,7 +30,6 @@ __all__ = [
     "image_sizes",
     "list_images",
     "load_image",
-    "median_aspect_ratio",
     "open_image",
     "readable",
     "to_model_input",
@@ -179,11 +178,6 @@ def readable(files: Sequence[Path], workers: int = 2) -> tuple[list[int], list[s
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         errors = list(pool.map(error, files))
     return [i for i, e in enumerate(errors) if e is None], [e for e in errors if e is not None]
-
-
-def median_aspect_ratio(items: Sequence[ImageInput]) -> float:
-    """Median width / height of the images, read from file headers (no decoding)."""
-    return float(np.median([width / height for height, width in image_sizes(items)]))
 
 
 def image_sizes(items: Sequence[ImageInput]) -> list[tuple[int, int]]:

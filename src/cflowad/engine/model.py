@@ -28,7 +28,7 @@ from cflowad.common.progress import Reporter
 from cflowad.common.version import __version__
 from cflowad.data.datasets import find_training_images
 from cflowad.data.files import staged_directory
-from cflowad.data.images import ImageInput, batches, image_sizes, median_aspect_ratio
+from cflowad.data.images import ImageInput, batches, image_sizes
 from cflowad.engine.device import resolve_device
 from cflowad.engine.export import export_onnx, export_openvino
 from cflowad.engine.inference import InferenceEngine, describe
@@ -136,16 +136,22 @@ class CFlowAD(InferenceEngine):
         back for its validation)."""
         reporter = reporter or Reporter(enabled=False)
         items = [*train_items, *calibration_items]
-        resolved = self.config.resolve_size(median_aspect_ratio(items))
+        sizes = image_sizes(items)
+        resolved = self.config.fit_to(sizes)
         if resolved != self.config:
             reporter.log(
                 f"input size {resolved.image_size[1]}x{resolved.image_size[0]} "
-                "(width x height) keeps the training images' median aspect ratio"
+                "(width x height): "
+                + (
+                    "the training images' own size"
+                    if self.config.aspect == "native"
+                    else "keeps the training images' median aspect ratio"
+                )
             )
             self.config = resolved
             self.net = CFlowNet(resolved, self.net.encoder).eval().to(self.device)
         if region is not None:  # read before any training, so that a mistake costs nothing
-            mask = read_region(region, image_sizes(items))
+            mask = read_region(region, sizes)
             self.region = region_at(mask, self.config.image_size)
             reporter.log(f"inspecting {self.region.mean():.1%} of the image (--region)")
         else:

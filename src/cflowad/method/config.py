@@ -5,9 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from cflowad.common.errors import UserError
 
@@ -16,7 +20,7 @@ __all__ = ["CONFIG_FIELDS", "Config", "parse_image_size", "read_config_file"]
 OBJECTIVES = ("nll", "logsigmoid")
 PRECISIONS = ("auto", "float32", "bfloat16")
 ENCODER_WEIGHTS = ("pretrained", "random")
-ASPECTS = ("auto", "fixed")
+ASPECTS = ("auto", "fixed", "native")
 DECODERS = ("flow", "gaussian")
 
 
@@ -32,7 +36,8 @@ class Config:
     ``image_size`` is (height, width), multiples of 32. With
     ``aspect="auto"`` and a square ``image_size`` N, ``fit`` keeps the training
     images' median aspect ratio: the shorter side is N, the longer one a multiple
-    of 32 (``"fixed"`` uses ``image_size`` as given). ``training_precision="auto"``
+    of 32 (``"fixed"`` uses ``image_size`` as given; ``"native"`` the images' own
+    size, rounded down to multiples of 32: :meth:`fit_to`). ``training_precision="auto"``
     trains the decoders with bfloat16 matrix products where they measure faster
     than float32 on this CPU (scoring is always float32); ``compile_training`` fuses the
     training step with torch.compile (falls back to eager if compiling fails).
@@ -190,6 +195,19 @@ class Config:
         step = max(self.strides)
         longer = max(height, step * round(height * max(aspect_ratio, 1 / aspect_ratio) / step))
         size = (height, longer) if aspect_ratio >= 1 else (longer, height)
+        return dataclasses.replace(self, image_size=size, aspect="fixed")
+
+    def fit_to(self, sizes: Sequence[tuple[int, int]]) -> Config:
+        """This config with ``image_size`` resolved from the training images' (height,
+        width): ``aspect="native"`` takes their most common size, each side rounded down
+        to a multiple of the largest stride (the resolution tiles inspect at); ``"auto"``
+        keeps their median aspect ratio (:meth:`resolve_size`)."""
+        if self.aspect != "native":
+            return self.resolve_size(float(np.median([w / h for h, w in sizes])))
+        step = max(self.strides)
+        height, width = Counter(sizes).most_common(1)[0][0]
+        low = max(step, 32)  # the smallest input there is
+        size = (max(low, height // step * step), max(low, width // step * step))
         return dataclasses.replace(self, image_size=size, aspect="fixed")
 
     def to_dict(self) -> dict[str, Any]:

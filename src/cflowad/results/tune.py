@@ -8,7 +8,9 @@ flows and the fine scale), and a user with only good images cannot choose by han
    ones are split again, seeded: half A calibrates each candidate, half B validates.
 2. Candidates (:func:`candidates`): the flows and the Gaussian decoder, each at the
    configured input size and at 7/8 and 5/4 of it (the scale at which the features
-   see the part: smaller for large faint defects, larger for specks). Each model
+   see the part: smaller for large faint defects, larger for specks); for photos of
+   at least twice the input's pixels, the flows at the photos' own size in tiles
+   instead of the flows at 5/4. Each model
    trained is also read with three scale weightings (equal, the finest scale double,
    the coarsest double), which need no training: only the fusion changes.
 3. Validation: B's images as they are, and each with one synthetic defect of each of
@@ -42,7 +44,7 @@ from torch.nn import functional as F
 
 from cflowad.common.errors import UserError
 from cflowad.common.progress import Reporter
-from cflowad.data.images import ImageInput, batches, load_image
+from cflowad.data.images import ImageInput, batches, image_sizes, load_image
 from cflowad.data.synthetic import paste_defects
 from cflowad.engine.model import CFlowAD
 from cflowad.method.config import Config
@@ -53,42 +55,66 @@ __all__ = ["CRITERION", "Candidate", "candidates", "tune"]
 CRITERION = "mean of image AUROC and AUPRO on synthetic defects"
 _SEEDS = (0, 1)  # one defect per seed and held-out image
 _MIN_HELD = 6  # held-out images: 3 to calibrate, 3 to validate at the least
+# images with this many times the input's pixels get a candidate at their own size
+NATIVE_FACTOR = 2
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One model to train: a decoder at an input size (height, width)."""
+    """One model to train: a decoder at an input size (height, width), maybe in tiles."""
 
     decoder: str
     image_size: tuple[int, int]
+    tile_size: int | None = None
 
     def config(self, base: Config) -> Config:
         """``base`` with this decoder and input size (a square one still takes the
-        training images' aspect ratio, as ``fit`` does)."""
+        training images' aspect ratio, as ``fit`` does; a tiled one is the images' own)."""
+        if self.tile_size is not None:
+            return dataclasses.replace(
+                base,
+                decoder=self.decoder,
+                image_size=self.image_size,
+                aspect="fixed",
+                tile_size=self.tile_size,
+            )
         return dataclasses.replace(base, decoder=self.decoder, image_size=self.image_size)
 
 
-def candidates(config: Config) -> list[Candidate]:
+def candidates(config: Config, sizes: Sequence[tuple[int, int]] = ()) -> list[Candidate]:
     """The trained candidates, cheapest first after the configured model itself.
 
     Input sizes are the configured one and 7/8 and 5/4 of it, in multiples of the
     largest stride; the Gaussian decoder fits in seconds, so its three sizes come
-    before the flows' other two.
+    before the flows' other two. When the training images (their ``sizes``) have at
+    least :data:`NATIVE_FACTOR` times the configured input's pixels, the flows' 5/4
+    gives way to the flows at the images' own size in tiles of the configured shorter
+    side: the same lever (more pixels on a defect), pulled all the way, at a similar
+    cost (the flows train on the same number of vectors; the encoder sees more).
     """
     step = max(config.strides)
-    sizes = [config.image_size]
+    inputs = [config.image_size]
     for factor in (7 / 8, 5 / 4):
         height, width = (
             max(step, step * round(side * factor / step)) for side in config.image_size
         )
-        if (height, width) not in sizes:
-            sizes.append((height, width))
+        if (height, width) not in inputs:
+            inputs.append((height, width))
     other = "gaussian" if config.decoder == "flow" else "flow"
-    return [
+    chosen = [
         Candidate(config.decoder, config.image_size),
-        *(Candidate(other, s) for s in sizes),
-        *(Candidate(config.decoder, s) for s in sizes[1:]),
+        *(Candidate(other, s) for s in inputs),
+        *(Candidate(config.decoder, s) for s in inputs[1:]),
     ]
+    if sizes and config.tile_size is None:
+        native = dataclasses.replace(config, aspect="native").fit_to(sizes).image_size
+        resolved = config.fit_to(sizes).image_size
+        if native[0] * native[1] >= NATIVE_FACTOR * resolved[0] * resolved[1]:
+            larger = ("flow", inputs[-1])  # the flows at 5/4, never the configured model
+            chosen = chosen[:1] + [c for c in chosen[1:] if (c.decoder, c.image_size) != larger]
+            tile = max(min(config.image_size), 4 * step)  # the smallest tile allowed
+            chosen.append(Candidate("flow", native, tile))
+    return chosen
 
 
 def weightings(scales: int) -> list[tuple[str, tuple[float, ...] | None]]:
@@ -126,6 +152,9 @@ def tune(
         ``training["tune"]``: the criterion, the choice and every candidate's figures.
     """
     start = time.perf_counter()
+    sizes = image_sizes(items)
+    if config.aspect == "native":  # the candidates' sizes are fractions of the native one
+        config = config.fit_to(sizes)
     splitter = CFlowAD(config, device=device)
     train, held = splitter.split_holdout(list(items))
     del splitter
@@ -155,18 +184,26 @@ def tune(
     rows: list[dict[str, Any]] = []
     best: tuple[dict[str, Any], CFlowAD, tuple[float, ...] | None] | None = None
     flow_seconds: float | None = None
-    for index, candidate in enumerate(candidates(config)):
+    for index, candidate in enumerate(candidates(config, sizes)):
         elapsed = time.perf_counter() - start
         estimate = (flow_seconds or 0.0) if candidate.decoder == "flow" else 0.0
         if index > 0 and budget_minutes is not None and elapsed + estimate > budget_minutes * 60:
             size = _size(candidate.image_size)
             reporter.log(f"--tune: {candidate.decoder} at {size} skipped (--tune-budget)")
             rows.append(
-                {"decoder": candidate.decoder, "size": size, "skipped": True, "chosen": False}
+                {
+                    "decoder": candidate.decoder,
+                    "size": size,
+                    "tile_size": candidate.tile_size,
+                    "skipped": True,
+                    "chosen": False,
+                }
             )
             continue
+        tiles = "" if candidate.tile_size is None else f" in tiles of {candidate.tile_size}"
         reporter.log(
-            f"--tune: candidate {index + 1}, {candidate.decoder} at {_size(candidate.image_size)}"
+            f"--tune: candidate {index + 1}, {candidate.decoder} at "
+            f"{_size(candidate.image_size)}{tiles}"
         )
         began = time.perf_counter()
         model = CFlowAD(candidate.config(config), device=device)
@@ -180,6 +217,7 @@ def tune(
             row = {
                 "decoder": candidate.decoder,
                 "size": _size(model.image_size),
+                "tile_size": candidate.tile_size,
                 "scale_weights": name,
                 **figures,
                 "train_seconds": round(seconds, 1),
