@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import itertools
 import json
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -144,7 +147,7 @@ def test_a_defect_on_a_cut_between_tiles_is_found(tiled_model):
     assert prediction.anomalous[1]
 
 
-def test_native_is_the_most_common_size_on_the_32_grid():
+def test_native_is_the_median_size_on_the_32_grid():
     sizes = [(427, 640)] * 3 + [(1000, 1500)] * 2
     assert Config(aspect="native").fit_to(sizes).image_size == (416, 640)
     assert Config(aspect="native").fit_to(sizes).aspect == "fixed"
@@ -233,3 +236,27 @@ def test_a_20_megapixel_image_is_scored_in_bounded_memory(tmp_path):
     figures = json.loads(run.stdout.splitlines()[-1])
     assert figures["shape"] == [3648, 5472]
     assert figures["scored"] - figures["loaded"] < 1500, figures
+
+
+def test_the_server_answers_a_tiled_model_as_predict_does(tiled_model):
+    from fastapi.testclient import TestClient
+
+    from cflowad.line.server import create_app
+
+    data, model_dir = tiled_model
+    image = sorted((data / "test" / "patch").glob("*.png"))[0]
+    expected = CFlowAD.load(model_dir, device="cpu").predict(str(image))
+    with TestClient(create_app({"tiled": model_dir})) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "the model did not load"
+            time.sleep(0.1)
+        answer = client.post(
+            "/v1/models/tiled/predict",
+            content=image.read_bytes(),
+            headers={"content-type": "image/png"},
+            params={"outputs": "map"},
+        ).json()
+    served = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["map"])))) / 65535
+    assert answer["score"] == pytest.approx(float(expected.scores[0]), abs=1e-6)
+    np.testing.assert_allclose(served, expected.maps[0], atol=1.5 / 65535)

@@ -83,7 +83,7 @@ def train(
         str,
         typer.Option(
             help="auto: keep the median aspect ratio; fixed: N x N; native: the training "
-            "images' most common size, rounded down to multiples of 32 (--image-size native)."
+            "images' median size, rounded down to multiples of 32 (--image-size native)."
         ),
     ] = DEFAULTS.aspect,
     strides: Annotated[str, typer.Option(help="Feature strides, comma-separated.")] = "8,16,32",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ class Config:
     ``aspect="auto"`` and a square ``image_size`` N, ``fit`` keeps the training
     images' median aspect ratio: the shorter side is N, the longer one a multiple
     of 32 (``"fixed"`` uses ``image_size`` as given; ``"native"`` the images' own
-    size, rounded down to multiples of 32: :meth:`fit_to`). ``training_precision="auto"``
+    median size, rounded down to multiples of 32: :meth:`fit_to`). ``training_precision="auto"``
     trains the decoders with bfloat16 matrix products where they measure faster
     than float32 on this CPU (scoring is always float32); ``compile_training`` fuses the
     training step with torch.compile (falls back to eager if compiling fails).
@@ -199,13 +198,14 @@ class Config:
 
     def fit_to(self, sizes: Sequence[tuple[int, int]]) -> Config:
         """This config with ``image_size`` resolved from the training images' (height,
-        width): ``aspect="native"`` takes their most common size, each side rounded down
-        to a multiple of the largest stride (the resolution tiles inspect at); ``"auto"``
-        keeps their median aspect ratio (:meth:`resolve_size`)."""
+        width): ``aspect="native"`` takes their median height and width (a camera's
+        size; the majority's when two cameras mix), each rounded down to a multiple of
+        the largest stride (the resolution tiles inspect at); ``"auto"`` keeps their
+        median aspect ratio (:meth:`resolve_size`)."""
         if self.aspect != "native":
             return self.resolve_size(float(np.median([w / h for h, w in sizes])))
         step = max(self.strides)
-        height, width = Counter(sizes).most_common(1)[0][0]
+        height, width = (int(np.median(side)) for side in zip(*sizes, strict=True))
         low = max(step, 32)  # the smallest input there is
         size = (max(low, height // step * step), max(low, width // step * step))
         return dataclasses.replace(self, image_size=size, aspect="fixed")
