@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from cflowad.data.images import list_images
+from cflowad.results.evaluate import HEADLINE_METRICS
 
 
 def lay(image: np.ndarray, border: int, rng: np.random.Generator, specks: bool) -> np.ndarray:
@@ -118,16 +119,9 @@ def main() -> None:
             ]
         )
         metrics = json.loads(report.read_text())
-        results[name] = {
-            k: metrics[k]
-            for k in (
-                "image_auroc",
-                "pixel_auroc",
-                "aupro",
-                "false_positive_rate_at_threshold",
-                "true_positive_rate_at_threshold",
-            )
-        } | {"train_seconds": round(seconds, 1)}
+        results[name] = {k: metrics[k] for k in HEADLINE_METRICS} | {
+            "train_seconds": round(seconds, 1)
+        }
         print(name, results[name], flush=True)
     (work / "region.json").write_text(json.dumps({"region": box, **results}, indent=2))
 

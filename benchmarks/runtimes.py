@@ -27,6 +27,7 @@ import torch
 
 import cflowad
 from cflowad.data.images import batches
+from cflowad.results.evaluate import HEADLINE_METRICS
 
 CLI = [sys.executable, "-m", "cflowad"]
 
@@ -113,16 +114,7 @@ def main() -> None:
             metrics = root / f"{name}.json"
             run("test", path, args.category, "--json", metrics)
             figures = json.loads(metrics.read_text())
-            accuracy[name] = {
-                k: figures.get(k)
-                for k in (
-                    "image_auroc",
-                    "pixel_auroc",
-                    "aupro",
-                    "false_positive_rate_at_threshold",
-                    "true_positive_rate_at_threshold",
-                )
-            }
+            accuracy[name] = {k: figures.get(k) for k in HEADLINE_METRICS}
             accuracy[name]["image_fpr_achievable"] = (
                 models[name].describe().get("image_fpr_achievable")
             )

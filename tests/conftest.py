@@ -87,6 +87,38 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _served_map(model_dir: Path, image: Path) -> tuple[float, np.ndarray]:
+    """The server's answer for one PNG: (score, map in [0, 1]), from an app that serves
+    ``model_dir`` alone (in process, no socket), once its model has loaded."""
+    import base64
+    import io
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from cflowad.line.server import create_app
+
+    with TestClient(create_app({"served": model_dir})) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "the model did not load"
+            time.sleep(0.1)
+        answer = client.post(
+            "/v1/models/served/predict",
+            content=image.read_bytes(),
+            headers={"content-type": "image/png"},
+            params={"outputs": "map"},
+        ).json()
+    served = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["map"])))) / 65535
+    return answer["score"], served
+
+
+@pytest.fixture
+def served_map():
+    """:func:`_served_map`: the server's (score, map) for one image of a model."""
+    return _served_map
+
+
 @pytest.fixture
 def free_port():
     """A function that gives a port on 127.0.0.1 that nothing listens on."""

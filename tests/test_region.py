@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import json
-import time
 
 import numpy as np
 import pytest
@@ -163,27 +160,12 @@ def test_region_errors_stop_before_training(texture_dataset, tmp_path, capsys):
     assert "root of categories" in capsys.readouterr().err
 
 
-def test_the_server_answers_with_the_region_applied(region_model, texture_dataset):
-    from fastapi.testclient import TestClient
-
-    from cflowad.line.server import create_app
-
+def test_the_server_answers_with_the_region_applied(region_model, texture_dataset, served_map):
     image = sorted((texture_dataset / "test" / "patch").glob("*.png"))[0]
     model = cflowad.load(region_model)
     expected = model.predict(str(image))
-    with TestClient(create_app({"boxed": region_model})) as client:
-        deadline = time.monotonic() + 60
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "the model did not load"
-            time.sleep(0.1)
-        answer = client.post(
-            "/v1/models/boxed/predict",
-            content=image.read_bytes(),
-            headers={"content-type": "image/png"},
-            params={"outputs": "map"},
-        ).json()
-    served = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["map"])))) / 65535
-    assert answer["score"] == pytest.approx(float(expected.scores[0]), abs=1e-6)
+    score, served = served_map(region_model, image)
+    assert score == pytest.approx(float(expected.scores[0]), abs=1e-6)
     np.testing.assert_allclose(served, expected.maps[0], atol=1.5 / 65535)
     outside = ~model.region_at((128, 128))
     assert (served[outside] == 0).all() and outside.mean() > 0.5

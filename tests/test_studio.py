@@ -153,3 +153,19 @@ def test_progress_file_follows_a_task(tmp_path):
     assert middle["step"] == "training" and middle["total"] == 10 and middle["done"] >= 6
     assert final["done"] == 10 and final["finished"] and final["eta_seconds"] == 0
     assert final["per_second"] > 0 and final["status"] == "loss 1.0"
+
+
+def test_jpeg_fits_the_side_keeps_the_aspect_and_the_picture():
+    import io
+
+    from PIL import Image
+    from skimage import data as skdata
+
+    from cflowad.results.pictures import jpeg
+
+    photo = skdata.astronaut()[:, 64:448]  # 512 x 384, uint8
+    for image in (photo, photo / 255.0):
+        sent = Image.open(io.BytesIO(jpeg(image, 128)))
+        assert sent.format == "JPEG" and sent.size == (96, 128)
+        small = np.asarray(Image.fromarray(photo).resize((96, 128), Image.Resampling.LANCZOS))
+        assert np.abs(np.asarray(sent, float) - small).mean() < 6

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import itertools
 import json
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -238,25 +235,10 @@ def test_a_20_megapixel_image_is_scored_in_bounded_memory(tmp_path):
     assert figures["scored"] - figures["loaded"] < 1500, figures
 
 
-def test_the_server_answers_a_tiled_model_as_predict_does(tiled_model):
-    from fastapi.testclient import TestClient
-
-    from cflowad.line.server import create_app
-
+def test_the_server_answers_a_tiled_model_as_predict_does(tiled_model, served_map):
     data, model_dir = tiled_model
     image = sorted((data / "test" / "patch").glob("*.png"))[0]
     expected = CFlowAD.load(model_dir, device="cpu").predict(str(image))
-    with TestClient(create_app({"tiled": model_dir})) as client:
-        deadline = time.monotonic() + 60
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "the model did not load"
-            time.sleep(0.1)
-        answer = client.post(
-            "/v1/models/tiled/predict",
-            content=image.read_bytes(),
-            headers={"content-type": "image/png"},
-            params={"outputs": "map"},
-        ).json()
-    served = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["map"])))) / 65535
-    assert answer["score"] == pytest.approx(float(expected.scores[0]), abs=1e-6)
+    score, served = served_map(model_dir, image)
+    assert score == pytest.approx(float(expected.scores[0]), abs=1e-6)
     np.testing.assert_allclose(served, expected.maps[0], atol=1.5 / 65535)

@@ -15,7 +15,7 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -56,6 +56,7 @@ _RETRAIN = {
     "others; its held-out statistics were not saved, so it cannot be converted",
 }
 # model.json's calibration entry; the weights file holds the same values as buffers
+_Item = TypeVar("_Item")  # what split_holdout splits: images, or their indices
 _CALIBRATION_KEYS = ("reference", "image_threshold_raw", "pixel_threshold_raw")
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
@@ -130,13 +131,15 @@ class CFlowAD(InferenceEngine):
         calibration_items: Sequence[ImageInput],
         reporter: Reporter | None = None,
         region: str | Path | np.ndarray | None = None,
+        sizes: Sequence[tuple[int, int]] | None = None,
     ) -> CFlowAD:
         """:meth:`fit` on a split already made: train the decoders on ``train_items``,
         calibrate on ``calibration_items`` (``train --tune`` keeps some held-out images
-        back for its validation)."""
+        back for its validation). ``sizes``: the (height, width) of both lists' images in
+        that order, if known (``--tune`` reads the headers once for all its candidates)."""
         reporter = reporter or Reporter(enabled=False)
-        items = [*train_items, *calibration_items]
-        sizes = image_sizes(items)
+        if sizes is None:
+            sizes = image_sizes([*train_items, *calibration_items])
         resolved = self.config.fit_to(sizes)
         if resolved != self.config:
             reporter.log(
@@ -416,9 +419,10 @@ class CFlowAD(InferenceEngine):
             self.weights_sha256,
         )
 
-    def split_holdout(self, items: list[ImageInput]) -> tuple[list[ImageInput], list[ImageInput]]:
+    def split_holdout(self, items: list[_Item]) -> tuple[list[_Item], list[_Item]]:
         """The training images and the held-out ones, as :meth:`fit` splits them (seeded:
-        the same list gives the same split, so an int8 export refits on the same images)."""
+        the same list gives the same split, so an int8 export refits on the same images).
+        Only the count matters: indices split as their images would."""
         config = self.config
         if config.calibrate_on_train:
             if len(items) < 2:

@@ -16,7 +16,16 @@ from cflowad.data.datasets import TestSet, load_mask
 from cflowad.engine.inference import Prediction, Predictor
 from cflowad.results.metrics import aupro, f1_max, image_auroc, pixel_auroc
 
-__all__ = ["Evaluation", "evaluate"]
+__all__ = ["HEADLINE_METRICS", "Evaluation", "evaluate"]
+
+# The figures a comparison quotes from a `cflowad test` report (benchmarks, docs tables).
+HEADLINE_METRICS = (
+    "image_auroc",
+    "pixel_auroc",
+    "aupro",
+    "false_positive_rate_at_threshold",
+    "true_positive_rate_at_threshold",
+)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from sklearn.metrics import roc_curve
 
 from cflowad.results.metrics import pro_curve
 
-__all__ = ["blend", "overlay", "save_curves", "save_histogram", "save_overlay"]
+__all__ = ["blend", "jpeg", "overlay", "save_curves", "save_histogram", "save_overlay"]
 
 
 def overlay(
@@ -54,6 +55,18 @@ def blend(
             edge = mask & ~ndimage.binary_erosion(mask, iterations=max(1, image.shape[0] // 200))
             blended[edge] = colour
     return (blended * 255).round().astype(np.uint8)
+
+
+def jpeg(image: np.ndarray, side: int, quality: int = 85) -> bytes:
+    """A JPEG of ``image`` (RGB uint8, or float in [0, 1]) that fits in ``side`` x ``side``:
+    what a browser is sent to look at (the studio's cards, samples and live frames)."""
+    if image.dtype != np.uint8:
+        image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+    picture = Image.fromarray(image)
+    picture.thumbnail((side, side), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
 
 
 def save_overlay(

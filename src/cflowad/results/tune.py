@@ -156,17 +156,21 @@ def tune(
     if config.aspect == "native":  # the candidates' sizes are fractions of the native one
         config = config.fit_to(sizes)
     splitter = CFlowAD(config, device=device)
-    train, held = splitter.split_holdout(list(items))
+    train_index, held_index = splitter.split_holdout(list(range(len(items))))
     del splitter
-    if config.calibrate_on_train or len(held) < _MIN_HELD:
+    if config.calibrate_on_train or len(held_index) < _MIN_HELD:
         raise UserError(
             f"option --tune needs at least {_MIN_HELD} held-out images (it keeps half to "
-            f"validate on synthetic defects), got {len(held)}: more training images or a "
-            "larger --holdout-fraction, and no --calibrate-on-train"
+            f"validate on synthetic defects), got {len(held_index)}: more training images or "
+            "a larger --holdout-fraction, and no --calibrate-on-train"
         )
-    order = np.random.default_rng(config.seed).permutation(len(held))
-    fit_part = [held[i] for i in order[: len(held) // 2]]
-    check_part = [held[i] for i in order[len(held) // 2 :]]
+    order = np.random.default_rng(config.seed).permutation(held_index).tolist()
+    fit_index, check_index = order[: len(order) // 2], order[len(order) // 2 :]
+    train = [items[i] for i in train_index]
+    held = [items[i] for i in held_index]
+    fit_part = [items[i] for i in fit_index]
+    check_part = [items[i] for i in check_index]
+    fit_sizes = [sizes[i] for i in [*train_index, *fit_index]]
     clean = [load_image(item) for item in check_part]
     defective, masks = [], []
     for seed in _SEEDS:
@@ -207,7 +211,7 @@ def tune(
         )
         began = time.perf_counter()
         model = CFlowAD(candidate.config(config), device=device)
-        model.fit_split(train, fit_part, quiet, region)
+        model.fit_split(train, fit_part, quiet, region, fit_sizes)
         seconds = time.perf_counter() - began
         if keep is not None:
             model.save(keep / f"{candidate.decoder}-{_size(model.image_size)}")

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import io
 import json
 import logging
 import math
@@ -29,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from cflowad.common.errors import UserError
 from cflowad.common.version import __version__
@@ -51,6 +49,7 @@ from cflowad.line.server import (
     too_large_message,
 )
 from cflowad.line.settings import ServeSettings
+from cflowad.results.pictures import jpeg
 from cflowad.studio.jobs import SETTINGS, TrainingQueue
 from cflowad.studio.live import LiveSources
 from cflowad.studio.runs import PICTURES, ScoringRuns
@@ -292,12 +291,8 @@ def create_studio(workspace: Workspace, settings: StudioSettings | None = None) 
         first = find_training_images(folder)[0]
         image = await run_in_threadpool(load_image, first)
         height, width = image.shape[:2]
-        picture = Image.fromarray((image * 255).round().astype(np.uint8))
-        picture.thumbnail((1024, 1024))
-        buffer = io.BytesIO()
-        picture.save(buffer, format="JPEG", quality=85)
         return Response(
-            buffer.getvalue(),
+            jpeg(image, 1024),
             media_type="image/jpeg",
             headers={"x-image-width": str(width), "x-image-height": str(height)},
         )

@@ -9,7 +9,6 @@ flat however long a source runs), pushed as server-sent events.
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 import time
@@ -18,14 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from cflowad.common.errors import UserError, reason
 from cflowad.engine.inference import ImageResult, Predictor
 from cflowad.line.publish import Publisher
 from cflowad.line.stream import stream_video
 from cflowad.line.watch import watch_folder
-from cflowad.results.pictures import blend
+from cflowad.results.pictures import blend, jpeg
 from cflowad.studio.workspace import Workspace, new_id, now, read_json, write_json
 
 __all__ = ["HISTORY", "LiveSources"]
@@ -52,10 +50,7 @@ class _Source:
         self.thread: threading.Thread | None = None
 
     def on_result(self, image: np.ndarray, result: ImageResult, record: dict[str, Any]) -> None:
-        picture = Image.fromarray(blend(image, result.anomaly_map, result.mask))
-        picture.thumbnail((FRAME_SIDE, FRAME_SIDE))
-        buffer = io.BytesIO()
-        picture.save(buffer, format="JPEG", quality=80)
+        frame = jpeg(blend(image, result.anomaly_map, result.mask), FRAME_SIDE, quality=80)
         entry = {
             "n": self.count,
             "score": round(result.score, 6),
@@ -64,7 +59,7 @@ class _Source:
             "name": Path(str(record.get("image", ""))).name or f"frame {record.get('frame')}",
         }
         with self.changed:
-            self.frame = buffer.getvalue()
+            self.frame = frame
             self.count += 1
             self.history.append(entry)
             if result.anomalous:

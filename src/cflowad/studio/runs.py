@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from cflowad.common.errors import UserError, reason
 from cflowad.data.images import list_images, load_image
 from cflowad.engine.inference import ImageResult
-from cflowad.results.pictures import blend
+from cflowad.results.pictures import blend, jpeg
 from cflowad.studio.workspace import (
     Workspace,
     append_record,
@@ -212,6 +211,4 @@ def save_pictures(stem: Path, image: np.ndarray, result: ImageResult) -> None:
         ("overlay", overlay, DETAIL_SIDE),
     )
     for kind, array, side in pictures:
-        picture = Image.fromarray(array)
-        picture.thumbnail((side, side), Image.Resampling.LANCZOS)
-        picture.save(stem.with_name(f"{stem.name}.{kind}.jpg"), quality=85)
+        stem.with_name(f"{stem.name}.{kind}.jpg").write_bytes(jpeg(array, side))
