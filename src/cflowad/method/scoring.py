@@ -82,6 +82,10 @@ class CFlowNet(nn.Module):
         self.feature_sizes = [
             (config.image_size[0] // s, config.image_size[1] // s) for s in encoder.strides
         ]
+        if self.tiles is not None:  # where each stitched cell lies in the tiles' maps
+            for k, stride in enumerate(encoder.strides):
+                cells = torch.tensor(self.tiles.cells(stride))
+                self.register_buffer(f"tile_cells_{k}", cells, persistent=False)
         self.decoders = nn.ModuleList(
             GaussianDecoder(dim, height * width)
             if config.decoder == "gaussian"
@@ -166,37 +170,56 @@ class CFlowNet(nn.Module):
             return self._encode_batch(images, min_batch)
         layout, batch = self.tiles, images.shape[0]
         height, width = layout.size
+        # (B, 3, h, w) each, tiles row-major: slices of each row's strip. An exported
+        # graph keeps few slices: onnxscript's optimizer tries every pair of them.
+        strips = [images[:, :, row.start : row.start + height] for row in layout.rows]
         crops = [
-            images[:, :, row.start : row.start + height, column.start : column.start + width]
-            for row in layout.rows
+            strip[:, :, :, column.start : column.start + width]
+            for strip in strips
             for column in layout.columns
         ]
         group = max(1, TILE_GROUP_PIXELS // (height * width))
         if min_batch > 1:  # training asks for min_batch inputs a call: tiles, not padding
             group = max(group, -(-min_batch // batch))
-        tiles: list[list[Tensor]] = []  # per tile, per scale: (B, D_k, h_k, w_k)
-        for first in range(0, len(crops), group):
-            some = crops[first : first + group]
-            encoded = self._encode_batch(torch.cat(some), min_batch)
-            tiles.extend(
-                [f[i * batch : (i + 1) * batch] for f in encoded] for i in range(len(some))
-            )
-        stitched = []
-        for k, stride in enumerate(self.encoder.strides):
-            rows = [
-                torch.cat(
-                    [
-                        tiles[r * len(layout.columns) + c][k][
-                            :, :, row.owned(stride), column.owned(stride)
-                        ]
-                        for c, column in enumerate(layout.columns)
-                    ],
-                    dim=3,
-                )
-                for r, row in enumerate(layout.rows)
+        if torch.compiler.is_exporting():
+            encoded = self._encode_in_loop(torch.stack(crops), group)
+        else:  # (tiles * B, D_k, h_k, w_k) per scale
+            per_group = [
+                self._encode_batch(torch.cat(crops[first : first + group]), min_batch)
+                for first in range(0, len(crops), group)
             ]
-            stitched.append(torch.cat(rows, dim=2))
+            encoded = [torch.cat(scale) for scale in zip(*per_group, strict=True)]
+        stitched = []
+        for k, (f, (rows, columns)) in enumerate(zip(encoded, self.feature_sizes, strict=True)):
+            # (tiles * B, D, h, w) -> (B * D, tiles * h * w) -> each cell from the tile that
+            # owns it: one gather (the reshape keeps the batch apart from what it merges,
+            # which OpenVINO's CPU plugin needs with a dynamic batch)
+            dim = f.shape[1]
+            laid = f.reshape(len(crops), -1, f.shape[2] * f.shape[3]).transpose(0, 1)
+            cells = laid.reshape(laid.shape[0], -1).index_select(1, self.tile_cells(k))
+            stitched.append(cells.view(batch, dim, rows, columns))
         return stitched
+
+    def tile_cells(self, k: int) -> Tensor:
+        """:meth:`TileLayout.cells` of scale k (a buffer, on the model's device)."""
+        return getattr(self, f"tile_cells_{k}")
+
+    def _encode_in_loop(self, tiles: Tensor, group: int) -> list[Tensor]:
+        """The encoder over (tiles, B, 3, h, w) ``group`` tiles at a time, as one loop
+        in an exported graph (ONNX Scan): the graph holds the encoder once, not once per
+        group, and memory follows the group, as in PyTorch."""
+        from torch._higher_order_ops.scan import scan  # exports to ONNX Scan
+
+        count, batch = tiles.shape[0], tiles.shape[1]
+        steps = -(-count // group)
+        padded = torch.cat([tiles, tiles[-1:].expand(steps * group - count, *tiles.shape[1:])])
+        groups = padded.reshape(steps, group * batch, *tiles.shape[2:])
+
+        def step(carry: Tensor, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+            return carry.clone(), self.encoder(images)
+
+        _, encoded = scan(step, torch.zeros(()), groups)
+        return [f.flatten(0, 1)[: count * batch] for f in encoded]
 
     def _encode_batch(self, images: Tensor, min_batch: int) -> list[Tensor]:
         n = images.shape[0]

@@ -51,6 +51,22 @@ class TileLayout:
         """Number of tiles."""
         return len(self.rows) * len(self.columns)
 
+    def cells(self, stride: int) -> list[int]:
+        """Where each cell of the image's feature map at ``stride`` (row-major) lies in
+        the tiles' maps laid side by side, (tile row, tile column, row, column) with
+        tiles row-major: the cell of the tile that owns it."""
+        height, width = self.size[0] // stride, self.size[1] // stride
+        index = []
+        for r, row in enumerate(self.rows):
+            for y in range(row.own_start // stride, row.own_end // stride):
+                for c, column in enumerate(self.columns):
+                    tile = r * len(self.columns) + c
+                    start = (tile * height + y - row.start // stride) * width
+                    first, last = column.own_start // stride, column.own_end // stride
+                    offset = start - column.start // stride
+                    index.extend(range(offset + first, offset + last))
+        return index
+
 
 def spans(length: int, tile: int, overlap: float, step: int) -> tuple[int, tuple[Span, ...]]:
     """Tiles of ``tile`` pixels covering ``length`` with at least ``overlap`` of a tile
