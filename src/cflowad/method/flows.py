@@ -121,9 +121,9 @@ class CouplingBlock(nn.Module):
         # the rotation was no faster at inference and slower in training.
         # split, not two slices: an exported graph then holds one Split node where it
         # would hold two Slice nodes, and onnxscript's optimizer tries every pair of those
-        x1, x2 = x.split((self.passive, self.active), dim=-1)
+        x1, x2 = torch.split(x, [self.passive, self.active], dim=-1)
         hidden = self.input_layer(x1).add_(condition).relu_()
-        a_scale, a_shift = self.output_layer(hidden).mul_(0.1).split(self.active, dim=-1)
+        a_scale, a_shift = torch.split(self.output_layer(hidden).mul_(0.1), self.active, dim=-1)
         log_scale = self.clamp_alpha * torch.tanh(a_scale)
         x2 = torch.addcmul(a_shift, x2, torch.exp(log_scale))
         scale = 0.1 * F.softplus(self.global_scale, beta=0.5)

@@ -56,7 +56,7 @@ class TileLayout:
         the tiles' maps laid side by side, (tile row, tile column, row, column) with
         tiles row-major: the cell of the tile that owns it."""
         height, width = self.size[0] // stride, self.size[1] // stride
-        index = []
+        index: list[int] = []
         for r, row in enumerate(self.rows):
             for y in range(row.own_start // stride, row.own_end // stride):
                 for c, column in enumerate(self.columns):
