@@ -143,6 +143,7 @@ def export_onnx(
             metadata["region"] = json.dumps(encode_region(net.region.cpu().numpy() > 0.5))
         for key, value in metadata.items():
             onnx_model.metadata_props.add(key=key, value=value)
+        _keep_unfolded(onnx_model, [f"net.{name}" for name in net.computed_codes()])
         onnx.save(onnx_model, str(staging))
         difference = _check_with_onnxruntime(staging, wrapper, example)
         os.replace(staging, path)
@@ -154,6 +155,26 @@ def export_onnx(
         "seconds": round(time.perf_counter() - start, 1),
         "max_relative_difference": difference,
     }
+
+
+def _keep_unfolded(model: Any, names: Sequence[str]) -> None:
+    """Declare the initializers ``names`` graph inputs too, their values the defaults.
+
+    ONNX Runtime never constant-folds what an overridable initializer feeds. Those are
+    the positional codes of flows that compute their condition terms as they go
+    (:data:`cflowad.method.scoring.CONDITION_BUDGET`): folded at load, the terms of a
+    20-megapixel model took 72 s and 18 GB; left to the graph, loading took 2 s and
+    scoring peaked at 3 GB (docs/benchmarks.md, "Tiles"). Scoring passes images alone.
+    """
+    import onnx
+
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    for name in names:
+        tensor = initializers.get(name)
+        if tensor is None:  # a small code, folded by onnxscript's optimizer already
+            continue
+        info = onnx.helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims))
+        model.graph.input.append(info)
 
 
 def _check_with_onnxruntime(file: Path, wrapper: _Decisions, example: Tensor) -> float | None:

@@ -152,6 +152,15 @@ class CFlowNet(nn.Module):
                 padded = torch.cat([codes, codes[-1:].expand(max(0, 16 - rows), -1)])
                 setattr(self, f"conditions_{k}", decoder.condition(padded)[:, :rows].contiguous())
 
+    def computed_codes(self) -> list[str]:
+        """The buffers of positional codes whose flows compute their condition terms as
+        they go (none kept by :meth:`refresh_conditions`): an export keeps them unfolded."""
+        return [
+            f"code_{k}"
+            for k, decoder in enumerate(self.decoders)
+            if isinstance(decoder, ConditionalFlow) and not getattr(self, f"conditions_{k}").numel()
+        ]
+
     def decoder(self, k: int) -> ConditionalFlow:
         """The flow of scale k (typed: ``nn.ModuleList`` items are plain modules)."""
         decoder = self.decoders[k]
