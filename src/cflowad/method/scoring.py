@@ -217,7 +217,8 @@ class CFlowNet(nn.Module):
         """The encoder over (tiles, B, 3, h, w) ``group`` tiles at a time, as one loop
         in an exported graph (ONNX Scan): the graph holds the encoder once, not once per
         group, and memory follows the group, as in PyTorch."""
-        from torch._higher_order_ops.scan import scan  # exports to ONNX Scan
+        # torch.onnx's exporter turns this loop, and no other, into ONNX Scan
+        from torch._higher_order_ops.scan import scan
 
         count, batch = tiles.shape[0], tiles.shape[1]
         steps = -(-count // group)
