@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from cflowad.common.errors import UserError
 from cflowad.common.version import __version__
 from cflowad.engine.inference import THRESHOLD
-from cflowad.engine.onnx import INPUT_NAME, MARK, OUTPUT_NAMES
+from cflowad.engine.onnx import INPUT_NAME, MARK, OUTPUT_NAMES, cpu_session
 from cflowad.method.config import Config
 from cflowad.method.region import encode_region
 from cflowad.method.scoring import CFlowNet
@@ -180,10 +180,10 @@ def _keep_unfolded(model: Any, names: Sequence[str]) -> None:
 def _check_with_onnxruntime(file: Path, wrapper: _Decisions, example: Tensor) -> float | None:
     """:func:`_worst_difference` of ONNX Runtime's outputs, or None without ONNX Runtime."""
     try:
-        import onnxruntime
+        import onnxruntime  # noqa: F401
     except ImportError:
         return None
-    session = onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    session = cpu_session(file)
     return _worst_difference(
         "ONNX Runtime",
         wrapper,

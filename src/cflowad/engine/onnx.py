@@ -62,6 +62,9 @@ def cpu_session(path: Path) -> Any:
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = onnx_threads()
     options.add_session_config_entry("session.use_env_allocators", "1")
+    # errors only: ONNX Runtime warns at every load that the codes an export declares
+    # overridable (cflowad.engine.export._keep_unfolded) will not be folded: the point
+    options.log_severity_level = 3
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
