@@ -55,8 +55,8 @@ _RETRAIN = {
     2: "it fuses the scales by unbounded z-scores, which let the coarsest scale swamp the "
     "others; its held-out statistics were not saved, so it cannot be converted",
 }
-# model.json's calibration entry; the weights file holds the same values as buffers
 _Item = TypeVar("_Item")  # what split_holdout splits: images, or their indices
+# model.json's calibration entry; the weights file holds the same values as buffers
 _CALIBRATION_KEYS = ("reference", "image_threshold_raw", "pixel_threshold_raw")
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
