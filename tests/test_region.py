@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from matplotlib.path import Path as MplPath
 from PIL import Image, ImageFilter
 
 import cflowad
@@ -14,7 +15,13 @@ from cflowad import CFlowAD
 from cflowad.cli import main
 from cflowad.common.errors import UserError
 from cflowad.data.images import batches
-from cflowad.method.region import decode_region, encode_region, read_region, region_at
+from cflowad.method.region import (
+    decode_region,
+    draw_region,
+    encode_region,
+    read_region,
+    region_at,
+)
 from cflowad.method.scoring import readable
 
 FAST = ["--image-size", "64", "--steps", "20", "--no-compile", "--quiet"]
@@ -66,6 +73,88 @@ def test_a_mask_of_another_shape_or_empty_is_refused(tmp_path):
         read_region(str(wrong), [(120, 160)])
     with pytest.raises(UserError, match="empty"):
         read_region(str(empty), [(120, 160)])
+
+
+def test_a_drawn_polygon_holds_the_pixels_whose_centre_it_holds():
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:120, :160] + 0.5
+    centres = np.stack([xx.ravel(), yy.ravel()], 1)
+    for _ in range(5):  # concave polygons, checked against matplotlib's point-in-polygon
+        angles = np.sort(rng.uniform(0, 2 * np.pi, 9))
+        radii = rng.uniform(10, 55, 9)
+        points = np.stack([80 + radii * np.cos(angles), 60 + radii * np.sin(angles)], 1)
+        reference = MplPath(points).contains_points(centres).reshape(120, 160)
+        drawn = draw_region({"shapes": [{"points": points.tolist()}]}, 120, 160)
+        assert np.array_equal(drawn, reference)
+    # the polygon of a box is the box's region, pixel for pixel
+    corners = [[40, 30], [140, 30], [140, 90], [40, 90]]
+    box = read_region("40,30,100,60", [(120, 160)])
+    assert np.array_equal(draw_region({"shapes": [{"points": corners}]}, 120, 160), box)
+    # drawn on a half-size sample: the same region in the training images' pixels
+    half = {"shapes": [{"points": (np.array(corners) / 2).tolist()}], "width": 80, "height": 60}
+    assert np.array_equal(draw_region(half, 120, 160), box)
+
+
+def test_the_region_is_the_drawn_shapes_less_the_cut_out_ones(tmp_path):
+    outer = [[0, 0], [160, 0], [160, 120], [0, 120]]
+    hole = [[40, 30], [140, 30], [140, 90], [40, 90]]
+    box = read_region("40,30,100,60", [(120, 160)])
+    file = tmp_path / "drawn.json"
+    file.write_text(json.dumps({"shapes": [{"points": outer}, {"points": hole, "exclude": True}]}))
+    assert np.array_equal(read_region(str(file), [(120, 160)]), ~box)
+    # cut-outs alone are cut from the whole image
+    only_cut = {"shapes": [{"points": hole, "exclude": True}]}
+    assert np.array_equal(draw_region(only_cut, 120, 160), ~box)
+    # two shapes that overlap are their union, not their even-odd difference
+    left, right = (
+        read_region("0,0,100,120", [(120, 160)]),
+        read_region("60,0,100,120", [(120, 160)]),
+    )
+    both = {
+        "shapes": [
+            {"points": [[0, 0], [100, 0], [100, 120], [0, 120]]},
+            {"points": [[60, 0], [160, 0], [160, 120], [60, 120]]},
+        ]
+    }
+    assert np.array_equal(draw_region(both, 120, 160), left | right)
+
+
+@pytest.mark.parametrize(
+    ("drawn", "message"),
+    [
+        ({"shapes": []}, "shapes"),
+        ([[0, 0], [1, 1]], "shapes"),
+        ({"shapes": [{"points": [[0, 0], [10, 10]]}]}, "shape 1 needs three"),
+        ({"shapes": [{"points": [[0, 0], [10, "a"], [5, 5]]}]}, "shape 1 needs three"),
+        (
+            {
+                "shapes": [
+                    {"points": [[0, 0], [10, 0], [5, 5]]},
+                    {"points": [[0, 0], [999, 0], [5, 5]]},
+                ]
+            },
+            "shape 2 leaves the image",
+        ),
+        (
+            {"shapes": [{"points": [[0, 0], [10, 0], [5, 5]]}], "width": 100, "height": 100},
+            "drawn on a 100x100 image",
+        ),
+        (
+            {
+                "shapes": [
+                    {"points": [[0, 0], [10, 0], [10, 10], [0, 10]], "exclude": True},
+                    {"points": [[0, 0], [10, 0], [10, 10], [0, 10]]},
+                ]
+            },
+            "empty",
+        ),
+    ],
+)
+def test_a_wrong_drawing_is_a_one_line_error(drawn, message, tmp_path):
+    file = tmp_path / "drawn.json"
+    file.write_text(json.dumps(drawn))
+    with pytest.raises(UserError, match=message):
+        read_region(str(file), [(120, 160)])
 
 
 @pytest.fixture(scope="module")

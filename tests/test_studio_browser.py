@@ -18,8 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from cflowad.method.region import decode_region, draw_region, region_at
+from cflowad.studio.workspace import read_json
 
 
 def find_chromium() -> str:
@@ -555,27 +559,47 @@ def test_the_region_is_drawn_on_a_sample_and_trained_with(running, page):
     form.get_by_label("Model name").fill("boxed")
     pick(page, "Folder of good images", "brick")
     form.get_by_text("Settings").click()
-    canvas = page.get_by_label("Sample image: drag a box on it")
+    canvas = page.get_by_label("Sample image: draw the region on it")
     expect(canvas).to_be_visible()
     box = canvas.bounding_box()
     assert box is not None
+
+    def at(fx: float, fy: float) -> tuple[float, float]:  # a point of the sample, in fractions
+        return box["x"] + fx * box["width"], box["y"] + fy * box["height"]
+
     # drag from a tenth to six tenths of the sample: pixels 12 to 77 of a 128-pixel image
-    page.mouse.move(box["x"] + 0.1 * box["width"], box["y"] + 0.1 * box["height"])
+    page.mouse.move(*at(0.1, 0.1))
     page.mouse.down()
-    page.mouse.move(box["x"] + 0.6 * box["width"], box["y"] + 0.6 * box["height"], steps=5)
+    page.mouse.move(*at(0.6, 0.6), steps=5)
     page.mouse.up()
-    shot(page, "region")
-    drawn = form.get_by_label("Inspection region").input_value()
-    x, y, w, h = (int(v) for v in drawn.split(","))
+    summary = form.get_by_label("Region drawn")
+    drawn = summary.text_content() or ""
+    assert drawn.startswith("box ")
+    x, y, w, h = (int(v) for v in drawn.removeprefix("box ").split(","))
     assert abs(x - 12.8) <= 1.5 and abs(y - 12.8) <= 1.5 and abs(w - 64) <= 2 and abs(h - 64) <= 2
+    # cut a triangle out of the box: three clicks, and a double-click on the last corner
+    form.get_by_label("Polygon").check()
+    form.get_by_label("Cut out").check()
+    page.mouse.click(*at(0.2, 0.2))
+    page.mouse.click(*at(0.5, 0.2))
+    page.mouse.dblclick(*at(0.2, 0.5))
+    expect(summary).to_have_text(f"box {x},{y},{w},{h}, less polygon of 3 corners")
+    shot(page, "region")
     form.get_by_label("Decoder").select_option("gaussian")
     form.get_by_label("Image size").fill("64")
     form.get_by_role("button", name="Start training").click()
     meta_file = workspace / "models" / "boxed" / "model.json"
     wait_for(meta_file.is_file, what="the boxed model")
     meta = json.loads(meta_file.read_text())
-    assert meta["training"]["region_inside"] == pytest.approx(w * h / 128**2, abs=0.03)
-    assert meta["region"]["height"] == 64
+    triangle = (0.3 * 128) ** 2 / 2
+    assert meta["training"]["region_inside"] == pytest.approx((w * h - triangle) / 128**2, abs=0.03)
+    # the model holds what the page drew, as cflowad.method.region rasterizes it
+    (job,) = [j for j in map(read_json, workspace.glob("jobs/*/job.json")) if j["model"] == "boxed"]
+    sent = job["settings"]["region"]
+    assert (sent["width"], sent["height"]) == (128, 128) and len(sent["shapes"]) == 2
+    expected = region_at(draw_region(sent, 128, 128), (64, 64))
+    assert np.array_equal(decode_region(meta["region"]), expected)
+    assert not expected[16, 16] and expected[35, 35] and not expected[5, 5]
     # a region that is not a box is refused before anything is queued
     answer = api(
         url,
@@ -589,3 +613,17 @@ def test_the_region_is_drawn_on_a_sample_and_trained_with(running, page):
         },
     )
     assert answer.status_code in (400, 422) and "x,y,w,h" in answer.text
+    square = [[0, 0], [10, 0], [10, 10], [0, 10]]
+    nothing = {"shapes": [{"points": square}, {"points": square, "exclude": True}]}
+    answer = api(
+        url,
+        "POST",
+        "/studio/api/trainings",
+        json={
+            "name": "bad",
+            "root": next(r for r in state_roots(url) if r.startswith("allowed")),
+            "path": "brick",
+            "settings": {"region": nothing},
+        },
+    )
+    assert answer.status_code in (400, 422) and "empty" in answer.text

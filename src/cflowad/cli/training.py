@@ -208,8 +208,9 @@ def train(
         str | None,
         typer.Option(
             help="Inspect only here: a mask image the training images' shape (white: "
-            "inspect) or a box x,y,w,h in their pixels. Maps are zero outside it and the "
-            "score and thresholds ignore it, in every command and export.",
+            "inspect), a box x,y,w,h in their pixels, or a JSON file of polygons (as the "
+            "studio draws them; docs/formats.md). Maps are zero outside it and the score "
+            "and thresholds ignore it, in every command and export.",
         ),
     ] = None,
     tune: Annotated[

@@ -27,6 +27,8 @@ from typing import Any
 
 from cflowad.common.errors import UserError
 from cflowad.data.datasets import find_training_images
+from cflowad.data.images import image_sizes
+from cflowad.method.region import draw_region
 from cflowad.studio.workspace import (
     Workspace,
     fingerprint,
@@ -52,7 +54,7 @@ SETTINGS = {
     "scale_weights": "--scale-weights",
     "encoder_weights": "--encoder-weights",
     "compile_training": "--compile-training",  # "false": --no-compile-training
-    "region": "--region",  # a box x,y,w,h only: the page never names a file to read
+    "region": "--region",  # a box x,y,w,h or shapes drawn: the page never names a file
     "tune": "--tune",  # a switch: "true" adds --tune
 }
 _ACTIVE = ("queued", "running")
@@ -88,13 +90,18 @@ class TrainingQueue:
     ) -> dict[str, Any]:
         """Queue a training of ``data`` (root, relative folder) into a new model or revision."""
         folder = self.workspace.resolve(*data)
-        find_training_images(folder)  # a folder without images fails here, not later
+        images = find_training_images(folder)  # a folder without images fails here, not later
         unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
             raise UserError(f"unknown settings {', '.join(unknown)}; known: {', '.join(SETTINGS)}")
-        region = str(settings.get("region") or "")
-        if region and not re.fullmatch(r"\d+,\d+,\d+,\d+", region.replace(" ", "")):
-            raise UserError(f"region {region!r}: a box x,y,w,h in pixels of the images")
+        region = settings.get("region") or ""
+        if isinstance(region, dict):  # shapes drawn on the sample, the folder's first image
+            if not draw_region(region, *image_sizes(images[:1])[0], name="the drawn region").any():
+                raise UserError("the drawn region is empty: draw a shape that is not cut out")
+        elif not re.fullmatch(r"(\d+,\d+,\d+,\d+)?", str(region).replace(" ", "")):
+            raise UserError(
+                f"region {region!r}: a box x,y,w,h in pixels of the images, or shapes drawn"
+            )
         job_id = new_id(self.workspace.jobs, "train-")
         job = {
             "id": job_id,
@@ -202,6 +209,9 @@ class TrainingQueue:
                 command.append("--no-compile-training" if off else "--compile-training")
             elif key == "tune":
                 command += [] if off else ["--tune"]
+            elif key == "region" and isinstance(value, dict):  # drawn: train reads the shapes
+                write_json(folder / "region.json", value)
+                command += ["--region", str(folder / "region.json")]
             elif key == "region":
                 command += ["--region", str(value).replace(" ", "")]
             else:
