@@ -600,30 +600,13 @@ def test_the_region_is_drawn_on_a_sample_and_trained_with(running, page):
     expected = region_at(draw_region(sent, 128, 128), (64, 64))
     assert np.array_equal(decode_region(meta["region"]), expected)
     assert not expected[16, 16] and expected[35, 35] and not expected[5, 5]
-    # a region that is not a box is refused before anything is queued
-    answer = api(
-        url,
-        "POST",
-        "/studio/api/trainings",
-        json={
-            "name": "bad",
-            "root": next(r for r in state_roots(url) if r.startswith("allowed")),
-            "path": "brick",
-            "settings": {"region": "/etc/passwd"},
-        },
-    )
-    assert answer.status_code in (400, 422) and "x,y,w,h" in answer.text
+    # a region that is not a box or shapes, or that is empty, is refused before anything
+    # is queued
+    root = next(r for r in state_roots(url) if r.startswith("allowed"))
     square = [[0, 0], [10, 0], [10, 10], [0, 10]]
     nothing = {"shapes": [{"points": square}, {"points": square, "exclude": True}]}
-    answer = api(
-        url,
-        "POST",
-        "/studio/api/trainings",
-        json={
-            "name": "bad",
-            "root": next(r for r in state_roots(url) if r.startswith("allowed")),
-            "path": "brick",
-            "settings": {"region": nothing},
-        },
-    )
-    assert answer.status_code in (400, 422) and "empty" in answer.text
+    for region, message in (("/etc/passwd", "x,y,w,h"), (nothing, "empty")):
+        settings = {"region": region}
+        body = {"name": "bad", "root": root, "path": "brick", "settings": settings}
+        answer = api(url, "POST", "/studio/api/trainings", json=body)
+        assert answer.status_code in (400, 422) and message in answer.text

@@ -136,10 +136,10 @@ def draw_region(drawn: Any, height: int, width: int, name: str = "region") -> np
     for number, shape in enumerate(shapes, 1):
         points = shape.get("points") if isinstance(shape, dict) else None
         try:
-            xy = np.array(points, np.float64).reshape(-1, 2)
-        except (TypeError, ValueError):
+            xy = np.array(points, np.float64)
+        except (TypeError, ValueError):  # ragged, or not numbers
             xy = np.zeros((0, 2))
-        if len(xy) < 3 or xy.size != np.size(points) or not np.isfinite(xy).all():
+        if xy.ndim != 2 or xy.shape[1] != 2 or len(xy) < 3 or not np.isfinite(xy).all():
             raise UserError(f"{name}: shape {number} needs three or more [x, y] points")
         if (xy < 0).any() or (xy > [frame_width, frame_height]).any():
             raise UserError(
