@@ -279,3 +279,43 @@ def test_int8_export_refits_the_thresholds_on_the_int8_graph(
         assert correlation > 0.7, name  # int8 moves the maps a little, not their shape
     assert main(["export", str(model_dir), "--onnx", str(file), "--int8"]) == 2
     assert "--data" in capsys.readouterr().err
+
+
+def test_bf16_export_refits_the_thresholds_in_bfloat16_or_refuses(
+    model_dir, texture_dataset, tmp_path, capsys
+):
+    """On a CPU with bfloat16 units the IR is marked bf16, OpenVINO compiles it so, and
+    the image threshold is the order statistic of its own raw scores on the held-out
+    images; on another CPU the export refuses in one line and writes nothing."""
+    import openvino
+
+    from cflowad.engine.model import training_items
+    from cflowad.engine.openvino import OpenVinoModel, host_has_bf16
+    from cflowad.method.calibration import order_statistic_threshold
+
+    folder = tmp_path / "bf16"
+    command = ["export", str(model_dir), "--openvino", str(folder), "--bf16", "-q"]
+    assert main([*command, "--data", str(texture_dataset), "--int8"]) == 2
+    assert "not with --int8" in capsys.readouterr().err
+    assert main(command) == 2
+    assert "--data" in capsys.readouterr().err
+    if not host_has_bf16():
+        assert main([*command, "--data", str(texture_dataset)]) == 2
+        assert "no bfloat16 units" in capsys.readouterr().err
+        assert not folder.exists()
+        return
+    assert main([*command, "--data", str(texture_dataset)]) == 0
+    loaded = OpenVinoModel(folder)
+    hint = loaded._compiled.get_property("INFERENCE_PRECISION_HINT")
+    assert loaded.precision == "bf16" and hint == openvino.Type.bf16
+    model = CFlowAD.load(model_dir)
+    _, held = model.split_holdout(training_items(texture_dataset))
+    raw = np.array([r.raw_score for r in loaded.predict_iter(held)])
+    expected = order_statistic_threshold(raw, model.config.image_fpr).value
+    assert loaded.image_threshold_raw == pytest.approx(expected, rel=1e-6)
+    images = sorted((texture_dataset / "test").glob("*/*.png"))
+    float_maps, maps = model.predict(images).maps, loaded.predict(images).maps
+    pairs = list(zip(float_maps, maps, strict=True))
+    assert max(np.abs(a - b).max() for a, b in pairs) > 1e-4  # bfloat16 did the arithmetic
+    correlation = np.median([np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in pairs])
+    assert correlation > 0.9  # and moved the maps a little, not their shape

@@ -49,9 +49,20 @@ def export(
             "ones. Needs onnxruntime.",
         ),
     ] = False,
+    bf16: Annotated[
+        bool,
+        typer.Option(
+            "--bf16",
+            help="With --openvino: let OpenVINO compute in bfloat16 (CPUs with AMX or "
+            "AVX-512 BF16; 1.4-1.6x faster, maps a little moved) and refit the thresholds "
+            "in bfloat16 with the held-out images of --data. Export on the line's CPU kind.",
+        ),
+    ] = False,
     data: Annotated[
         Path | None,
-        typer.Option(help="With --int8: what the model was trained on (the same folder)."),
+        typer.Option(
+            help="With --int8 or --bf16: what the model was trained on (the same folder)."
+        ),
     ] = None,
     quiet: Quiet = False,
 ) -> None:
@@ -62,8 +73,13 @@ def export(
     """
     if onnx is None and openvino is None:
         raise UserError("cflowad export: give --onnx FILE, --openvino DIR, or both")
-    if int8 and data is None:
-        raise UserError("option --int8 needs --data DIR: the images the model was trained on")
+    for option, chosen in (("--int8", int8), ("--bf16", bf16)):
+        if chosen and data is None:
+            raise UserError(
+                f"option {option} needs --data DIR: the images the model was trained on"
+            )
+    if bf16 and (openvino is None or int8):
+        raise UserError("option --bf16 is for --openvino DIR in float (not with --int8)")
     model = CFlowAD.load(model_dir)
     reporter = Reporter(enabled=not quiet)
     height, width = model.config.image_size
@@ -107,7 +123,29 @@ def export(
                     else f"onnxruntime equals PyTorch (max relative difference {difference:.1e})",
                 ),
             ]
-        if openvino is not None:
+        if bf16 and openvino is not None:
+            from cflowad.engine.bfloat16 import export_bf16
+
+            result = export_bf16(model, openvino, data, reporter)
+            rows += [
+                (
+                    "written",
+                    f"{result['openvino']} ({result['megabytes']} MiB, {result['seconds']} s)",
+                ),
+                (
+                    "bf16 vs float",
+                    f"maps correlate {result['map_correlation_median']} (median), raw scores "
+                    f"{result['raw_score_correlation']}, on {result['held_out_images']} "
+                    "held-out images",
+                ),
+                (
+                    "thresholds",
+                    "refitted in bfloat16: image "
+                    f"{result['image_threshold_raw']['float']:.4f} -> "
+                    f"{result['image_threshold_raw']['bf16']:.4f} (raw)",
+                ),
+            ]
+        elif openvino is not None:
             with reporter.task("converting to OpenVINO", 1) as task:
                 result = model.export_openvino(openvino, target if int8 else None)
                 task.advance()

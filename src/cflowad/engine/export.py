@@ -32,7 +32,14 @@ from cflowad.method.config import Config
 from cflowad.method.region import encode_region
 from cflowad.method.scoring import CFlowNet
 
-__all__ = ["export_onnx", "export_openvino", "is_cflowad_onnx", "refuse_foreign_onnx", "write_onnx"]
+__all__ = [
+    "export_onnx",
+    "export_openvino",
+    "is_cflowad_onnx",
+    "refuse_foreign_onnx",
+    "refuse_foreign_openvino",
+    "write_onnx",
+]
 
 
 class _Decisions(nn.Module):
@@ -81,6 +88,17 @@ def refuse_foreign_onnx(path: Path) -> None:
     """A one-line error unless ``path`` is missing or an ONNX file that cflowad wrote."""
     if path.exists() and not (path.is_file() and is_cflowad_onnx(path)):
         raise UserError(f"{path}: exists and was not written by cflowad; choose another --onnx")
+
+
+def refuse_foreign_openvino(folder: Path) -> None:
+    """A one-line error unless ``folder`` is missing, empty or an IR that cflowad wrote."""
+    from cflowad.engine.openvino import IR_FILE
+
+    ours = {IR_FILE, IR_FILE.replace(".xml", ".bin")}
+    if folder.exists() and not (folder.is_dir() and {p.name for p in folder.iterdir()} <= ours):
+        raise UserError(
+            f"{folder}: exists and was not written by cflowad; choose another --openvino"
+        )
 
 
 def export_onnx(
@@ -236,6 +254,7 @@ def export_openvino(
     weights_sha256: str | None,
     folder: Path,
     onnx_file: Path | None = None,
+    precision: str = "f32",
 ) -> dict[str, Any]:
     """Write a fitted network as an OpenVINO IR folder (``model.xml`` + ``model.bin``).
 
@@ -243,7 +262,8 @@ def export_openvino(
     the ONNX file's metadata; the IR is checked against PyTorch before it replaces
     ``folder``, which may be missing, empty, or an earlier export of cflowad's. With
     ``onnx_file`` (an int8 export of this network) that file is converted instead, and
-    not held to float's tolerance.
+    not held to float's tolerance; nor is an IR to run in ``precision`` bf16 (the
+    weights stay float32: OpenVINO rounds as it computes).
 
     Returns:
         ``openvino`` (the folder), ``megabytes``, ``seconds``, ``max_relative_difference``
@@ -255,11 +275,7 @@ def export_openvino(
     import onnx
 
     folder = Path(folder)
-    ours = {IR_FILE, IR_FILE.replace(".xml", ".bin")}
-    if folder.exists() and not (folder.is_dir() and {p.name for p in folder.iterdir()} <= ours):
-        raise UserError(
-            f"{folder}: exists and was not written by cflowad; choose another --openvino"
-        )
+    refuse_foreign_openvino(folder)
     start = time.perf_counter()
     staging = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
     staging.mkdir(parents=True)
@@ -269,6 +285,8 @@ def export_openvino(
             export_onnx(net, config, calibration, training, weights_sha256, source)
         written = onnx.load(str(source), load_external_data=False)
         metadata = {p.key: p.value for p in written.metadata_props}
+        if precision != "f32":
+            metadata["inference_precision"] = precision
         model = openvino.convert_model(str(source))
         model.set_rt_info(json.dumps(metadata), METADATA_KEY)
         openvino.save_model(model, str(staging / IR_FILE), compress_to_fp16=False)
@@ -276,7 +294,7 @@ def export_openvino(
         converted = OpenVinoModel(staging)
         difference = (
             None
-            if onnx_file
+            if onnx_file or precision != "f32"
             else _worst_difference(
                 "OpenVINO",
                 net,

@@ -260,10 +260,11 @@ class CFlowAD(InferenceEngine):
             self.net.to(self.device)
 
     def export_openvino(
-        self, folder: str | Path, onnx_file: str | Path | None = None
+        self, folder: str | Path, onnx_file: str | Path | None = None, precision: str = "f32"
     ) -> dict[str, Any]:
         """Write the scoring network as an OpenVINO IR folder (:func:`export_openvino`),
-        or convert ``onnx_file``, this model's int8 export (:mod:`cflowad.engine.quantize`).
+        or convert ``onnx_file``, this model's int8 export (:mod:`cflowad.engine.quantize`);
+        ``precision`` bf16 marks it to run in bfloat16 (:mod:`cflowad.engine.bfloat16`).
 
         Returns:
             ``openvino``, ``megabytes``, ``seconds`` and ``max_relative_difference``
@@ -279,6 +280,7 @@ class CFlowAD(InferenceEngine):
                 self.weights_sha256,
                 Path(folder),
                 None if onnx_file is None else Path(onnx_file),
+                precision,
             )
         finally:
             self.net.to(self.device)

@@ -5,12 +5,15 @@ hardware. ``cflowad export MODEL --openvino DIR`` writes ``DIR/model.xml`` and
 ``DIR/model.bin`` (an OpenVINO IR in float32) with the ONNX file's inputs, outputs and
 metadata; ``cflowad.load(DIR)`` and every command that takes a model accept the
 folder. Inference runs in float32 (``INFERENCE_PRECISION_HINT``): on CPUs with
-bfloat16 OpenVINO would otherwise switch to it by itself and move the maps.
+bfloat16 OpenVINO would otherwise switch to it by itself and move the maps. An export
+made with ``--bf16`` (:mod:`cflowad.engine.bfloat16`) says so in its metadata
+(``inference_precision``), and only then does OpenVINO compute in bfloat16.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -25,14 +28,19 @@ from cflowad.engine.threads import onnx_threads, scorers
 __all__ = [
     "IR_FILE",
     "METADATA_KEY",
+    "PRECISIONS",
     "OpenVinoModel",
     "cpu_config",
+    "host_has_bf16",
     "is_openvino_folder",
     "require_openvino",
 ]
 
+log = logging.getLogger("cflowad")
+
 IR_FILE = "model.xml"  # with model.bin beside it
 METADATA_KEY = "cflowad_metadata"  # the ONNX file's metadata, as JSON in the IR's rt_info
+PRECISIONS = ("f32", "bf16")  # OpenVINO's names; metadata key inference_precision
 
 
 def require_openvino(purpose: str) -> Any:
@@ -44,8 +52,15 @@ def require_openvino(purpose: str) -> Any:
     return openvino
 
 
-def cpu_config() -> dict[str, Any]:
-    """How every OpenVINO model is compiled here: float32, in the threads that ONNX
+def host_has_bf16() -> bool:
+    """Whether OpenVINO can compute in bfloat16 on this CPU (AMX or AVX-512 BF16)."""
+    core = require_openvino("bfloat16").Core()
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def cpu_config(precision: str = "f32") -> dict[str, Any]:
+    """How every OpenVINO model is compiled here: float32 (or the ``precision`` its
+    export chose), in the threads that ONNX
     Runtime would get (no oversubscription beside torch), and one stream per batch scored
     at once. A compiled model runs one request per stream: with one stream, the two
     batches of ``serve --workers 2`` took turns on one worker's threads (23 against
@@ -54,7 +69,7 @@ def cpu_config() -> dict[str, Any]:
     return {
         "INFERENCE_NUM_THREADS": onnx_threads() * streams,
         "NUM_STREAMS": streams,
-        "INFERENCE_PRECISION_HINT": "f32",
+        "INFERENCE_PRECISION_HINT": precision,
     }
 
 
@@ -83,7 +98,16 @@ class OpenVinoModel(ExportedModel):
             raise UserError(f"{xml}: not written by cflowad export")
         meta = json.loads(model.get_rt_info(METADATA_KEY).astype(str))
         self._take_metadata(meta, tuple(output.get_any_name() for output in model.outputs))
-        self._compiled = core.compile_model(model, "CPU", cpu_config())
+        self.precision = meta.get("inference_precision", "f32")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"{xml}: unknown inference_precision {self.precision!r}")
+        if self.precision == "bf16" and not host_has_bf16():
+            log.warning(
+                "%s: exported for bfloat16, but this CPU has none: OpenVINO computes in "
+                "float32, and the thresholds (fitted in bfloat16) are off by a little",
+                self.path,
+            )
+        self._compiled = core.compile_model(model, "CPU", cpu_config(self.precision))
         self._requests = threading.local()  # a request is not to be shared between threads
 
     def score_batch(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:

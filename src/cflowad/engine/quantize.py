@@ -20,7 +20,6 @@ when it happens (a warning below 0.99).
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import tempfile
@@ -32,13 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from cflowad.common.errors import UserError
 from cflowad.common.progress import Reporter
 from cflowad.data.images import batches
 from cflowad.engine.export import refuse_foreign_onnx
-from cflowad.engine.inference import map_sample
-from cflowad.engine.model import CFlowAD, training_items
+from cflowad.engine.model import CFlowAD
 from cflowad.engine.onnx import INPUT_NAME, OnnxModel, require_onnxruntime
+from cflowad.engine.refit import held_out, refit_thresholds
 
 __all__ = ["QUANTIZED_OPS", "export_int8"]
 
@@ -66,11 +64,8 @@ def export_int8(
     require_onnxruntime("int8 export")
     reporter = reporter or Reporter(enabled=False)
     start = time.perf_counter()
-    items = training_items(data)
     refuse_foreign_onnx(path)
-    train, held = model.split_holdout(items)
-    if len(held) < 2:
-        raise UserError(f"{data}: int8 needs held-out images to refit the thresholds")
+    train, held = held_out(model, data, "int8")
     size = model.config.image_size
     sample = train[:: max(1, len(train) // _CALIBRATION_IMAGES)][:_CALIBRATION_IMAGES]
     calibration = torch.cat([b for b, _ in batches(sample, size, 16)]).numpy()
@@ -79,19 +74,7 @@ def export_int8(
         with reporter.task("quantizing to int8", 2) as task:
             _quantize(model, first, calibration, Path(folder))
             task.advance()
-            float_results = list(model.predict_iter(held, batch_size=8))
-            int8_results = list(OnnxModel(first).predict_iter(held, batch_size=8))
-            refitted = copy.deepcopy(model)
-            image, pixel = refitted.calibrate_thresholds(
-                np.array([r.raw_score for r in int8_results]),
-                np.concatenate(
-                    [
-                        map_sample(r.anomaly_map, model.region_at(r.anomaly_map.shape))
-                        for r in int8_results
-                    ]
-                ),
-                "int8 export, held-out images",
-            )
+            refitted, changes = refit_thresholds(model, OnnxModel(first), held, "int8")
             metadata = {
                 "quantization": json.dumps(
                     {
@@ -105,15 +88,7 @@ def export_int8(
             }
             _quantize(refitted, path, calibration, Path(folder), metadata)
             task.advance()
-    before = model.calibration or {}
-    raw_float = np.array([r.raw_score for r in float_results])
-    raw_int8 = np.array([r.raw_score for r in int8_results])
-    maps = [
-        float(np.corrcoef(a.anomaly_map.ravel(), b.anomaly_map.ravel())[0, 1])
-        for a, b in zip(float_results, int8_results, strict=True)
-        if a.anomaly_map.std() > 0 and b.anomaly_map.std() > 0
-    ]
-    correlation = float(np.median(maps)) if maps else float("nan")
+    correlation = changes["map_correlation_median"]
     if not correlation >= _FAITHFUL:
         reporter.warn(
             f"int8 moved the maps: their median correlation with float is {correlation:.2f} on "
@@ -126,18 +101,7 @@ def export_int8(
         "megabytes": round(path.stat().st_size / 2**20, 1),
         "seconds": round(time.perf_counter() - start, 1),
         "quantized": list(QUANTIZED_OPS),
-        "held_out_images": len(held),
-        "map_correlation_median": round(correlation, 4),
-        "raw_score_correlation": round(float(np.corrcoef(raw_float, raw_int8)[0, 1]), 4),
-        "image_threshold_raw": {
-            "float": before["image_threshold_raw"],
-            "int8": image.value,
-        },
-        "pixel_threshold_raw": {
-            "float": before["pixel_threshold_raw"],
-            "int8": pixel.value,
-        },
-        "image_fpr_achievable": image.achievable_fpr,
+        **changes,
     }
 
 
