@@ -166,6 +166,25 @@ def test_bench_writes_the_documented_keys_with_onnxruntime(model_dir, texture_da
     assert result["peak_rss_mb"] > 0
 
 
+def test_bench_times_int8_and_bfloat16_beside_float(model_dir, texture_dataset, tmp_path, capsys):
+    from cflowad.engine.openvino import host_has_bf16
+
+    file = tmp_path / "bench.json"
+    good = texture_dataset / "test" / "good"
+    command = ["bench", str(model_dir), str(good), "--json", str(file), "--batch-size", "2"]
+    command += ["--repeats", "1", "--quiet", "--runtimes"]
+    if not host_has_bf16():
+        assert main([*command, "torch,bf16"]) == 2
+        assert "no bfloat16 units" in capsys.readouterr().err
+    runtimes = {"onnxruntime_int8": "int8", "openvino_bf16": "bf16"}
+    if not host_has_bf16():
+        runtimes.pop("openvino_bf16")
+    assert main([*command, ",".join(["torch", *runtimes.values()])]) == 0
+    (batch,) = json.loads(file.read_text())["batches"]
+    for key in runtimes:
+        assert batch[key]["images_per_second"] > 0 and batch[key]["encoder_images_per_second"] > 0
+
+
 def test_onnx_only_processes_give_onnx_runtime_the_threads_and_torch_one(exported, model_dir):
     import cflowad.engine.threads as threads
 

@@ -192,7 +192,8 @@ def bench(
         str,
         typer.Option(
             help="Runtimes to time side by side, comma-separated: torch, onnx (ONNX "
-            "Runtime), openvino."
+            "Runtime), openvino, int8 (ONNX Runtime, the convolutions in int8), bf16 "
+            "(OpenVINO in bfloat16, on CPUs with bfloat16 units)."
         ),
     ] = "torch",
     onnx: Annotated[

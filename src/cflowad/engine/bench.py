@@ -5,7 +5,9 @@ the same decoders the way public implementations do (64 feature vectors per call
 a Python loop over chunks, the condition recomputed each time): the baseline the
 fast path is measured against. With ``runtimes`` the exported model (and the
 encoder alone, exported the same way) are timed in ONNX Runtime and OpenVINO too,
-side by side in one run.
+side by side in one run: in float32, with the convolutions in int8 (``int8``: ONNX
+Runtime, ranges calibrated on the timing images; the speed does not depend on them),
+and in bfloat16 (``bf16``: OpenVINO, on CPUs with bfloat16 units).
 """
 
 from __future__ import annotations
@@ -24,18 +26,25 @@ from typing import Any
 
 import torch
 
+from cflowad.common.errors import UserError
 from cflowad.common.progress import Reporter
 from cflowad.data.images import batches
 from cflowad.engine.export import write_onnx
 from cflowad.engine.model import CFlowAD
 from cflowad.engine.onnx import INPUT_NAME, cpu_session, require_onnxruntime
-from cflowad.engine.openvino import cpu_config, require_openvino
+from cflowad.engine.openvino import cpu_config, host_has_bf16, require_openvino
 from cflowad.method.scoring import CFlowNet
 
 __all__ = ["RUNTIMES", "fiber_loop_forward", "run_bench"]
 
 # a runtime's name on the command line -> its key in the bench JSON
-RUNTIMES = {"torch": "torch", "onnx": "onnxruntime", "openvino": "openvino"}
+RUNTIMES = {
+    "torch": "torch",
+    "onnx": "onnxruntime",
+    "openvino": "openvino",
+    "int8": "onnxruntime_int8",
+    "bf16": "openvino_bf16",
+}
 
 
 def fiber_loop_forward(net: CFlowNet, images: torch.Tensor, fiber: int = 64) -> torch.Tensor:
@@ -74,7 +83,7 @@ def run_bench(
     else:
         pool = torch.rand(max(batch_sizes), 3, *size, generator=torch.Generator().manual_seed(0))
     pool = pool.to(model.device)
-    exported = _exported_runners(model, runtimes, reporter)
+    exported = _exported_runners(model, runtimes, reporter, pool[:64].cpu().numpy())
     results: list[dict[str, Any]] = []
     with reporter.task("timing", len(batch_sizes)) as task:
         for batch_size in batch_sizes:
@@ -150,16 +159,20 @@ class _EncoderOnly(torch.nn.Module):
 
 
 def _exported_runners(
-    model: CFlowAD, runtimes: tuple[str, ...], reporter: Reporter
+    model: CFlowAD, runtimes: tuple[str, ...], reporter: Reporter, calibration: Any
 ) -> dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]]:
     """Per exported runtime asked for: run the whole model, run the encoder alone (each
     takes a float32 batch), both from the same ONNX export."""
     wanted = [r for r in runtimes if r != "torch"]
     if not wanted:
         return {}
-    if "onnx" in wanted:
-        require_onnxruntime("--runtimes onnx")
-    openvino = require_openvino("--runtimes openvino") if "openvino" in wanted else None
+    for runtime in {"onnx", "int8"} & set(wanted):
+        require_onnxruntime(f"--runtimes {runtime}")
+    openvino = None
+    if {"openvino", "bf16"} & set(wanted):
+        openvino = require_openvino("--runtimes openvino")
+    if "bf16" in wanted and not host_has_bf16():
+        raise UserError("option --runtimes bf16: this CPU has no bfloat16 units")
     height, width = model.config.image_size
     runners: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {}
     with tempfile.TemporaryDirectory() as folder, reporter.task("exporting", 2) as task:
@@ -175,13 +188,25 @@ def _exported_runners(
                 partial(_run_onnx, sessions[0]),
                 partial(_run_onnx, sessions[1]),
             )
-        if openvino is not None:
-            core = openvino.Core()
-            requests = [
-                core.compile_model(str(path), "CPU", cpu_config()).create_infer_request()
-                for path in (whole, encoder)
-            ]
-            runners[RUNTIMES["openvino"]] = (requests[0].infer, requests[1].infer)
+        if "int8" in wanted:
+            from cflowad.engine.quantize import quantize_file
+
+            quantized = [path.with_suffix(".int8.onnx") for path in (whole, encoder)]
+            for source, target in zip((whole, encoder), quantized, strict=True):
+                quantize_file(source, target, calibration, Path(folder))
+            runners[RUNTIMES["int8"]] = (
+                partial(_run_onnx, cpu_session(quantized[0])),
+                partial(_run_onnx, cpu_session(quantized[1])),
+            )
+        for runtime, precision in (("openvino", "f32"), ("bf16", "bf16")):
+            if openvino is not None and runtime in wanted:
+                core = openvino.Core()
+                config = cpu_config(precision)
+                requests = [
+                    core.compile_model(str(path), "CPU", config).create_infer_request()
+                    for path in (whole, encoder)
+                ]
+                runners[RUNTIMES[runtime]] = (requests[0].infer, requests[1].infer)
     return runners
 
 

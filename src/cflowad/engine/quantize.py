@@ -38,7 +38,7 @@ from cflowad.engine.model import CFlowAD
 from cflowad.engine.onnx import INPUT_NAME, OnnxModel, require_onnxruntime
 from cflowad.engine.refit import held_out, refit_thresholds
 
-__all__ = ["QUANTIZED_OPS", "export_int8"]
+__all__ = ["QUANTIZED_OPS", "export_int8", "quantize_file"]
 
 QUANTIZED_OPS = ("Conv",)  # the encoder's; the flows' MatMul, Exp and Log stay float
 _CALIBRATION_IMAGES = 64  # training images whose activations set the int8 ranges
@@ -114,39 +114,11 @@ def _quantize(
 ) -> None:
     """Export ``model`` in float, quantize its convolutions, add ``metadata``."""
     import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
 
-    class Images(CalibrationDataReader):  # type: ignore[misc]
-        def __init__(self) -> None:
-            self.batches: Iterator[np.ndarray] = iter(np.split(calibration, len(calibration)))
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self.batches, None)
-            return None if batch is None else {INPUT_NAME: batch}
-
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    float_file, prepared = folder / "float.onnx", folder / "prepared.onnx"
+    float_file, staging = folder / "float.onnx", folder / "int8.onnx"
     float_file.unlink(missing_ok=True)
     model.export_onnx(float_file)
-    # ONNX Runtime's recommended first step: shapes inferred, the graph optimized
-    quant_pre_process(str(float_file), str(prepared), skip_symbolic_shape=True)
-    staging = folder / "int8.onnx"
-    quantize_static(
-        str(prepared),
-        str(staging),
-        Images(),
-        quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=list(QUANTIZED_OPS),
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-    )
+    quantize_file(float_file, staging, calibration, folder)
     quantized = onnx.load(str(staging))
     for key, value in (metadata or {}).items():
         quantized.metadata_props.add(key=key, value=value)
@@ -157,3 +129,38 @@ def _quantize(
         os.replace(target, path)
     finally:
         target.unlink(missing_ok=True)
+
+
+def quantize_file(source: Path, target: Path, calibration: np.ndarray, folder: Path) -> None:
+    """Quantize the convolutions of the float ONNX file ``source`` into ``target``, the
+    activations' ranges calibrated on ``calibration`` (N, 3, H, W) fed one image at a time
+    as ``images``; ``folder`` holds the intermediate file."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Images(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.batches: Iterator[np.ndarray] = iter(np.split(calibration, len(calibration)))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {INPUT_NAME: batch}
+
+    prepared = folder / f"{source.stem}.prepared.onnx"
+    # ONNX Runtime's recommended first step: shapes inferred, the graph optimized
+    quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+    quantize_static(
+        str(prepared),
+        str(target),
+        Images(),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=list(QUANTIZED_OPS),
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
