@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -96,18 +96,7 @@ def export(
                     f"{result['onnx'] if onnx else 'converted to OpenVINO'}, "
                     f"{result['megabytes']} MiB, {result['seconds']} s",
                 ),
-                (
-                    "int8 vs float",
-                    f"maps correlate {result['map_correlation_median']} (median), raw scores "
-                    f"{result['raw_score_correlation']}, on {result['held_out_images']} "
-                    "held-out images",
-                ),
-                (
-                    "thresholds",
-                    "refitted on the int8 graph: image "
-                    f"{result['image_threshold_raw']['float']:.4f} -> "
-                    f"{result['image_threshold_raw']['int8']:.4f} (raw)",
-                ),
+                *_refit_rows("int8", "on the int8 graph", result),
             ]
         elif onnx is not None:
             with reporter.task("exporting to ONNX", 1) as task:
@@ -132,18 +121,7 @@ def export(
                     "written",
                     f"{result['openvino']} ({result['megabytes']} MiB, {result['seconds']} s)",
                 ),
-                (
-                    "bf16 vs float",
-                    f"maps correlate {result['map_correlation_median']} (median), raw scores "
-                    f"{result['raw_score_correlation']}, on {result['held_out_images']} "
-                    "held-out images",
-                ),
-                (
-                    "thresholds",
-                    "refitted in bfloat16: image "
-                    f"{result['image_threshold_raw']['float']:.4f} -> "
-                    f"{result['image_threshold_raw']['bf16']:.4f} (raw)",
-                ),
+                *_refit_rows("bf16", "in bfloat16", result),
             ]
         elif openvino is not None:
             with reporter.task("converting to OpenVINO", 1) as task:
@@ -167,6 +145,23 @@ def export(
         ("outputs", "scores, anomalous, maps, masks (at the input size)"),
     ]
     summary_table(rows, quiet)
+
+
+def _refit_rows(name: str, where: str, result: dict[str, Any]) -> list[tuple[str, str]]:
+    """Summary lines of a reduced-precision export: how far it is from float, and its
+    thresholds (``cflowad.engine.refit.refit_thresholds``'s keys)."""
+    threshold = result["image_threshold_raw"]
+    return [
+        (
+            f"{name} vs float",
+            f"maps correlate {result['map_correlation_median']} (median), raw scores "
+            f"{result['raw_score_correlation']}, on {result['held_out_images']} held-out images",
+        ),
+        (
+            "thresholds",
+            f"refitted {where}: image {threshold['float']:.4f} -> {threshold[name]:.4f} (raw)",
+        ),
+    ]
 
 
 def bench(

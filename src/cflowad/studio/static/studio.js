@@ -221,10 +221,10 @@ pickers.train.onload = async () => {
   image.onload = () => { region.image = image; region.canvas.hidden = false; drawRegion(); };
   image.src = URL.createObjectURL(await response.blob());
 };
-function tracePath(context, points, scale) {
+function tracePath(context, points, scale, close = true) {
   context.beginPath();
   points.forEach(([x, y], i) => (i ? context.lineTo(x * scale, y * scale) : context.moveTo(x * scale, y * scale)));
-  context.closePath();
+  if (close) context.closePath();
 }
 function drawRegion() {
   const canvas = region.canvas;
@@ -264,8 +264,7 @@ function drawRegion() {
     const points = region.hover ? [...region.open.points, region.hover] : region.open.points;
     context.setLineDash([]);
     context.strokeStyle = region.open.exclude ? "#ff5a5a" : "#ffd400";
-    context.beginPath();
-    points.forEach(([x, y], i) => (i ? context.lineTo(x * scale, y * scale) : context.moveTo(x * scale, y * scale)));
+    tracePath(context, points, scale, false);
     context.stroke();
     context.fillStyle = context.strokeStyle;
     for (const [x, y] of region.open.points) context.fillRect(x * scale - 3, y * scale - 3, 6, 6);
