@@ -260,11 +260,13 @@ def test_openvino_export_and_scoring_errors_are_one_line(
 def test_int8_export_refits_the_thresholds_on_the_int8_graph(
     model_dir, texture_dataset, tmp_path, capsys
 ):
-    """The convolutions are int8 and nothing else is; the image threshold is the order
-    statistic of the int8 file's own raw scores on the training's held-out images."""
+    """The convolutions are int8 and nothing else is; the flows kept are those that did
+    best on the synthetic defects; the image threshold is the order statistic of the int8
+    file's own raw scores on the training's held-out images."""
     from cflowad.engine.model import training_items
     from cflowad.engine.openvino import OpenVinoModel
     from cflowad.method.calibration import order_statistic_threshold
+    from cflowad.results.int8 import FLOWS
 
     file, folder = tmp_path / "int8.onnx", tmp_path / "int8-openvino"
     command = ["export", str(model_dir), "--onnx", str(file), "--openvino", str(folder)]
@@ -288,7 +290,12 @@ def test_int8_export_refits_the_thresholds_on_the_int8_graph(
     expected = order_statistic_threshold(raw, model.config.image_fpr).value
     assert int8.image_threshold_raw == pytest.approx(expected, rel=1e-6)
     assert int8.image_threshold_raw != model.calibration["image_threshold_raw"]
-    assert json.loads(int8._metadata["quantization"])["quantized"] == ["Conv"]
+    quantization = json.loads(int8._metadata["quantization"])
+    assert quantization["quantized"] == ["Conv", "Clip"]
+    figures = quantization["synthetic_defects"]
+    assert set(figures) == {"float", "as trained", "fitted"}
+    kept = max(("as trained", "fitted"), key=lambda name: figures[name]["criterion"])
+    assert quantization["flows"] == FLOWS[kept]  # the one that found the defects best
     images = sorted((texture_dataset / "test").glob("*/*.png"))
     float_maps = model.predict(images).maps
     for name, exported in (("onnx", int8), ("openvino", OpenVinoModel(folder))):
@@ -338,3 +345,74 @@ def test_bf16_export_refits_the_thresholds_in_bfloat16_or_refuses(
     assert max(np.abs(a - b).max() for a, b in pairs) > 1e-4  # bfloat16 did the arithmetic
     correlation = np.median([np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in pairs])
     assert correlation > 0.9  # and moved the maps a little, not their shape
+
+
+def _relative_errors(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[float]:
+    return [float((x - y).norm() / y.norm()) for x, y in zip(a, b, strict=True)]
+
+
+def test_int8_encoder_quantizes_each_relu6_with_its_convolution(
+    trained_model, texture_dataset, tmp_path, monkeypatch
+):
+    """With the ReLU6 (Clip) quantized too, a convolution's int8 output takes the ReLU6's
+    [0, 6] range rather than its own wide one: real ImageNet weights on real textures
+    give features closer to float than with the convolutions alone."""
+    from cflowad.engine import quantize
+
+    model = trained_model
+    train, held = model.split_holdout(sorted((texture_dataset / "train" / "good").glob("*")))
+    calibration = quantize.calibration_images(model, train)
+    images = torch.cat([b for b, _ in batches(held, model.image_size, 16)])
+    with torch.inference_mode():
+        truth = model.net.encoder(images)
+    errors = {}
+    for ops in (("Conv",), ("Conv", "Clip")):
+        monkeypatch.setattr(quantize, "QUANTIZED_OPS", ops)
+        folder = tmp_path / "-".join(ops)
+        folder.mkdir()
+        file = quantize._quantize_encoder(model, calibration, folder)
+        int8 = quantize._OnnxEncoder(model.net.encoder, file)(images)
+        errors[ops] = _relative_errors(int8, truth)
+    pairs = zip(errors[("Conv",)], errors[("Conv", "Clip")], strict=True)
+    for k, (alone, fused) in enumerate(pairs):
+        assert fused < 0.8 * alone, (k, errors)
+
+
+def test_flows_fitted_on_the_int8_encoder_see_what_the_int8_file_computes(
+    model_dir, texture_dataset, tmp_path
+):
+    """The flows trained again learn the int8 encoder's features, and the encoder
+    quantized alone computes exactly the features of the whole int8 file: the file's
+    maps equal the fitted model's run with the int8 encoder in PyTorch."""
+    from cflowad.common.progress import Reporter
+    from cflowad.engine import quantize
+
+    model = CFlowAD.load(model_dir)
+    train, held = model.split_holdout(sorted((texture_dataset / "train" / "good").glob("*")))
+    calibration = quantize.calibration_images(model, train)
+    folder = tmp_path / "work"
+    folder.mkdir()
+    fitted = quantize.fit_on_int8_encoder(
+        model, train, held, calibration, folder, Reporter(enabled=False)
+    )
+    assert fitted.net.encoder is model.net.encoder  # the float encoder is put back
+    before, after = model.net.decoder(0).state_dict(), fitted.net.decoder(0).state_dict()
+    assert any(not torch.equal(before[key], after[key]) for key in before)  # trained again
+    assert fitted.training["n_train"] == len(train)
+    file = tmp_path / "fitted.onnx"
+    quantize.quantize_model(fitted, file, calibration.numpy(), folder)
+    images = torch.cat(
+        [
+            b
+            for b, _ in batches(
+                sorted((texture_dataset / "test").glob("*/*.png")), model.image_size, 16
+            )
+        ]
+    )
+    fitted.net.encoder = quantize._OnnxEncoder(model.net.encoder, folder / "encoder.int8.onnx")
+    try:
+        expected = fitted.score_batch(images)[1].numpy()
+    finally:
+        fitted.net.encoder = model.net.encoder
+    maps = OnnxModel(file).score_batch(images)[1].numpy()
+    np.testing.assert_allclose(maps, expected, atol=2e-3)

@@ -44,9 +44,10 @@ def export(
         bool,
         typer.Option(
             "--int8",
-            help="Quantize the encoder's convolutions to int8 (calibrated on the training "
-            "images of --data) and refit the thresholds on the int8 graph with the held-out "
-            "ones. Needs onnxruntime.",
+            help="Quantize the encoder to int8 (calibrated on the training images of "
+            "--data), train the flows again on its features (as long as a training), keep "
+            "the model's flows or these, whichever finds synthetic defects in the held-out "
+            "images best, and refit the thresholds on the int8 graph. Needs onnxruntime.",
         ),
     ] = False,
     bf16: Annotated[
@@ -86,7 +87,7 @@ def export(
     rows: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory() as folder:
         if int8:
-            from cflowad.engine.quantize import export_int8
+            from cflowad.results.int8 import export_int8
 
             target = onnx or Path(folder) / "int8.onnx"
             result = export_int8(model, target, data, reporter)
@@ -97,6 +98,7 @@ def export(
                     f"{result['megabytes']} MiB, {result['seconds']} s",
                 ),
                 *_refit_rows("int8", "on the int8 graph", result),
+                _synthetic_row(result),
             ]
         elif onnx is not None:
             with reporter.task("exporting to ONNX", 1) as task:
@@ -147,6 +149,21 @@ def export(
     summary_table(rows, quiet)
 
 
+def _synthetic_row(result: dict[str, Any]) -> tuple[str, str]:
+    """Which flows the int8 file kept, and every model's figures on synthetic defects."""
+    from cflowad.results.int8 import FLOWS
+
+    figures = result["synthetic_defects"]
+    return (
+        "flows",
+        f"{FLOWS[result['flows']]}: on synthetic defects in the held-out images, "
+        + ", ".join(
+            f"{name} {f['image_auroc']:.3f} / {f['aupro']:.3f}" for name, f in figures.items()
+        )
+        + " (image AUROC / AUPRO)",
+    )
+
+
 def _refit_rows(name: str, where: str, result: dict[str, Any]) -> list[tuple[str, str]]:
     """Summary lines of a reduced-precision export: how far it is from float, and its
     thresholds (``cflowad.engine.refit.refit_thresholds``'s keys)."""
@@ -187,7 +204,7 @@ def bench(
         str,
         typer.Option(
             help="Runtimes to time side by side, comma-separated: torch, onnx (ONNX "
-            "Runtime), openvino, int8 (ONNX Runtime, the convolutions in int8), bf16 "
+            "Runtime), openvino, int8 (ONNX Runtime, the encoder in int8), bf16 "
             "(OpenVINO in bfloat16, on CPUs with bfloat16 units)."
         ),
     ] = "torch",

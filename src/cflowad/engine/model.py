@@ -160,6 +160,18 @@ class CFlowAD(InferenceEngine):
         else:
             self.region = None
         self.net.set_region(self.region)
+        return self.train_decoders(train_items, calibration_items, reporter)
+
+    def train_decoders(
+        self,
+        train_items: Sequence[ImageInput],
+        calibration_items: Sequence[ImageInput],
+        reporter: Reporter | None = None,
+    ) -> CFlowAD:
+        """Train the decoders on what ``self.net``'s encoder makes of ``train_items`` and
+        calibrate on ``calibration_items``, size and region as they are (:meth:`fit_split`
+        sets them). ``export --int8`` calls it with the int8 encoder in place."""
+        reporter = reporter or Reporter(enabled=False)
         reporter.log(
             f"{len(train_items)} training images, {len(calibration_items)} for calibration"
             + (" (the same images)" if self.config.calibrate_on_train else "")

@@ -33,16 +33,24 @@ def held_out(model: CFlowAD, data: Any, purpose: str) -> tuple[list[Any], list[A
 
 
 def refit_thresholds(
-    model: CFlowAD, exported: Predictor, held: Sequence[ImageInput], name: str
+    model: CFlowAD,
+    exported: Predictor,
+    held: Sequence[ImageInput],
+    name: str,
+    float_model: CFlowAD | None = None,
 ) -> tuple[CFlowAD, dict[str, Any]]:
     """A copy of ``model`` whose thresholds fit ``exported``'s scores on ``held``.
+
+    ``exported`` is compared with ``float_model`` (``model`` itself by default; the
+    int8 export's flows are trained again, so its float model is another).
 
     Returns the copy (its weights and references are the model's) and what the export
     changed: ``held_out_images``, ``map_correlation_median``, ``raw_score_correlation``,
     ``image_threshold_raw`` and ``pixel_threshold_raw`` (``float`` and ``name``) and
     ``image_fpr_achievable``.
     """
-    reference: list[ImageResult] = list(model.predict_iter(held, batch_size=8))
+    float_model = float_model or model
+    reference: list[ImageResult] = list(float_model.predict_iter(held, batch_size=8))
     results: list[ImageResult] = list(exported.predict_iter(held, batch_size=8))
     refitted = copy.deepcopy(model)
     raw = np.array([r.raw_score for r in results])
@@ -55,7 +63,7 @@ def refit_thresholds(
         for a, b in zip(reference, results, strict=True)
         if a.anomaly_map.std() > 0 and b.anomaly_map.std() > 0
     ]
-    before = model.calibration or {}
+    before = float_model.calibration or {}
     raw_float = np.array([r.raw_score for r in reference])
     return refitted, {
         "held_out_images": len(held),
