@@ -298,7 +298,20 @@ def test_int8_export_refits_the_thresholds_on_the_int8_graph(
     assert quantization["flows"] == FLOWS[kept]  # the one that found the defects best
     images = sorted((texture_dataset / "test").glob("*/*.png"))
     float_maps = model.predict(images).maps
-    for name, exported in (("onnx", int8), ("openvino", OpenVinoModel(folder))):
+    ir = OpenVinoModel(folder)
+    nncf_int8 = json.loads(ir._metadata["quantization"])
+    assert nncf_int8["format"].startswith("FakeQuantize int8 (NNCF")
+    assert nncf_int8["flows"] in FLOWS.values()
+    import openvino
+
+    fake_quantized = {
+        target.get_node().get_type_name()
+        for node in openvino.Core().read_model(str(folder / "model.xml")).get_ordered_ops()
+        if node.get_type_name() == "FakeQuantize"
+        for target in node.output(0).get_target_inputs()
+    }
+    assert fake_quantized == {"Convolution", "GroupConvolution"}  # the flows stay float
+    for name, exported in (("onnx", int8), ("openvino", ir)):
         maps = exported.predict(images).maps
         pairs = zip(float_maps, maps, strict=True)
         correlation = np.median([np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in pairs])
@@ -370,22 +383,24 @@ def test_int8_encoder_quantizes_each_relu6_with_its_convolution(
         monkeypatch.setattr(quantize, "QUANTIZED_OPS", ops)
         folder = tmp_path / "-".join(ops)
         folder.mkdir()
-        file = quantize._quantize_encoder(model, calibration, folder)
-        int8 = quantize._OnnxEncoder(model.net.encoder, file)(images)
+        int8 = quantize._quantize_encoder(model, calibration, folder, "onnx")(images)
         errors[ops] = _relative_errors(int8, truth)
     pairs = zip(errors[("Conv",)], errors[("Conv", "Clip")], strict=True)
     for k, (alone, fused) in enumerate(pairs):
         assert fused < 0.8 * alone, (k, errors)
 
 
+@pytest.mark.parametrize("runtime", ["onnx", "openvino"])
 def test_flows_fitted_on_the_int8_encoder_see_what_the_int8_file_computes(
-    model_dir, texture_dataset, tmp_path
+    model_dir, texture_dataset, tmp_path, runtime
 ):
     """The flows trained again learn the int8 encoder's features, and the encoder
     quantized alone computes exactly the features of the whole int8 file: the file's
-    maps equal the fitted model's run with the int8 encoder in PyTorch."""
+    maps equal the fitted model's run with the int8 encoder in PyTorch (ONNX Runtime's
+    quantizer and NNCF alike)."""
     from cflowad.common.progress import Reporter
     from cflowad.engine import quantize
+    from cflowad.engine.openvino import OpenVinoModel
 
     model = CFlowAD.load(model_dir)
     train, held = model.split_holdout(sorted((texture_dataset / "train" / "good").glob("*")))
@@ -393,26 +408,23 @@ def test_flows_fitted_on_the_int8_encoder_see_what_the_int8_file_computes(
     folder = tmp_path / "work"
     folder.mkdir()
     fitted = quantize.fit_on_int8_encoder(
-        model, train, held, calibration, folder, Reporter(enabled=False)
+        model, train, held, calibration, folder, Reporter(enabled=False), runtime
     )
     assert fitted.net.encoder is model.net.encoder  # the float encoder is put back
     before, after = model.net.decoder(0).state_dict(), fitted.net.decoder(0).state_dict()
     assert any(not torch.equal(before[key], after[key]) for key in before)  # trained again
     assert fitted.training["n_train"] == len(train)
-    file = tmp_path / "fitted.onnx"
-    quantize.quantize_model(fitted, file, calibration.numpy(), folder)
-    images = torch.cat(
-        [
-            b
-            for b, _ in batches(
-                sorted((texture_dataset / "test").glob("*/*.png")), model.image_size, 16
-            )
-        ]
-    )
-    fitted.net.encoder = quantize._OnnxEncoder(model.net.encoder, folder / "encoder.int8.onnx")
+    path = tmp_path / ("fitted.onnx" if runtime == "onnx" else "fitted")
+    quantize.quantize_model(fitted, path, calibration.numpy(), folder, runtime=runtime)
+    exported = OnnxModel(path) if runtime == "onnx" else OpenVinoModel(path)
+    test_images = sorted((texture_dataset / "test").glob("*/*.png"))
+    images = torch.cat([b for b, _ in batches(test_images, model.image_size, 16)])
+    again = tmp_path / "again"
+    again.mkdir()
+    fitted.net.encoder = quantize._quantize_encoder(model, calibration, again, runtime)
     try:
         expected = fitted.score_batch(images)[1].numpy()
     finally:
         fitted.net.encoder = model.net.encoder
-    maps = OnnxModel(file).score_batch(images)[1].numpy()
+    maps = exported.score_batch(images)[1].numpy()
     np.testing.assert_allclose(maps, expected, atol=2e-3)

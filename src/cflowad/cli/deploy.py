@@ -5,7 +5,6 @@ fast each engine scores it.
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -45,9 +44,10 @@ def export(
         typer.Option(
             "--int8",
             help="Quantize the encoder to int8 (calibrated on the training images of "
-            "--data), train the flows again on its features (as long as a training), keep "
-            "the model's flows or these, whichever finds synthetic defects in the held-out "
-            "images best, and refit the thresholds on the int8 graph. Needs onnxruntime.",
+            "--data; ONNX Runtime's quantizer for --onnx, NNCF for --openvino), train the "
+            "flows again on its features (as long as a training), keep the model's flows "
+            "or these, whichever finds synthetic defects in the held-out images best, and "
+            "refit the thresholds on the int8 graph.",
         ),
     ] = False,
     bf16: Annotated[
@@ -85,63 +85,51 @@ def export(
     reporter = Reporter(enabled=not quiet)
     height, width = model.config.image_size
     rows: list[tuple[str, str]] = []
-    with tempfile.TemporaryDirectory() as folder:
-        if int8:
-            from cflowad.results.int8 import export_int8
+    if int8:
+        from cflowad.results.int8 import export_int8
 
-            target = onnx or Path(folder) / "int8.onnx"
-            result = export_int8(model, target, data, reporter)
-            rows += [
-                (
-                    "int8",
-                    f"{result['onnx'] if onnx else 'converted to OpenVINO'}, "
-                    f"{result['megabytes']} MiB, {result['seconds']} s",
-                ),
-                *_refit_rows("int8", "on the int8 graph", result),
-                _synthetic_row(result),
-            ]
-        elif onnx is not None:
-            with reporter.task("exporting to ONNX", 1) as task:
-                result = model.export_onnx(onnx)
-                task.advance()
-            difference = result["max_relative_difference"]
-            rows += [
-                ("written", f"{result['onnx']} ({result['megabytes']} MiB, {result['seconds']} s)"),
-                (
-                    "checked",
-                    "onnxruntime not installed: not checked"
-                    if difference is None
-                    else f"onnxruntime equals PyTorch (max relative difference {difference:.1e})",
-                ),
-            ]
-        if bf16 and openvino is not None:
-            from cflowad.engine.bfloat16 import export_bf16
+        for runtime, path in (("onnx", onnx), ("openvino", openvino)):
+            if path is not None:
+                result = export_int8(model, path, data, reporter, runtime)
+                rows += [
+                    (
+                        f"int8 ({runtime})",
+                        f"{path} ({result['megabytes']} MiB, {result['seconds']} s)",
+                    ),
+                    *_refit_rows("int8", "on the int8 graph", result),
+                    _synthetic_row(result),
+                ]
+    if onnx is not None and not int8:
+        with reporter.task("exporting to ONNX", 1) as task:
+            result = model.export_onnx(onnx)
+            task.advance()
+        difference = result["max_relative_difference"]
+        rows += [
+            ("written", f"{result['onnx']} ({result['megabytes']} MiB, {result['seconds']} s)"),
+            (
+                "checked",
+                "onnxruntime not installed: not checked"
+                if difference is None
+                else f"onnxruntime equals PyTorch (max relative difference {difference:.1e})",
+            ),
+        ]
+    if bf16 and openvino is not None:
+        from cflowad.engine.bfloat16 import export_bf16
 
-            result = export_bf16(model, openvino, data, reporter)
-            rows += [
-                (
-                    "written",
-                    f"{result['openvino']} ({result['megabytes']} MiB, {result['seconds']} s)",
-                ),
-                *_refit_rows("bf16", "in bfloat16", result),
-            ]
-        elif openvino is not None:
-            with reporter.task("converting to OpenVINO", 1) as task:
-                result = model.export_openvino(openvino, target if int8 else None)
-                task.advance()
-            difference = result["max_relative_difference"]
-            rows += [
-                (
-                    "written",
-                    f"{result['openvino']} ({result['megabytes']} MiB, {result['seconds']} s)",
-                ),
-                (
-                    "checked",
-                    "int8: see above"
-                    if difference is None
-                    else f"OpenVINO equals PyTorch (max relative difference {difference:.1e})",
-                ),
-            ]
+        result = export_bf16(model, openvino, data, reporter)
+        rows += [
+            ("written", f"{result['openvino']} ({result['megabytes']} MiB, {result['seconds']} s)"),
+            *_refit_rows("bf16", "in bfloat16", result),
+        ]
+    elif openvino is not None and not int8:
+        with reporter.task("converting to OpenVINO", 1) as task:
+            result = model.export_openvino(openvino)
+            task.advance()
+        difference = result["max_relative_difference"]
+        rows += [
+            ("written", f"{result['openvino']} ({result['megabytes']} MiB, {result['seconds']} s)"),
+            ("checked", f"OpenVINO equals PyTorch (max relative difference {difference:.1e})"),
+        ]
     rows += [
         ("input", f"images: float32 (N, 3, {height}, {width}), RGB in [0, 1]"),
         ("outputs", "scores, anomalous, maps, masks (at the input size)"),

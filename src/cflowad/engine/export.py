@@ -255,15 +255,17 @@ def export_openvino(
     folder: Path,
     onnx_file: Path | None = None,
     precision: str = "f32",
+    quantize: Callable[[Any], Any] | None = None,
 ) -> dict[str, Any]:
     """Write a fitted network as an OpenVINO IR folder (``model.xml`` + ``model.bin``).
 
     The ONNX export is converted by OpenVINO's own converter and saved in float32 with
     the ONNX file's metadata; the IR is checked against PyTorch before it replaces
     ``folder``, which may be missing, empty, or an earlier export of cflowad's. With
-    ``onnx_file`` (an int8 export of this network) that file is converted instead, and
-    not held to float's tolerance; nor is an IR to run in ``precision`` bf16 (the
-    weights stay float32: OpenVINO rounds as it computes).
+    ``onnx_file`` (this network's export, with its metadata) that file is converted
+    instead; ``quantize`` (NNCF's int8, :mod:`cflowad.engine.quantize`) transforms the
+    converted model. Neither is held to float's tolerance, nor is an IR to run in
+    ``precision`` bf16 (the weights stay float32: OpenVINO rounds as it computes).
 
     Returns:
         ``openvino`` (the folder), ``megabytes``, ``seconds``, ``max_relative_difference``
@@ -288,13 +290,15 @@ def export_openvino(
         if precision != "f32":
             metadata["inference_precision"] = precision
         model = openvino.convert_model(str(source))
+        if quantize is not None:
+            model = quantize(model)
         model.set_rt_info(json.dumps(metadata), METADATA_KEY)
         openvino.save_model(model, str(staging / IR_FILE), compress_to_fp16=False)
         (staging / "model.onnx").unlink(missing_ok=True)
         converted = OpenVinoModel(staging)
         difference = (
             None
-            if onnx_file or precision != "f32"
+            if onnx_file or quantize or precision != "f32"
             else _worst_difference(
                 "OpenVINO",
                 net,

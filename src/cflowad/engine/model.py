@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -272,11 +272,16 @@ class CFlowAD(InferenceEngine):
             self.net.to(self.device)
 
     def export_openvino(
-        self, folder: str | Path, onnx_file: str | Path | None = None, precision: str = "f32"
+        self,
+        folder: str | Path,
+        onnx_file: str | Path | None = None,
+        precision: str = "f32",
+        quantize: Callable[[Any], Any] | None = None,
     ) -> dict[str, Any]:
         """Write the scoring network as an OpenVINO IR folder (:func:`export_openvino`),
-        or convert ``onnx_file``, this model's int8 export (:mod:`cflowad.engine.quantize`);
-        ``precision`` bf16 marks it to run in bfloat16 (:mod:`cflowad.engine.bfloat16`).
+        or convert ``onnx_file``, this model's export with its metadata; ``quantize``
+        makes it int8 (:mod:`cflowad.engine.quantize`); ``precision`` bf16 marks it to
+        run in bfloat16 (:mod:`cflowad.engine.bfloat16`).
 
         Returns:
             ``openvino``, ``megabytes``, ``seconds`` and ``max_relative_difference``
@@ -293,6 +298,7 @@ class CFlowAD(InferenceEngine):
                 Path(folder),
                 None if onnx_file is None else Path(onnx_file),
                 precision,
+                quantize,
             )
         finally:
             self.net.to(self.device)

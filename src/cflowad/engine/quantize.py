@@ -14,15 +14,20 @@ can train them again, from the model's configuration and seed, on the int8 encod
 own features: the encoder is frozen, so this is one more training of the flows, not
 quantization-aware training. Which flows an int8 file keeps is chosen on synthetic
 defects (:mod:`cflowad.results.int8`), and its thresholds are fitted on the int8
-graph itself (:mod:`cflowad.engine.refit`). OpenVINO runs the same QDQ graph as int8
-(``export --openvino DIR --int8`` converts it).
+graph itself (:mod:`cflowad.engine.refit`). For OpenVINO the encoder is quantized by
+NNCF instead (:func:`nncf_quantize`: its fast bias correction keeps the features
+closer to float than ONNX Runtime's quantizer, docs/benchmarks.md, "int8").
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -34,14 +39,17 @@ from cflowad.common.progress import Reporter
 from cflowad.data.images import batches
 from cflowad.engine.export import refuse_foreign_onnx, write_onnx
 from cflowad.engine.model import CFlowAD
-from cflowad.engine.onnx import INPUT_NAME, cpu_session, require_onnxruntime
+from cflowad.engine.onnx import INPUT_NAME, cpu_session
+from cflowad.engine.openvino import cpu_config, require_openvino
 from cflowad.method.encoder import Encoder
 from cflowad.method.scoring import CFlowNet
 
 __all__ = [
+    "NNCF_FLOAT_OPS",
     "QUANTIZED_OPS",
     "calibration_images",
     "fit_on_int8_encoder",
+    "nncf_quantize",
     "quantize_file",
     "quantize_model",
 ]
@@ -52,6 +60,20 @@ __all__ = [
 # 0.64 to 0.20-0.28 (magnetic_tile, docs/benchmarks.md). The flows' MatMul, Exp and Log
 # stay float.
 QUANTIZED_OPS = ("Conv", "Clip")
+# What NNCF would otherwise quantize besides the convolutions: the flows' products and
+# sums (ReduceSum adds up log-scales and squared latents), the normalization, the fusion.
+NNCF_FLOAT_OPS = (
+    "MatMul",
+    "Add",
+    "Multiply",
+    "Subtract",
+    "Divide",
+    "Concat",
+    "ReduceSum",
+    "ReduceMax",
+    "ReduceMean",
+    "Interpolate",
+)
 _CALIBRATION_IMAGES = 64  # training images whose activations set the int8 ranges
 
 
@@ -69,21 +91,22 @@ def fit_on_int8_encoder(
     calibration: Tensor,
     folder: Path,
     reporter: Reporter,
+    runtime: str = "onnx",
 ) -> CFlowAD:
     """A copy of ``model`` whose decoders are trained afresh (same configuration and
-    seed) on the int8 encoder's features of ``train`` and calibrated on ``held``.
+    seed) on the int8 encoder's features of ``train`` and calibrated on ``held``, the
+    encoder quantized for ``runtime`` (onnx: ONNX Runtime's quantizer; openvino: NNCF).
 
     The encoder is quantized alone, on the very inputs ``calibration`` gives it in the
     whole graph, so its int8 features are the ones the whole int8 file computes. The
     float encoder is put back: the copy exports, and quantizes, as one graph.
     """
-    require_onnxruntime("int8 export")
-    encoder_file = _quantize_encoder(model, calibration, folder)
+    int8 = _quantize_encoder(model, calibration, folder, runtime)
     fitted = copy.copy(model)
     encoder = model.net.encoder
     fitted.net = CFlowNet(model.config, encoder).eval().to(model.device)
     fitted.net.set_region(model.region)
-    fitted.net.encoder = cast(Encoder, _OnnxEncoder(encoder, encoder_file).to(model.device))
+    fitted.net.encoder = cast(Encoder, int8.to(model.device))
     try:
         fitted.train_decoders(train, held, reporter)
     finally:
@@ -91,30 +114,33 @@ def fit_on_int8_encoder(
     return fitted
 
 
-class _OnnxEncoder(nn.Module):
-    """An encoder file run by ONNX Runtime where :class:`CFlowNet` expects its encoder:
-    the flows then train, and the thresholds calibrate, on exactly what it computes."""
+class _Int8Encoder(nn.Module):
+    """An int8 encoder run by ONNX Runtime or OpenVINO where :class:`CFlowNet` expects
+    its encoder: the flows then train, and the thresholds calibrate, on exactly what
+    it computes. ``run`` takes (B, 3, H, W) float32 and returns the scales' arrays."""
 
     mean: Tensor
     std: Tensor
 
-    def __init__(self, encoder: Encoder, path: Path) -> None:
+    def __init__(self, encoder: Encoder, run: Callable[[np.ndarray], list[np.ndarray]]) -> None:
         super().__init__()
-        self.session = cpu_session(path)
+        self.run = run
         self.channels, self.strides = encoder.channels, encoder.strides
         self.register_buffer("mean", encoder.mean.detach().clone())
         self.register_buffer("std", encoder.std.detach().clone())
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """(B, 3, H, W) in [0, 1] -> list of (B, D_k, H_k, W_k), as :class:`Encoder`."""
-        outputs = self.session.run(None, {INPUT_NAME: images.detach().float().cpu().numpy()})
-        return [torch.from_numpy(o).to(images.device) for o in outputs]
+        outputs = self.run(images.detach().float().cpu().numpy())
+        return [torch.from_numpy(np.array(o)).to(images.device) for o in outputs]
 
 
-def _quantize_encoder(model: CFlowAD, calibration: Tensor, folder: Path) -> Path:
-    """The model's encoder alone as an int8 file, calibrated on the very inputs it gets
-    from ``calibration`` in the whole graph (inside the region, tile by tile): the
-    same activation ranges, so the same int8 features as the whole file computes."""
+def _quantize_encoder(
+    model: CFlowAD, calibration: Tensor, folder: Path, runtime: str
+) -> _Int8Encoder:
+    """The model's encoder alone in int8, calibrated on the very inputs it gets from
+    ``calibration`` in the whole graph (inside the region, tile by tile): the same
+    activation ranges, so the same int8 features as the whole file computes."""
     inputs: list[Tensor] = []
     hook = model.net.encoder.register_forward_pre_hook(lambda _, args: inputs.append(args[0]))
     try:
@@ -123,14 +149,28 @@ def _quantize_encoder(model: CFlowAD, calibration: Tensor, folder: Path) -> Path
                 model.net.features(batch.to(model.device))
     finally:
         hook.remove()
-    float_file, int8_file = folder / "encoder.onnx", folder / "encoder.int8.onnx"
+    float_file = folder / "encoder.onnx"
     encoder = model.net.encoder.cpu()
     try:
         write_onnx(encoder, torch.cat(inputs[:2]).cpu(), float_file)
     finally:
         encoder.to(model.device)
-    quantize_file(float_file, int8_file, torch.cat(inputs).cpu().numpy(), folder)
-    return int8_file
+    samples = torch.cat(inputs).cpu().numpy()
+    if runtime == "openvino":
+        openvino = require_openvino("int8 export")
+        quantized = nncf_quantize(openvino.convert_model(str(float_file)), samples)
+        compiled = openvino.Core().compile_model(quantized, "CPU", cpu_config("f32"))
+        request = compiled.create_infer_request()
+
+        def run(images: np.ndarray) -> list[np.ndarray]:
+            result = request.infer(images)
+            return [result[output] for output in compiled.outputs]
+
+        return _Int8Encoder(encoder, run)
+    int8_file = folder / "encoder.int8.onnx"
+    quantize_file(float_file, int8_file, samples, folder)
+    session = cpu_session(int8_file)
+    return _Int8Encoder(encoder, lambda images: session.run(None, {INPUT_NAME: images}))
 
 
 def quantize_model(
@@ -139,14 +179,25 @@ def quantize_model(
     calibration: np.ndarray,
     folder: Path,
     metadata: dict[str, str] | None = None,
+    runtime: str = "onnx",
 ) -> None:
-    """Export ``model`` in float, quantize its encoder, add ``metadata``; ``path`` is
-    replaced only if cflowad wrote it, and only once the file is whole."""
+    """Export ``model`` in float, quantize its encoder, add ``metadata``: an ONNX file
+    (ONNX Runtime's quantizer) or, with ``runtime`` openvino, an IR folder (NNCF).
+    ``path`` is replaced only if cflowad wrote it, and only once it is whole."""
     import onnx
 
     float_file, staging = folder / "float.onnx", folder / "int8.onnx"
     float_file.unlink(missing_ok=True)
     model.export_onnx(float_file)
+    if runtime == "openvino":
+        marked = onnx.load(str(float_file))
+        for key, value in (metadata or {}).items():
+            marked.metadata_props.add(key=key, value=value)
+        onnx.save(marked, str(float_file))
+        model.export_openvino(
+            path, float_file, quantize=partial(nncf_quantize, samples=calibration)
+        )
+        return
     quantize_file(float_file, staging, calibration, folder)
     quantized = onnx.load(str(staging))
     for key, value in (metadata or {}).items():
@@ -158,6 +209,26 @@ def quantize_model(
         os.replace(target, path)
     finally:
         target.unlink(missing_ok=True)
+
+
+def nncf_quantize(model: Any, samples: np.ndarray) -> Any:
+    """An OpenVINO model with its convolutions in int8 by NNCF's post-training
+    quantization (range estimation and fast bias correction), calibrated on ``samples``
+    (N, 3, H, W) fed one at a time; every other operation stays float."""
+    # importing NNCF beside torch imports torch's extension builder, which warns that
+    # it found no CUDA: a line about nothing cflowad uses
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    import nncf
+
+    nncf.set_log_level(logging.ERROR)  # not its list of every operation left in float
+    images = list(np.split(samples, len(samples)))
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress bars: ours are the caller's
+        return nncf.quantize(
+            model,
+            nncf.Dataset(images),
+            subset_size=len(images),
+            ignored_scope=nncf.IgnoredScope(types=list(NNCF_FLOAT_OPS), validate=False),
+        )
 
 
 def quantize_file(source: Path, target: Path, calibration: np.ndarray, folder: Path) -> None:

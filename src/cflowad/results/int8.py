@@ -26,10 +26,11 @@ import numpy as np
 from cflowad.common.progress import Reporter
 from cflowad.data.images import ImageInput, load_image
 from cflowad.data.synthetic import paste_defects
-from cflowad.engine.export import refuse_foreign_onnx
+from cflowad.engine.export import refuse_foreign_onnx, refuse_foreign_openvino
 from cflowad.engine.inference import Predictor
 from cflowad.engine.model import CFlowAD
 from cflowad.engine.onnx import OnnxModel, require_onnxruntime
+from cflowad.engine.openvino import OpenVinoModel, require_openvino
 from cflowad.engine.quantize import (
     QUANTIZED_OPS,
     calibration_images,
@@ -39,36 +40,51 @@ from cflowad.engine.quantize import (
 from cflowad.engine.refit import held_out, refit_thresholds
 from cflowad.results.metrics import aupro, image_auroc
 
-__all__ = ["FLOWS", "TOLERANCE", "export_int8", "on_synthetic_defects"]
+__all__ = ["FLOWS", "FORMATS", "TOLERANCE", "export_int8", "on_synthetic_defects"]
 
 FLOWS = {"as trained": "the model's own flows", "fitted": "flows trained on the int8 features"}
+FORMATS = {
+    "onnx": "QDQ int8 (ONNX Runtime static quantization)",
+    "openvino": "FakeQuantize int8 (NNCF post-training quantization)",
+}
+QUANTIZED = {"onnx": list(QUANTIZED_OPS), "openvino": ["Convolution", "GroupConvolution"]}
 TOLERANCE = 0.005  # a figure below the float model's by more: found less well, a warning
 _SEEDS = (0, 1, 2)  # synthetic defects: each held-out image gets one per seed
 
 
 def export_int8(
-    model: CFlowAD, path: Path, data: Any, reporter: Reporter | None = None
+    model: CFlowAD,
+    path: Path,
+    data: Any,
+    reporter: Reporter | None = None,
+    runtime: str = "onnx",
 ) -> dict[str, Any]:
-    """Write ``model`` as an int8 ONNX file with the flows that find synthetic defects best.
+    """Write ``model`` in int8 with the flows that find synthetic defects best.
 
     Args:
         model: a trained model.
-        path: the ``.onnx`` file to write (replaced only if cflowad wrote it).
+        path: the ``.onnx`` file to write, or with ``runtime`` openvino the IR folder
+            (replaced only if cflowad wrote it).
         data: what the model was trained on (a folder, an MVTec category, a list): the
             training images calibrate the activations and train the second flows, the
             held-out ones (the same seeded split as training) carry the synthetic
             defects and fit the thresholds.
         reporter: progress lines.
+        runtime: onnx (ONNX Runtime's static quantization, QDQ) or openvino (NNCF).
 
     Returns:
         What was written, the flows kept (``flows``), every model's figures on the
         synthetic defects (``synthetic_defects``), what fell below float (``worse``) and
         how far the file is from float (:func:`cflowad.engine.refit.refit_thresholds`).
     """
-    require_onnxruntime("int8 export")
+    if runtime == "openvino":
+        require_openvino("int8 export")
+        refuse_foreign_openvino(path)
+    else:
+        require_onnxruntime("int8 export")
+        refuse_foreign_onnx(path)
     reporter = reporter or Reporter(enabled=False)
     start = time.perf_counter()
-    refuse_foreign_onnx(path)
     train, held = held_out(model, data, "int8")
     calibration = calibration_images(model, train)
     with tempfile.TemporaryDirectory() as folder:
@@ -77,14 +93,14 @@ def export_int8(
             f"int8: the encoder calibrated on {len(calibration)} training images; the flows "
             "trained again on its features, to compare with the model's own"
         )
-        fitted = fit_on_int8_encoder(model, train, held, calibration, work, reporter)
+        fitted = fit_on_int8_encoder(model, train, held, calibration, work, reporter, runtime)
         candidates = {"as trained": model, "fitted": fitted}
         files: dict[str, Predictor] = {}
-        with reporter.task("quantizing to int8", len(candidates)) as task:
+        with reporter.task(f"quantizing to int8 ({runtime})", len(candidates)) as task:
             for name, candidate in candidates.items():
-                file = work / f"{name.replace(' ', '-')}.onnx"
-                quantize_model(candidate, file, calibration.numpy(), work)
-                files[name] = OnnxModel(file)
+                file = work / name.replace(" ", "-")
+                quantize_model(candidate, file, calibration.numpy(), work, runtime=runtime)
+                files[name] = OpenVinoModel(file) if runtime == "openvino" else OnnxModel(file)
                 task.advance()
         with reporter.task("synthetic defects", 1) as task:
             figures = on_synthetic_defects({"float": model, **files}, held, _SEEDS)
@@ -94,8 +110,8 @@ def export_int8(
         metadata = {
             "quantization": json.dumps(
                 {
-                    "format": "QDQ int8 (ONNX Runtime static quantization)",
-                    "quantized": list(QUANTIZED_OPS),
+                    "format": FORMATS[runtime],
+                    "quantized": QUANTIZED[runtime],
                     "float": "the flows, the fusion, the maps",
                     "flows": FLOWS[chosen],
                     "calibration_images": len(calibration),
@@ -105,7 +121,7 @@ def export_int8(
             )
         }
         with reporter.task("writing", 1) as task:
-            quantize_model(refitted, path, calibration.numpy(), work, metadata)
+            quantize_model(refitted, path, calibration.numpy(), work, metadata, runtime)
             task.advance()
     worse = {
         key: round(figures["float"][key] - figures[chosen][key], 4)
@@ -119,10 +135,13 @@ def export_int8(
             + "); keep the float export where accuracy matters (docs/benchmarks.md, 'int8')"
         )
     return {
-        "onnx": str(path),
-        "megabytes": round(path.stat().st_size / 2**20, 1),
+        runtime: str(path),
+        "megabytes": round(
+            sum(f.stat().st_size for f in ([path] if path.is_file() else path.iterdir())) / 2**20,
+            1,
+        ),
         "seconds": round(time.perf_counter() - start, 1),
-        "quantized": list(QUANTIZED_OPS),
+        "quantized": QUANTIZED[runtime],
         "flows": chosen,
         "synthetic_defects": figures,
         "worse": worse,
