@@ -258,7 +258,7 @@ def test_openvino_export_and_scoring_errors_are_one_line(
 
 
 def test_int8_export_refits_the_thresholds_on_the_int8_graph(
-    model_dir, texture_dataset, tmp_path, capsys
+    model_dir, texture_dataset, tmp_path, capsys, monkeypatch
 ):
     """The convolutions are int8 and nothing else is; the flows kept are those that did
     best on the synthetic defects; the image threshold is the order statistic of the int8
@@ -318,6 +318,12 @@ def test_int8_export_refits_the_thresholds_on_the_int8_graph(
         assert correlation > 0.7, name  # int8 moves the maps a little, not their shape
     assert main(["export", str(model_dir), "--onnx", str(file), "--int8"]) == 2
     assert "--data" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "nncf", None)  # an OpenVINO install without NNCF
+    elsewhere = tmp_path / "elsewhere"
+    command = ["export", str(model_dir), "--openvino", str(elsewhere), "--int8"]
+    assert main([*command, "--data", str(texture_dataset)]) == 2
+    assert "pip install 'cflowad[openvino]'" in capsys.readouterr().err
+    assert not elsewhere.exists()  # refused before any work
 
 
 def test_bf16_export_refits_the_thresholds_in_bfloat16_or_refuses(

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from cflowad.common.errors import UserError
 from cflowad.common.progress import Reporter
 from cflowad.data.images import batches
 from cflowad.engine.export import refuse_foreign_onnx, write_onnx
@@ -52,6 +53,7 @@ __all__ = [
     "nncf_quantize",
     "quantize_file",
     "quantize_model",
+    "require_nncf",
 ]
 
 # The encoder's convolutions and its ReLU6 (Clip; the flows have none): with the Clip
@@ -209,6 +211,14 @@ def quantize_model(
         os.replace(target, path)
     finally:
         target.unlink(missing_ok=True)
+
+
+def require_nncf() -> None:
+    """A one-line user error when NNCF, which makes OpenVINO's int8, is missing."""
+    try:
+        import nncf  # noqa: F401
+    except ImportError:
+        raise UserError("int8 for OpenVINO needs nncf: pip install 'cflowad[openvino]'") from None
 
 
 def nncf_quantize(model: Any, samples: np.ndarray) -> Any:

@@ -36,6 +36,7 @@ from cflowad.engine.quantize import (
     calibration_images,
     fit_on_int8_encoder,
     quantize_model,
+    require_nncf,
 )
 from cflowad.engine.refit import held_out, refit_thresholds
 from cflowad.results.metrics import aupro, image_auroc
@@ -79,6 +80,7 @@ def export_int8(
     """
     if runtime == "openvino":
         require_openvino("int8 export")
+        require_nncf()
         refuse_foreign_openvino(path)
     else:
         require_onnxruntime("int8 export")
