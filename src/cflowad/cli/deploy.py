@@ -92,49 +92,51 @@ def export(
             if path is not None:
                 result = export_int8(model, path, data, reporter, runtime)
                 rows += [
-                    (
-                        f"int8 ({runtime})",
-                        f"{path} ({result['megabytes']} MiB, {result['seconds']} s)",
-                    ),
+                    (f"int8 ({runtime})", _written(path, result)),
                     *_refit_rows("int8", "on the int8 graph", result),
                     _synthetic_row(result),
                 ]
     if onnx is not None and not int8:
         with reporter.task("exporting to ONNX", 1) as task:
-            result = model.export_onnx(onnx)
+            rows += _float_rows(model.export_onnx(onnx), "onnx", "onnxruntime")
             task.advance()
-        difference = result["max_relative_difference"]
-        rows += [
-            ("written", f"{result['onnx']} ({result['megabytes']} MiB, {result['seconds']} s)"),
-            (
-                "checked",
-                "onnxruntime not installed: not checked"
-                if difference is None
-                else f"onnxruntime equals PyTorch (max relative difference {difference:.1e})",
-            ),
-        ]
     if bf16 and openvino is not None:
         from cflowad.engine.bfloat16 import export_bf16
 
         result = export_bf16(model, openvino, data, reporter)
         rows += [
-            ("written", f"{result['openvino']} ({result['megabytes']} MiB, {result['seconds']} s)"),
+            ("written", _written(result["openvino"], result)),
             *_refit_rows("bf16", "in bfloat16", result),
         ]
     elif openvino is not None and not int8:
         with reporter.task("converting to OpenVINO", 1) as task:
-            result = model.export_openvino(openvino)
+            rows += _float_rows(model.export_openvino(openvino), "openvino", "OpenVINO")
             task.advance()
-        difference = result["max_relative_difference"]
-        rows += [
-            ("written", f"{result['openvino']} ({result['megabytes']} MiB, {result['seconds']} s)"),
-            ("checked", f"OpenVINO equals PyTorch (max relative difference {difference:.1e})"),
-        ]
     rows += [
         ("input", f"images: float32 (N, 3, {height}, {width}), RGB in [0, 1]"),
         ("outputs", "scores, anomalous, maps, masks (at the input size)"),
     ]
     summary_table(rows, quiet)
+
+
+def _written(path: Any, result: dict[str, Any]) -> str:
+    """Where an export went, its size and how long it took."""
+    return f"{path} ({result['megabytes']} MiB, {result['seconds']} s)"
+
+
+def _float_rows(result: dict[str, Any], key: str, runtime: str) -> list[tuple[str, str]]:
+    """Summary lines of a float export: what was written, and its check against PyTorch
+    in ``runtime`` (None: the runtime is not installed)."""
+    difference = result["max_relative_difference"]
+    return [
+        ("written", _written(result[key], result)),
+        (
+            "checked",
+            f"{runtime} not installed: not checked"
+            if difference is None
+            else f"{runtime} equals PyTorch (max relative difference {difference:.1e})",
+        ),
+    ]
 
 
 def _synthetic_row(result: dict[str, Any]) -> tuple[str, str]:
