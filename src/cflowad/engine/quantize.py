@@ -191,23 +191,21 @@ def quantize_model(
     float_file, staging = folder / "float.onnx", folder / "int8.onnx"
     float_file.unlink(missing_ok=True)
     model.export_onnx(float_file)
-    if runtime == "openvino":
-        marked = onnx.load(str(float_file))
-        for key, value in (metadata or {}).items():
-            marked.metadata_props.add(key=key, value=value)
+    if runtime == "onnx":
+        quantize_file(float_file, staging, calibration, folder)
+    marked = onnx.load(str(staging if runtime == "onnx" else float_file))
+    for key, value in (metadata or {}).items():
+        marked.metadata_props.add(key=key, value=value)
+    if runtime == "openvino":  # NNCF quantizes the converted model; metadata travels along
         onnx.save(marked, str(float_file))
         model.export_openvino(
             path, float_file, quantize=partial(nncf_quantize, samples=calibration)
         )
         return
-    quantize_file(float_file, staging, calibration, folder)
-    quantized = onnx.load(str(staging))
-    for key, value in (metadata or {}).items():
-        quantized.metadata_props.add(key=key, value=value)
     refuse_foreign_onnx(path)  # again: the file may have appeared while quantizing
     target = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same file system: atomic
     try:
-        onnx.save(quantized, str(target))
+        onnx.save(marked, str(target))
         os.replace(target, path)
     finally:
         target.unlink(missing_ok=True)
