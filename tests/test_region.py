@@ -14,7 +14,8 @@ import cflowad
 from cflowad import CFlowAD
 from cflowad.cli import main
 from cflowad.common.errors import UserError
-from cflowad.data.images import batches
+from cflowad.data.images import batches, load_image
+from cflowad.data.synthetic import paste_defects
 from cflowad.method.region import (
     decode_region,
     draw_region,
@@ -23,6 +24,7 @@ from cflowad.method.region import (
     region_at,
 )
 from cflowad.method.scoring import readable
+from cflowad.results.int8 import on_synthetic_defects
 
 FAST = ["--image-size", "64", "--steps", "20", "--no-compile", "--quiet"]
 CENTRE, RADIUS = (64, 64), 40  # a disc in the 128 x 128 texture images
@@ -274,3 +276,17 @@ def test_the_flows_train_and_calibrate_on_the_cells_that_touch_the_region():
         side = 64 // stride
         brute = mask.reshape(side, stride, side, stride).any(axis=(1, 3))
         np.testing.assert_array_equal(cells.numpy(), brute)
+
+
+def test_int8_choice_counts_only_the_synthetic_defects_the_region_can_see(
+    region_model, texture_dataset
+):
+    """As train --tune: a pasted defect wholly outside the region is not counted."""
+    model = CFlowAD.load(region_model, device="cpu")
+    held = sorted((texture_dataset / "train" / "good").glob("*.png"))[:8]
+    figures = on_synthetic_defects({"float": model}, held, (0, 1))
+    clean = [load_image(path) for path in held]
+    pasted = [m for seed in (0, 1) for m in paste_defects(clean, seed=seed)[1]]
+    seen = sum(bool((mask & disc()).any()) for mask in pasted)
+    assert 0 < seen < len(pasted)
+    assert figures["float"]["defects"] == seen

@@ -144,9 +144,10 @@ def _synthetic_row(result: dict[str, Any]) -> tuple[str, str]:
     from cflowad.results.int8 import FLOWS
 
     figures = result["synthetic_defects"]
+    counted = next(iter(figures.values()))["defects"]
     return (
         "flows",
-        f"{FLOWS[result['flows']]}: on synthetic defects in the held-out images, "
+        f"{FLOWS[result['flows']]}: on {counted} synthetic defects in the held-out images, "
         + ", ".join(
             f"{name} {f['image_auroc']:.3f} / {f['aupro']:.3f}" for name, f in figures.items()
         )

@@ -27,7 +27,7 @@ from cflowad.common.progress import Reporter
 from cflowad.data.images import ImageInput, load_image
 from cflowad.data.synthetic import paste_defects
 from cflowad.engine.export import refuse_foreign_onnx, refuse_foreign_openvino
-from cflowad.engine.inference import Predictor
+from cflowad.engine.inference import InferenceEngine
 from cflowad.engine.model import CFlowAD
 from cflowad.engine.onnx import OnnxModel, require_onnxruntime
 from cflowad.engine.openvino import OpenVinoModel, require_openvino
@@ -97,7 +97,7 @@ def export_int8(
         )
         fitted = fit_on_int8_encoder(model, train, held, calibration, work, reporter, runtime)
         candidates = {"as trained": model, "fitted": fitted}
-        files: dict[str, Predictor] = {}
+        files: dict[str, OnnxModel | OpenVinoModel] = {}
         with reporter.task(f"quantizing to int8 ({runtime})", len(candidates)) as task:
             for name, candidate in candidates.items():
                 file = work / name.replace(" ", "-")
@@ -152,17 +152,24 @@ def export_int8(
 
 
 def on_synthetic_defects(
-    models: dict[str, Predictor], held: Sequence[ImageInput], seeds: Sequence[int]
+    models: dict[str, InferenceEngine], held: Sequence[ImageInput], seeds: Sequence[int]
 ) -> dict[str, dict[str, float]]:
     """Each model's image AUROC, AUPRO and their mean (``criterion``) on ``held`` as it is
-    and with one synthetic defect per image and seed (the same defects for every model)."""
+    and with one synthetic defect per image and seed (the same defects for every model),
+    and how many ``defects`` counted: as in ``train --tune``, a defect is counted by its
+    part inside the inspection region, and not at all when it falls wholly outside."""
     clean = [load_image(item) for item in held]
+    first = next(iter(models.values()))  # every candidate carries the model's region
     defective: list[np.ndarray] = []
     masks: list[np.ndarray] = []
     for seed in seeds:
-        images, pasted, _ = paste_defects(clean, seed=seed)
-        defective += images
-        masks += pasted
+        pasted, pasted_masks, _ = paste_defects(clean, seed=seed)
+        for with_defect, mask in zip(pasted, pasted_masks, strict=True):
+            inside = first.region_at((mask.shape[0], mask.shape[1]))
+            seen = mask if inside is None else mask & inside
+            if seen.any():
+                defective.append(with_defect)
+                masks.append(seen)
     labels = np.r_[np.zeros(len(clean)), np.ones(len(defective))]
     figures = {}
     for name, predictor in models.items():
@@ -174,5 +181,6 @@ def on_synthetic_defects(
             "image_auroc": round(image, 4),
             "aupro": round(pro, 4),
             "criterion": round((image + pro) / 2, 4),
+            "defects": len(defective),
         }
     return figures
