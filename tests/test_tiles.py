@@ -154,10 +154,12 @@ def test_native_is_the_median_size_on_the_32_grid():
 
 
 def test_a_tiled_model_scores_the_same_in_every_runtime(tiled_model, tmp_path, monkeypatch, capfd):
-    """Exports loop over the tiles, a group at a time (here 2 of the 9 tiles a step: 5
-    steps, the last one padded): the graph holds the encoder once, however many tiles.
-    Flows that compute their condition terms as they go (as at 20 megapixels; here
-    forced, in chunks of 300 positions) keep them out of ONNX Runtime's folding."""
+    """Exports encode the tiles a group at a time (here 2 of the 9 tiles a step: 5
+    steps, the last one padded): in a loop past UNROLLED_GROUPS steps (here 4), where
+    the graph holds the encoder once however many tiles, unrolled below it (ONNX
+    Runtime runs a loop's convolutions slower). Flows that compute their condition
+    terms as they go (as at 20 megapixels; here forced, in chunks of 300 positions)
+    keep them out of ONNX Runtime's folding."""
     import onnx
 
     from cflowad.engine.onnx import cpu_session
@@ -170,6 +172,9 @@ def test_a_tiled_model_scores_the_same_in_every_runtime(tiled_model, tmp_path, m
     monkeypatch.setattr(scoring, "CONDITION_BUDGET", 0)
     monkeypatch.setattr(scoring, "POSITION_CHUNK", 300)
     onnx_file, folder = tmp_path / "model.onnx", tmp_path / "openvino"
+    unrolled = tmp_path / "unrolled.onnx"
+    assert main(["export", str(model_dir), "--onnx", str(unrolled), "--quiet"]) == 0
+    monkeypatch.setattr(scoring, "UNROLLED_GROUPS", 4)
     assert main(["export", str(model_dir), "--onnx", str(onnx_file), "--quiet"]) == 0
     assert main(["export", str(model_dir), "--openvino", str(folder), "--quiet"]) == 0
 
@@ -183,6 +188,9 @@ def test_a_tiled_model_scores_the_same_in_every_runtime(tiled_model, tmp_path, m
     )
     assert [n.op_type for n in graph].count("Scan") == 1
     assert [n.op_type for n in graph].count("Conv") == convolutions
+    flat = nodes(onnx.load(str(unrolled), load_external_data=False).graph)
+    assert [n.op_type for n in flat].count("Scan") == 0
+    assert [n.op_type for n in flat].count("Conv") == 5 * convolutions
     session = cpu_session(onnx_file)
     unfolded = {i.name for i in session.get_overridable_initializers()}
     # the finest scale's codes (1,024 positions); coarser ones may be folded by the
@@ -191,7 +199,8 @@ def test_a_tiled_model_scores_the_same_in_every_runtime(tiled_model, tmp_path, m
     assert [i.name for i in session.get_inputs()] == ["images"]
     images = [str(p) for p in sorted((data / "test").glob("*/*.png"))]
     results = {}
-    for name, model in (("torch", model_dir), ("onnx", onnx_file), ("openvino", folder)):
+    exports = [("onnx", onnx_file), ("unrolled", unrolled), ("openvino", folder)]
+    for name, model in [("torch", model_dir), *exports]:
         out = tmp_path / f"out-{name}"
         assert main(["predict", str(model), *images, "--out", str(out), "-q"]) == 0
         records = json.loads((out / "predictions.json").read_text())
@@ -200,7 +209,7 @@ def test_a_tiled_model_scores_the_same_in_every_runtime(tiled_model, tmp_path, m
             np.stack([np.load(out / r["map"]) for r in records]),
         )
     assert "appears in graph inputs" not in capfd.readouterr().err  # ONNX Runtime's warning
-    for name in ("onnx", "openvino"):
+    for name in ("onnx", "unrolled", "openvino"):
         np.testing.assert_allclose(results[name][0], results["torch"][0], atol=1e-5)
         np.testing.assert_allclose(results[name][1], results["torch"][1], atol=1e-4)
 

@@ -26,6 +26,12 @@ REFERENCE_QUANTILE = 0.999
 # Input pixels of the tiles of one image encoded in one call of the encoder (16 tiles
 # of 256 x 256): memory follows this and the batch, not the image.
 TILE_GROUP_PIXELS = 2**20
+# Exports encode up to this many groups of tiles as separate calls and more in a loop
+# (ONNX Scan). ONNX Runtime runs the convolutions in a Scan's body several times slower
+# (640 x 416 in 6 tiles: 226 against 47 ms an image; 88 tiles in 6 groups: 1.54 against
+# 0.74 s), but an unrolled graph grows with the groups: a 20-megapixel input's 35
+# groups ran out of 24 GB exporting.
+UNROLLED_GROUPS = 8
 # Precomputed condition terms above this many bytes (inputs of several megapixels) are
 # computed as the flows go instead, POSITION_CHUNK positions at a time: 8 blocks'
 # terms for a 20-megapixel input would take 4 GB.
@@ -190,7 +196,7 @@ class CFlowNet(nn.Module):
         group = max(1, TILE_GROUP_PIXELS // (height * width))
         if min_batch > 1:  # training asks for min_batch inputs a call: tiles, not padding
             group = max(group, -(-min_batch // batch))
-        if torch.compiler.is_exporting():
+        if torch.compiler.is_exporting() and -(-len(crops) // group) > UNROLLED_GROUPS:
             encoded = self._encode_in_loop(torch.stack(crops), group)
         else:  # (tiles * B, D_k, h_k, w_k) per scale
             per_group = [
@@ -216,7 +222,8 @@ class CFlowNet(nn.Module):
     def _encode_in_loop(self, tiles: Tensor, group: int) -> list[Tensor]:
         """The encoder over (tiles, B, 3, h, w) ``group`` tiles at a time, as one loop
         in an exported graph (ONNX Scan): the graph holds the encoder once, not once per
-        group, and memory follows the group, as in PyTorch."""
+        group, and memory follows the group, as in PyTorch (for more than
+        :data:`UNROLLED_GROUPS` groups)."""
         # torch.onnx's exporter turns this loop, and no other, into ONNX Scan
         from torch._higher_order_ops.scan import scan
 
