@@ -77,8 +77,10 @@ class GaussianDecoder(nn.Module):
 
     def log_prob(self, z: Tensor) -> Tensor:
         """(B, P, D) features -> (B, P) log-densities, eq. (5.2)."""
-        y = torch.einsum("bpd,ped->bpe", z - self.mean, self.whiten)
-        squared_mahalanobis = (y * y).sum(dim=-1)
+        # a batched product over positions, not einsum: ONNX Runtime's Einsum took 20 of
+        # a Gaussian export's 25 ms (256 x 256, batch 1), slower than PyTorch
+        y = torch.matmul((z - self.mean).transpose(0, 1), self.whiten.transpose(1, 2))
+        squared_mahalanobis = (y * y).sum(dim=-1).transpose(0, 1)
         constant = -0.5 * self.dim * math.log(2 * math.pi)
         return constant + 0.5 * self.log_det_precision - 0.5 * squared_mahalanobis
 
