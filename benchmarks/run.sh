@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the README's results: default training, test metrics (with pictures) and speed
-# on both sets of ../shared/data and visa_capsules in tiles, the ELPV demo, and predict's memory on 200 and 5,000 images.
+# on both sets of ../shared/data and visa_capsules in tiles, the ELPV demo, and predict's
+# memory on 200 and 5,000 images.
 # Writes under runs/ (git-ignored). Needs the ONNX extra: pip install ".[onnx]"
 set -euo pipefail
 data=${1:-../shared/data}
