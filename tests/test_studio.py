@@ -54,6 +54,45 @@ def test_paths_stay_inside_the_allowed_folders(tmp_path):
         workspace.resolve("etc", "")
 
 
+def test_a_file_linked_out_of_the_allowed_folders_is_never_read(tmp_path, texture_dataset):
+    """A folder is resolved once, but each file in it may be a symbolic link: one that
+    leads outside refuses the folder for scoring and training, and the hot folder
+    rejects it unread; a link to a file inside an allowed folder is fine."""
+    from cflowad.line.watch import watch_folder
+
+    good = sorted((texture_dataset / "test" / "good").iterdir())
+    allowed, secret = tmp_path / "data", tmp_path / "secret"
+    (allowed / "parts").mkdir(parents=True)
+    secret.mkdir()
+    shutil.copy(good[0], secret / "private.png")
+    shutil.copy(good[1], allowed / "parts" / "a.png")
+    (allowed / "parts" / "b.png").symlink_to(allowed / "parts" / "a.png")  # inside: kept
+    workspace = Workspace(tmp_path / "ws", [allowed]).open()
+    folder = workspace.resolve("data", "parts")
+    assert [p.name for p in workspace.images(folder)] == ["a.png", "b.png"]
+    (allowed / "parts" / "c.png").symlink_to(secret / "private.png")
+    for listing in (workspace.images, workspace.training_images):
+        with pytest.raises(UserError, match=r"c\.png: a symbolic link that leads outside"):
+            listing(folder)
+    # the hot folder: the link is moved to rejected/ (the link, not what it points to)
+    model = CFlowAD(decoder="gaussian", image_size=64, seed=0).fit(texture_dataset)
+    read: list[str] = []
+    summary = watch_folder(
+        model,
+        folder,
+        tmp_path / "out",
+        settle=0,
+        once=True,
+        on_result=lambda image, result, record: read.append(Path(record["image"]).name),
+        confine=workspace.confine,
+    )
+    assert sorted(read) == ["a.png", "b.png"] and summary.rejected == 1
+    rejected = read_records(tmp_path / "out" / "rejected" / "rejected.jsonl")
+    assert rejected[0]["file"] == "c.png" and "symbolic link" in rejected[0]["reason"]
+    assert (tmp_path / "out" / "rejected" / "c.png").is_symlink()
+    assert (secret / "private.png").read_bytes() == good[0].read_bytes()
+
+
 def test_revisions_promotion_and_outside_changes(tmp_path, gaussian_model):
     workspace = Workspace(tmp_path / "ws").open()
     shutil.copytree(gaussian_model, workspace.models / "brick")  # as a user copies a model in

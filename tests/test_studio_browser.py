@@ -412,6 +412,40 @@ def test_errors_are_shown_on_the_page(running, page, data):
     shutil.rmtree(broken)
 
 
+def test_a_file_linked_outside_is_refused_on_the_page(running, page, data, tmp_path):
+    """A symbolic link *file* in an allowed folder that leads outside: not counted by
+    the picker, refused when the folder is scored (on the page and the API), and never
+    scored or served as a picture (0.14.2 listed, scored and served it)."""
+    url, _ = running
+    secret = tmp_path / "secret.png"
+    shutil.copy(sorted((data / "brick" / "test" / "good").iterdir())[0], secret)
+    linked = data / "linked"
+    linked.mkdir()
+    shutil.copy(sorted((data / "brick" / "test" / "good").iterdir())[1], linked / "a.png")
+    (linked / "b.png").symlink_to(secret)
+    before = {r["id"] for r in httpx.get(f"{url}/studio/api/state").json()["runs"]}
+    page.goto(f"{url}/studio#review")
+    pick(page, "Folder to score", "linked")
+    box = page.get_by_label("Folder to score", exact=True)
+    expect(box).to_contain_text("1 images here")  # the link is not counted
+    page.get_by_role("form", name="Score a folder").get_by_role(
+        "button", name="Score folder"
+    ).click()
+    expect(page.get_by_role("alert")).to_contain_text("b.png: a symbolic link that leads outside")
+    root = _root_name(page, "allowed")
+    refused = api(
+        url, "POST", "/studio/api/runs", json={"model": "brick", "root": root, "path": "linked"}
+    )
+    assert refused.status_code == 400 and "symbolic link" in refused.json()["error"]
+    browsed = httpx.get(f"{url}/studio/api/browse", params={"root": root, "path": "linked"})
+    assert browsed.json()["images"] == 1 and browsed.json()["files"] == ["a.png"]
+    sample = httpx.get(f"{url}/studio/api/sample", params={"root": root, "path": "linked"})
+    assert sample.status_code == 400
+    after = {r["id"] for r in httpx.get(f"{url}/studio/api/state").json()["runs"]}
+    assert after == before  # nothing queued, so no picture of the secret exists
+    shutil.rmtree(linked)
+
+
 def test_security_csrf_paths_and_errors(running):
     url, _ = running
     no_token = httpx.post(

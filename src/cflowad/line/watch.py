@@ -109,6 +109,7 @@ def watch_folder(
     drift: DriftSettings | None = None,
     publisher: Publisher | None = None,
     model_name: str = "model",
+    confine: Callable[[Path], Path] | None = None,
 ) -> WatchSummary:
     """Score new images in ``inbox`` until ``stop`` is set (or, with ``once``, until the
     folder holds nothing new); records go to ``out/results.jsonl``.
@@ -140,6 +141,8 @@ def watch_folder(
             (:mod:`cflowad.line.publish`); a record is spooled before it is journaled,
             so a kill between the two scores the file again under the same message id.
         model_name: the model's name in published messages.
+        confine: called with each file before it is read; a UserError rejects the file
+            unread (the studio refuses symbolic links that lead outside its folders).
     """
     if not inbox.is_dir():
         raise UserError(f"INBOX {inbox}: folder not found")
@@ -162,6 +165,7 @@ def watch_folder(
         drift,
         publisher,
         model_name,
+        confine,
     )
     stop = stop or threading.Event()
     wake = threading.Event()
@@ -204,8 +208,10 @@ class _HotFolder:
         drift: DriftSettings | None = None,
         publisher: Publisher | None = None,
         model_name: str = "model",
+        confine: Callable[[Path], Path] | None = None,
     ) -> None:
         self.model, self.inbox, self.out = model, inbox, out
+        self.confine = confine
         self.publisher, self.model_name = publisher, model_name
         self.on_result = on_result
         self.calibration: SourceCalibration | None = None
@@ -301,6 +307,12 @@ class _HotFolder:
         """
         images, kept = [], []
         for path, key, seen in batch:
+            if self.confine is not None:
+                try:
+                    self.confine(path)
+                except UserError as error:  # refused, never read
+                    self._reject(path, str(error))
+                    continue
             try:
                 images.append(load_image(path))
             except UserError as error:

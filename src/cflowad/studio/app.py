@@ -31,7 +31,6 @@ import numpy as np
 
 from cflowad.common.errors import UserError
 from cflowad.common.version import __version__
-from cflowad.data.datasets import find_training_images
 from cflowad.data.images import IMAGE_SUFFIXES, decode_image, load_image
 from cflowad.engine.inference import ImageResult, Predictor
 from cflowad.engine.loading import load
@@ -274,7 +273,12 @@ def create_studio(workspace: Workspace, settings: StudioSettings | None = None) 
         folder = workspace.resolve(root, path)
         if not folder.is_dir():
             raise UserError(f"{root}/{path}: not a folder")
-        entries = sorted(folder.iterdir(), key=lambda p: p.name.lower())
+        # a file that is a link out is neither listed nor counted (scoring refuses it)
+        entries = [
+            p
+            for p in sorted(folder.iterdir(), key=lambda p: p.name.lower())
+            if workspace.name_of(p) is not None
+        ]
         return {
             "root": root,
             "path": path,
@@ -288,7 +292,7 @@ def create_studio(workspace: Workspace, settings: StudioSettings | None = None) 
         """The first training image of a folder as JPEG, to draw a region on; its own
         size in X-Image-Width and X-Image-Height (the region is in its pixels)."""
         folder = workspace.resolve(root, path)
-        first = find_training_images(folder)[0]
+        first = workspace.training_images(folder)[0]
         image = await run_in_threadpool(load_image, first)
         height, width = image.shape[:2]
         return Response(

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from cflowad.common.errors import UserError
-from cflowad.data.datasets import find_training_images
 from cflowad.data.images import image_sizes
 from cflowad.method.region import draw_region
 from cflowad.studio.workspace import (
@@ -90,7 +89,7 @@ class TrainingQueue:
     ) -> dict[str, Any]:
         """Queue a training of ``data`` (root, relative folder) into a new model or revision."""
         folder = self.workspace.resolve(*data)
-        images = find_training_images(folder)  # a folder without images fails here, not later
+        images = self.workspace.training_images(folder)  # none, or a link out: fails here
         unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
             raise UserError(f"unknown settings {', '.join(unknown)}; known: {', '.join(SETTINGS)}")
@@ -244,9 +243,9 @@ class TrainingQueue:
         if images.exists():
             shutil.rmtree(images)
         images.mkdir()
-        sources = [*find_training_images(data), *map(Path, job["extra_images"])]
+        sources = [*self.workspace.training_images(data), *map(Path, job["extra_images"])]
         for index, source in enumerate(sources):
-            if source.is_file():
+            if source.is_file() and self.workspace.confine(source):
                 target = images / f"{index:06d}{source.suffix.lower()}"
                 try:
                     os.link(source, target)

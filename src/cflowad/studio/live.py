@@ -192,6 +192,7 @@ class LiveSources:
                     on_result=source.on_result,
                     publisher=self.publisher,
                     model_name=spec["model"],
+                    confine=self.workspace.confine,
                 )
             else:
                 stream_video(

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from cflowad.common.errors import UserError, reason
-from cflowad.data.images import list_images, load_image
+from cflowad.data.images import load_image
 from cflowad.engine.inference import ImageResult
 from cflowad.results.pictures import blend, jpeg
 from cflowad.studio.workspace import (
@@ -60,7 +60,7 @@ class ScoringRuns:
     ) -> dict[str, Any]:
         """Queue scoring every image directly in ``folder`` (root, relative) with ``model``."""
         path = self.workspace.resolve(*folder)
-        images = list_images(path)  # no images: the error now, on the page
+        images = self.workspace.images(path)  # none, or a link out: the error now
         run_id = new_id(self.workspace.runs, "run-")
         run = {
             "id": run_id,
@@ -130,7 +130,7 @@ class ScoringRuns:
 
     def _score_run(self, run: dict[str, Any]) -> None:
         folder = self.folder(run["id"])
-        images = list_images(self.workspace.resolve(*run["folder"]))
+        images = self.workspace.images(self.workspace.resolve(*run["folder"]))
         done = len(self.records(run["id"]))
         self._update(run["id"], state="running", started=run.get("started") or now())
         for start in range(done, len(images), _BATCH):
@@ -147,7 +147,8 @@ class ScoringRuns:
         loaded: list[tuple[int, Path, np.ndarray | None, str | None]] = []
         for offset, path in enumerate(paths):
             try:
-                loaded.append((start + offset, path, load_image(path), None))
+                image = load_image(self.workspace.confine(path))  # a link swapped in since
+                loaded.append((start + offset, path, image, None))
             except UserError as error:
                 loaded.append((start + offset, path, None, str(error)))
         good = [(i, p, image) for i, p, image, _ in loaded if image is not None]

@@ -35,7 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from cflowad.common.errors import UserError
+from cflowad.data.datasets import find_training_images
 from cflowad.data.files import replace_file
+from cflowad.data.images import list_images
 from cflowad.line.catalog import NAME_PATTERN, scan_models
 
 __all__ = [
@@ -180,6 +182,35 @@ class Workspace:
         if target != base and base not in target.parents:
             raise UserError(f"path {relative!r}: leads outside {root!r} (a symbolic link?)")
         return target
+
+    def images(self, folder: Path) -> list[Path]:
+        """The images directly in ``folder`` (one :meth:`resolve` gave), or a UserError.
+
+        A folder is checked once, but each file in it may be a symbolic link: one that
+        leads outside every allowed folder refuses the whole folder, so that nothing
+        outside is read, scored or shown (its picture would be served).
+        """
+        images = list_images(folder)
+        for image in images:
+            self.confine(image)
+        return images
+
+    def training_images(self, folder: Path) -> list[Path]:
+        """What ``cflowad train`` reads from ``folder`` (its ``train/good`` in the MVTec
+        layout), each checked as by :meth:`images`."""
+        images = find_training_images(folder)
+        for image in images:
+            self.confine(image)
+        return images
+
+    def confine(self, path: Path) -> Path:
+        """``path`` itself if it lies inside an allowed folder once its links are followed."""
+        if self.name_of(path) is None:
+            raise UserError(
+                f"{path}: a symbolic link that leads outside the allowed folders; remove it, "
+                "or start the studio with --allow for the folder it leads to"
+            )
+        return path
 
     def name_of(self, path: Path) -> tuple[str, str] | None:
         """(root, relative) for a path inside an allowed folder, as the client names it."""
