@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     model = cflowad.load(args.model, "cpu")
-    held = model.calibration["holdout_raw_scores"]
+    held = model.calibration.holdout_raw_scores
     good_files = sorted((args.category / "test" / "good").iterdir())
     bad_files = sorted(
         p for d in (args.category / "test").iterdir() if d.name != "good" for p in d.iterdir()
@@ -87,7 +87,7 @@ def main() -> None:
         monitor = DriftMonitor(held, settings)
         stable = line(per_hour, good)
         trips.append(sum(1 for s in stable if (e := monitor.add(s)) and e["state"] == "tripped"))
-    threshold = model.calibration["image_threshold_raw"]
+    threshold = model.calibration.image_threshold_raw
     changes = {}
     for name, change in CHANGES.items():
         changed = model.predict([change(p) for p in good_files])

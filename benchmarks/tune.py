@@ -28,7 +28,7 @@ from cflowad.data.datasets import find_test_set, find_training_images, load_mask
 from cflowad.data.images import batches
 from cflowad.method.config import Config
 from cflowad.results.metrics import aupro, image_auroc, pixel_auroc
-from cflowad.results.tune import tune, weightings
+from cflowad.selection.tune import tune, weightings
 
 
 @torch.inference_mode()

@@ -257,18 +257,31 @@ def test_skip_bad_turns_unreadable_files_into_warnings_with_a_count(
     assert "skipped 2 unreadable image files" in capsys.readouterr().err
 
 
-def test_every_config_field_has_a_train_flag_of_its_name():
+def test_every_config_field_is_a_train_option_made_from_the_field():
+    """One source of each training option: the flag, its help and its default come from
+    the Config field (its metadata), and the studio offers the fields marked for it."""
     import dataclasses
 
     import typer
 
     from cflowad import Config
     from cflowad.cli import app
+    from cflowad.method.config import option_default
+    from cflowad.studio.jobs import SETTINGS
 
     command = typer.main.get_command(app).commands["train"]
-    flags = {flag for parameter in command.params for flag in parameter.opts}
+    by_name = {parameter.name: parameter for parameter in command.params}
     for field in dataclasses.fields(Config):
-        assert "--" + field.name.replace("_", "-") in flags, field.name
+        option = by_name[field.name]
+        assert "--" + field.name.replace("_", "-") in [*option.opts, *option.secondary_opts]
+        assert option.help == field.metadata["help"] and option.help
+        if not option.is_flag:
+            assert option.default == option_default(field.name), field.name
+    offered = [f.name for f in dataclasses.fields(Config) if f.metadata["studio"]]
+    assert list(SETTINGS) == [*offered, "region", "tune"] and "steps" in offered
+    # --image-size native is the Config's own value, so a config file can say it too
+    native = Config(image_size="native")
+    assert native.aspect == "native" and native.fit_to([(100, 230)]).image_size == (96, 224)
 
 
 def test_train_reads_a_config_file_and_flags_override_it(texture_dataset, tmp_path, capsys):

@@ -11,6 +11,7 @@ from PIL import Image, ImageFilter
 from cflowad.common.errors import UserError
 from cflowad.line.drift import DriftMonitor, DriftSettings
 from cflowad.line.watch import watch_folder
+from cflowad.method.calibration import Calibration
 
 
 def _scores(rng: np.random.Generator, n: int, shift: float = 0.0) -> np.ndarray:
@@ -53,7 +54,11 @@ def test_the_rank_is_the_mid_rank_of_the_median():
     for _ in range(10):
         monitor.add(0.3)
     assert monitor.quantile == pytest.approx((2 + 3) / 2 / 4)  # a tie counts half
-    assert DriftMonitor.for_model({"image_threshold_raw": 0.5}) is None  # before 0.9
+    before_09 = Calibration.from_dict(
+        {"reference": [1.0], "image_threshold_raw": 0.5, "pixel_threshold_raw": 0.5}
+    )
+    assert DriftMonitor.for_model(before_09) is None  # no held-out scores before 0.9
+    assert DriftMonitor.for_model(None) is None
     with pytest.raises(UserError, match="drift-window"):
         DriftSettings(window=5)
 

@@ -66,8 +66,8 @@ def test_onnx_runtime_gives_pytorchs_scores_maps_and_decisions(
     # an in-place op on a view exports as a write-back scatter over the whole map
     assert not {n.op_type for n in graph.graph.node} & {"ScatterElements", "ScatterND"}
     calibration = model.calibration
-    assert float(metadata["image_threshold_raw"]) == calibration["image_threshold_raw"]
-    assert float(metadata["pixel_threshold_raw"]) == calibration["pixel_threshold_raw"]
+    assert float(metadata["image_threshold_raw"]) == calibration.image_threshold_raw
+    assert float(metadata["pixel_threshold_raw"]) == calibration.pixel_threshold_raw
     assert metadata["image_size"] == "64,64"
 
 
@@ -209,8 +209,8 @@ def openvino_folder(model_dir):
 def test_openvino_folder_scores_like_the_model_directory(
     model_dir, openvino_folder, texture_dataset, tmp_path
 ):
+    from cflowad.engine.catalog import find_models
     from cflowad.engine.openvino import OpenVinoModel
-    from cflowad.line.catalog import find_models
 
     assert sorted(p.name for p in openvino_folder.iterdir()) == ["model.bin", "model.xml"]
     images = [str(p) for p in sorted((texture_dataset / "test").glob("*/*.png"))]
@@ -230,7 +230,7 @@ def test_openvino_folder_scores_like_the_model_directory(
     loaded = cflowad.load(openvino_folder)
     assert isinstance(loaded, OpenVinoModel)
     assert loaded.describe() == CFlowAD.load(model_dir).describe()
-    assert loaded.calibration["holdout_raw_scores"]  # the drift alarm's reference came along
+    assert loaded.calibration.holdout_raw_scores  # the drift alarm's reference came along
     assert find_models(openvino_folder.parent)["model-openvino"] == openvino_folder
 
 
@@ -267,7 +267,7 @@ def test_int8_export_refits_the_thresholds_on_the_int8_graph(
     from cflowad.engine.model import training_items
     from cflowad.engine.openvino import OpenVinoModel
     from cflowad.method.calibration import order_statistic_threshold
-    from cflowad.results.int8 import FLOWS
+    from cflowad.selection.int8 import FLOWS
 
     file, folder = tmp_path / "int8.onnx", tmp_path / "int8-openvino"
     command = ["export", str(model_dir), "--onnx", str(file), "--openvino", str(folder)]
@@ -290,7 +290,7 @@ def test_int8_export_refits_the_thresholds_on_the_int8_graph(
     raw = np.array([r.raw_score for r in int8.predict_iter(held)])
     expected = order_statistic_threshold(raw, model.config.image_fpr).value
     assert int8.image_threshold_raw == pytest.approx(expected, rel=1e-6)
-    assert int8.image_threshold_raw != model.calibration["image_threshold_raw"]
+    assert int8.image_threshold_raw != model.calibration.image_threshold_raw
     quantization = json.loads(int8._metadata["quantization"])
     assert quantization["quantized"] == ["Conv", "Clip"]
     figures = quantization["synthetic_defects"]

@@ -142,27 +142,77 @@ def test_the_checks_catch_an_upward_import_and_a_cycle(tmp_path):
     assert cycles(edges) == [["cflowad.method.mod", "cflowad.method.other", "cflowad.method.mod"]]
 
 
-def test_the_old_import_paths_give_the_same_objects():
-    import cflowad.engine.inference
-    import cflowad.engine.model
-    import cflowad.engine.onnx
-    import cflowad.engine.threads
-    import cflowad.inference
-    import cflowad.model
-    import cflowad.runtime
+@pytest.mark.parametrize(
+    ("old", "homes"),
+    [
+        ("cflowad.model", ["cflowad.engine.model"]),
+        ("cflowad.inference", ["cflowad.engine.inference"]),
+        ("cflowad.runtime", ["cflowad.engine.onnx", "cflowad.engine.threads"]),
+    ],
+)
+def test_the_old_import_paths_give_the_same_objects_and_warn(old, homes, monkeypatch):
+    import importlib
+    import sys
 
-    for old, new in (
-        (cflowad.model, [cflowad.engine.model]),
-        (cflowad.inference, [cflowad.engine.inference]),
-        (cflowad.runtime, [cflowad.engine.onnx, cflowad.engine.threads]),
-    ):
-        assert old.__all__
-        for name in old.__all__:
-            assert any(getattr(old, name) is getattr(m, name, None) for m in new), name
+    monkeypatch.delitem(sys.modules, old, raising=False)  # imported afresh: it warns again
+    with pytest.warns(DeprecationWarning, match=rf"{old} is deprecated and goes in cflowad 0\.17"):
+        module = importlib.import_module(old)
+    assert module.__all__
+    for name in module.__all__:
+        found = [getattr(importlib.import_module(h), name, None) for h in homes]
+        assert any(getattr(module, name) is f for f in found), name
 
 
-@pytest.mark.parametrize("name", ["CFlowAD", "OnnxModel", "Predictor", "Config", "load"])
-def test_the_public_api_is_importable_from_the_top(name):
+@pytest.mark.parametrize(
+    ("name", "home"),
+    [
+        ("CFlowAD", "cflowad.engine.model"),
+        ("OnnxModel", "cflowad.engine.onnx"),
+        ("Predictor", "cflowad.engine.inference"),
+        ("Config", "cflowad.method.config"),
+        ("load", "cflowad.engine.loading"),
+    ],
+)
+def test_the_public_api_is_importable_from_the_top(name, home):
+    import importlib
+
     import cflowad
 
-    assert name in cflowad.__all__ and getattr(cflowad, name) is not None
+    assert name in cflowad.__all__
+    assert getattr(cflowad, name) is getattr(importlib.import_module(home), name)
+
+
+MODEL_FILES = ("model.json", "model.safetensors")
+
+
+def model_file_paths(found: dict[str, Path]) -> list[str]:
+    """``something / "model.json"`` (or the weights file) in a module outside the engine:
+    a second reader of the model's files, which cflowad.engine.catalog owns."""
+    paths = []
+    for name, path in found.items():
+        if name.startswith("cflowad.engine"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (
+                isinstance(node, ast.BinOp)
+                and isinstance(node.op, ast.Div)
+                and isinstance(node.right, ast.Constant)
+                and node.right.value in MODEL_FILES
+            ):
+                paths.append(f"{name}:{node.lineno}")
+    return paths
+
+
+def test_only_the_engine_opens_a_models_files():
+    assert model_file_paths(modules()) == []
+
+
+def test_the_model_file_check_catches_a_reader(tmp_path):
+    package = tmp_path / "cflowad"
+    (package / "line").mkdir(parents=True)
+    (package / "engine").mkdir()
+    (package / "line" / "x.py").write_text(
+        "import json\njson.loads((path / 'model.json').read_text())\n"
+    )
+    (package / "engine" / "y.py").write_text("meta = directory / 'model.json'\n")
+    assert model_file_paths(modules(package)) == ["cflowad.line.x:2"]

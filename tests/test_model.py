@@ -369,7 +369,7 @@ def test_scale_weights_are_saved_loaded_and_exported(tmp_path):
     assert loaded.config.scale_weights == (4.0, 1.0, 1.0)
     before, after = weighted.predict(IMAGES[6:]), loaded.predict(IMAGES[6:])
     assert all(np.array_equal(a, b) for a, b in zip(before.maps, after.maps, strict=True))
-    assert weighted.calibration["pixel_threshold_raw"] != equal.calibration["pixel_threshold_raw"]
+    assert weighted.calibration.pixel_threshold_raw != equal.calibration.pixel_threshold_raw
     weighted.export_onnx(tmp_path / "model.onnx")
     onnx = OnnxModel(tmp_path / "model.onnx").predict(IMAGES[6:])
     for a, b in zip(before.maps, onnx.maps, strict=True):

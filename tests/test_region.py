@@ -24,7 +24,7 @@ from cflowad.method.region import (
     region_at,
 )
 from cflowad.method.scoring import readable
-from cflowad.results.int8 import on_synthetic_defects
+from cflowad.selection.int8 import on_synthetic_defects
 
 FAST = ["--image-size", "64", "--steps", "20", "--no-compile", "--quiet"]
 CENTRE, RADIUS = (64, 64), 40  # a disc in the 128 x 128 texture images

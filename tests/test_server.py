@@ -27,7 +27,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import cflowad
-import cflowad.line.server
+import cflowad.line.served
 from cflowad.cli import main
 from cflowad.data.images import load_image, to_model_input
 from cflowad.engine.inference import InferenceEngine
@@ -255,7 +255,7 @@ def test_not_ready_until_every_model_is_loaded_and_warmed(tmp_path, monkeypatch,
         assert gate.wait(60)
         return engine
 
-    monkeypatch.setattr(cflowad.line.server, "load", slow_load)
+    monkeypatch.setattr(cflowad.line.served, "load", slow_load)
     with serving(create_app(_fake_models(tmp_path)), ready=False) as url:
         assert httpx.get(f"{url}/healthz").json() == {"status": "alive"}
         ready = httpx.get(f"{url}/readyz")
@@ -272,7 +272,7 @@ def test_not_ready_until_every_model_is_loaded_and_warmed(tmp_path, monkeypatch,
 
 def test_a_client_that_disconnects_frees_its_place(tmp_path, monkeypatch, images):
     engine = _MeanEngine(delay=0.6)
-    monkeypatch.setattr(cflowad.line.server, "load", lambda path, device: engine)
+    monkeypatch.setattr(cflowad.line.served, "load", lambda path, device: engine)
     body = images[0].read_bytes()
     with serving(create_app(_fake_models(tmp_path), ServeSettings(max_batch=1))) as url:
         with threading_pool(2) as pool:

@@ -401,7 +401,7 @@ def test_calibrate_frames_refits_the_thresholds_on_the_first_frames(
     """A camera whose light and codec differ from the training photos: the first 12
     frames (good, by the user's word) set the thresholds, which are the order
     statistics of their raw scores; the rest is decided by the model saved in OUT/model."""
-    trained = trained_model.calibration["image_threshold_raw"]
+    trained = trained_model.calibration.image_threshold_raw
 
     def shifted(path: Path) -> np.ndarray:  # brighter, lower contrast: new lighting
         pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
@@ -431,8 +431,8 @@ def test_calibrate_frames_refits_the_thresholds_on_the_first_frames(
     # 12 images reach a 1/13 rate at best: the threshold is their highest raw score
     assert record["image_threshold_raw"] == pytest.approx(max(raw))
     assert record["image_fpr_achievable"] == pytest.approx(1 / 13)
-    assert calibrated.calibration["image_threshold_raw"] == pytest.approx(max(raw))
-    assert trained_model.calibration["image_threshold_raw"] == trained  # not changed
+    assert calibrated.calibration.image_threshold_raw == pytest.approx(max(raw))
+    assert trained_model.calibration.image_threshold_raw == trained  # not changed
     with av.open(str(source)) as container:
         decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     expected = calibrated.predict(decoded[12:]).anomalous.tolist()
@@ -445,7 +445,9 @@ def test_calibrate_frames_refits_the_thresholds_on_the_first_frames(
         stream_video(trained_model, str(source), tmp_path / "o2", calibrate_frames=1)
 
 
-def test_watch_calibrate_images_and_a_restart_keeps_it(trained_model, texture_dataset, tmp_path):
+def test_watch_calibrate_images_and_a_restart_keeps_it(
+    trained_model, texture_dataset, tmp_path, monkeypatch
+):
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     inbox.mkdir()
     good = sorted((texture_dataset / "train" / "good").glob("*.png"))
@@ -463,7 +465,11 @@ def test_watch_calibrate_images_and_a_restart_keeps_it(trained_model, texture_da
     calibrated = cflowad.load(out / "model", "cpu")
     expected = calibrated.predict([inbox / "g04.png", inbox / "g05.png"]).anomalous.tolist()
     assert [r["anomalous"] for r in records[4:]] == expected
-    # a restart decides with the saved calibration, and does not calibrate again
+    # a restart decides with the saved calibration, and does not calibrate again; it
+    # loads it on the device the model runs on (--device), not on "auto"'s choice,
+    # which is made CUDA here (0.14.2 reloaded it there)
+    assert trained_model.device.type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     bad = sorted((texture_dataset / "test" / "patch").glob("*.png"))[0]
     (inbox / "later.png").write_bytes(bad.read_bytes())
     watch_folder(trained_model, inbox, out, once=True, settle=0, calibrate_images=4)

@@ -14,9 +14,11 @@ import pytest
 
 from cflowad.common.errors import UserError
 from cflowad.common.progress import Reporter
+from cflowad.data.files import read_records
+from cflowad.engine.catalog import identity
 from cflowad.engine.model import CFlowAD
 from cflowad.method.calibration import false_positive_rate, order_statistic_threshold
-from cflowad.studio.workspace import Workspace, fingerprint, read_records
+from cflowad.studio.workspace import Workspace
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +107,7 @@ def test_revisions_promotion_and_outside_changes(tmp_path, gaussian_model):
     model.set_image_threshold(0.99)
     model.save(workspace.revision_path("brick", 2))
     workspace.record_created(
-        "brick", 2, "threshold", fingerprint(workspace.revision_path("brick", 2)) or ""
+        "brick", 2, "threshold", identity(workspace.revision_path("brick", 2)) or ""
     )
     workspace.promote("brick", 2)
     served = json.loads((workspace.models / "brick" / "model.json").read_text())
@@ -124,6 +126,50 @@ def test_revisions_promotion_and_outside_changes(tmp_path, gaussian_model):
     assert workspace.sync_models() == ["brick"]
     latest = workspace.served_revision("brick")
     assert latest is not None and latest.number == 3 and "outside" in latest.created["note"]
+
+
+def test_the_review_steps_run_without_http(tmp_path, gaussian_model, texture_dataset):
+    """ModelReview, as the page's views call it: the threshold view, a saved threshold, a
+    promotion refused until the comparison is made, the comparison's counts against
+    each revision's own predictions."""
+    from cflowad.studio.jobs import TrainingQueue
+    from cflowad.studio.review import ModelReview
+    from cflowad.studio.runs import ScoringRuns
+
+    workspace = Workspace(tmp_path / "ws").open()
+    shutil.copytree(gaussian_model, workspace.models / "brick")
+    workspace.sync_models()
+    runs = ScoringRuns(workspace, lambda name, images: (1, []))
+    review = ModelReview(workspace, runs, TrainingQueue(workspace, lambda *_: None), "cpu")
+    trained = CFlowAD.load(gaussian_model, device="cpu").calibration
+    view = review.threshold("brick")
+    assert view["threshold_raw"] == trained.image_threshold_raw and view["can_save"]
+    assert view["holdout"] == list(trained.holdout_raw_scores) and view["reviewed"] == []
+    lowered = trained.image_threshold_raw * 0.8
+    assert review.save_threshold("brick", lowered) == 2
+    assert CFlowAD.load(workspace.models / "brick").calibration.image_threshold_raw == lowered
+    # a candidate never served: refused until compared
+    candidate = CFlowAD.load(gaussian_model, device="cpu")
+    candidate.save(workspace.revision_path("brick", 3))
+    workspace.record_created("brick", 3, "retrain", identity(workspace.revision_path("brick", 3)))
+    with pytest.raises(UserError, match="has not been compared"):
+        review.promote("brick", 3)
+    good = sorted((texture_dataset / "test" / "good").iterdir())[:3]
+    bad = sorted((texture_dataset / "test" / "patch").iterdir())[:3]
+    for image, mark in [*((g, "good") for g in good), *((b, "defective") for b in bad)]:
+        workspace.add_mark({"image": str(image), "mark": mark, "model": "brick", "score": 0})
+    compared = review.compare("brick", 3)
+    served, new = (
+        CFlowAD.load(workspace.models / "brick"),
+        CFlowAD.load(workspace.revision_path("brick", 3)),
+    )
+    assert compared["false_alarms_before"] == int(served.predict(good).anomalous.sum())
+    assert compared["false_alarms_after"] == int(new.predict(good).anomalous.sum())
+    assert compared["defects_caught_after"] == int(new.predict(bad).anomalous.sum())
+    assert {r["name"] for r in compared["rows"]} == {p.name for p in good + bad}
+    review.promote("brick", 3)
+    assert workspace.served_revision("brick").number == 3
+    assert review.compare("brick", 3)["served"] == 3  # a new pair, compared afresh
 
 
 def first_threshold(path: Path) -> float:
@@ -163,8 +209,8 @@ def test_false_positive_rate_agrees_with_the_order_statistic_threshold():
 
 def test_a_saved_threshold_scores_as_expected(gaussian_model, texture_dataset, tmp_path):
     model = CFlowAD.load(gaussian_model, device="cpu")
-    held = model.calibration["holdout_raw_scores"]
-    assert len(held) == model.calibration["n_images"]
+    held = model.calibration.holdout_raw_scores
+    assert len(held) == model.calibration.n_images
     image = sorted((texture_dataset / "test" / "good").iterdir())[0]
     raw = model.predict([image]).raw_scores[0]
     model.set_image_threshold(raw * 0.5)
@@ -173,7 +219,7 @@ def test_a_saved_threshold_scores_as_expected(gaussian_model, texture_dataset, t
     result = lowered.predict([image])
     assert result.anomalous[0] and result.raw_scores[0] == pytest.approx(raw, rel=1e-6)
     # the readable scale follows: the new threshold sits at 0.5
-    assert lowered.calibration["image_fpr_achievable"] == pytest.approx(
+    assert lowered.calibration.image_fpr_achievable == pytest.approx(
         false_positive_rate(held, raw * 0.5)
     )
     with pytest.raises(UserError, match="between 0 and 1"):
@@ -208,3 +254,19 @@ def test_jpeg_fits_the_side_keeps_the_aspect_and_the_picture():
         assert sent.format == "JPEG" and sent.size == (96, 128)
         small = np.asarray(Image.fromarray(photo).resize((96, 128), Image.Resampling.LANCZOS))
         assert np.abs(np.asarray(sent, float) - small).mean() < 6
+
+
+def test_every_module_of_the_page_is_served_and_nothing_else():
+    """The page is ES modules (one a view): the server's list of files it serves is the
+    folder's, so a module added to static/ without it would break the page."""
+    from importlib import resources
+
+    from cflowad.studio.app import _STATIC
+
+    shipped = {
+        p.name
+        for p in resources.files("cflowad.studio").joinpath("static").iterdir()
+        if p.name.endswith((".js", ".css"))
+    }
+    assert set(_STATIC) == shipped
+    assert all(kind == "text/javascript" for name, kind in _STATIC.items() if name.endswith(".js"))

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from cflowad.data.files import read_json
 from cflowad.method.region import decode_region, draw_region, region_at
-from cflowad.studio.workspace import read_json
 
 
 def find_chromium() -> str:
@@ -171,6 +171,21 @@ def wait_for(condition, seconds: float = 120, what: str = "condition"):
     return value
 
 
+def test_a_page_load_logs_no_error(running, browser):
+    """0.14.2 asked for the workspace root's sample on every load, and the console showed
+    its 400; the page asks only for a folder train would read."""
+    url, _ = running
+    context = browser.new_context()
+    opened = context.new_page()
+    logged: list[str] = []
+    opened.on("console", lambda message: message.type == "error" and logged.append(message.text))
+    opened.goto(f"{url}/studio")
+    expect(opened.get_by_label("Folder of good images", exact=True)).to_contain_text("images here")
+    opened.wait_for_timeout(1500)  # the sample request, if any, has answered
+    context.close()
+    assert logged == []
+
+
 def test_models_view_trains_with_live_progress(running, page):
     url, workspace = running
     page.goto(f"{url}/studio")
@@ -188,6 +203,33 @@ def test_models_view_trains_with_live_progress(running, page):
     pick(page, "Folder of good images", "inbox")
     form.get_by_role("button", name="Start training").click()
     expect(page.get_by_role("alert")).to_contain_text("no images")
+
+
+def test_an_open_tab_is_sent_the_state_when_it_changes_not_polled(running, browser):
+    """0.14.2's page asked GET /studio/api/state every second; now the server pushes the
+    state (server-sent events) when it changes: a change made elsewhere (a run queued by
+    a script) shows in the tab, and the tab asks for the state once, when it loads."""
+    url, _ = running
+    context = browser.new_context()
+    opened = context.new_page()
+    asked: list[str] = []
+    opened.on("request", lambda r: "/studio/api/state" in r.url and asked.append(r.url))
+    opened.goto(f"{url}/studio#review")
+    expect(opened.locator("#run-select")).to_be_attached()
+    opened.wait_for_timeout(3000)  # three polls' worth, quiet
+    root = httpx.get(f"{url}/studio/api/state").json()["roots"][1]
+    queued = api(
+        url,
+        "POST",
+        "/studio/api/runs",
+        json={"model": "brick", "root": root, "path": "brick/test/good"},
+    ).json()
+    expect(opened.locator(f'#run-select option[value="{queued["id"]}"]')).to_be_attached(
+        timeout=10_000
+    )
+    polled = [u for u in asked if not u.endswith("/studio/api/state/events")]
+    assert len(polled) == 1, polled  # the first load only; the rest was pushed
+    context.close()
 
 
 def test_a_training_survives_a_reload_and_can_be_cancelled(running, page):

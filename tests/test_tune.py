@@ -12,7 +12,7 @@ from cflowad import CFlowAD
 from cflowad.cli import main
 from cflowad.data.synthetic import DEFECT_KINDS, paste_defect
 from cflowad.method.config import Config
-from cflowad.results.tune import candidates
+from cflowad.selection.tune import candidates
 
 
 @pytest.mark.parametrize("kind", DEFECT_KINDS)

@@ -1,6 +1,8 @@
 """Old import path of the inference engine, kept for users' code: see
 :mod:`cflowad.engine.inference`."""
 
+import warnings
+
 from cflowad.engine.inference import THRESHOLD as THRESHOLD
 from cflowad.engine.inference import ImageResult as ImageResult
 from cflowad.engine.inference import InferenceEngine as InferenceEngine
@@ -18,3 +20,10 @@ __all__ = [
     "as_images",
     "describe",
 ]
+
+warnings.warn(
+    "cflowad.inference is deprecated and goes in cflowad 0.17: import from cflowad or "
+    "cflowad.engine.inference",
+    DeprecationWarning,
+    stacklevel=2,
+)

@@ -1,6 +1,8 @@
 """Old import path of the ONNX Runtime engine and the thread settings, kept for users'
 code: see :mod:`cflowad.engine.onnx` and :mod:`cflowad.engine.threads`."""
 
+import warnings
+
 from cflowad.engine.onnx import INPUT_NAME as INPUT_NAME
 from cflowad.engine.onnx import MARK as MARK
 from cflowad.engine.onnx import OUTPUT_NAMES as OUTPUT_NAMES
@@ -20,3 +22,10 @@ __all__ = [
     "set_num_threads",
     "share_threads",
 ]
+
+warnings.warn(
+    "cflowad.runtime is deprecated and goes in cflowad 0.17: import from cflowad or "
+    "cflowad.engine.onnx and cflowad.engine.threads",
+    DeprecationWarning,
+    stacklevel=2,
+)

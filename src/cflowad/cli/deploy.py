@@ -86,7 +86,7 @@ def export(
     height, width = model.config.image_size
     rows: list[tuple[str, str]] = []
     if int8:
-        from cflowad.results.int8 import export_int8
+        from cflowad.selection.int8 import export_int8
 
         for runtime, path in (("onnx", onnx), ("openvino", openvino)):
             if path is not None:
@@ -141,7 +141,7 @@ def _float_rows(result: dict[str, Any], key: str, runtime: str) -> list[tuple[st
 
 def _synthetic_row(result: dict[str, Any]) -> tuple[str, str]:
     """Which flows the int8 file kept, and every model's figures on synthetic defects."""
-    from cflowad.results.int8 import FLOWS
+    from cflowad.selection.int8 import FLOWS
 
     figures = result["synthetic_defects"]
     counted = next(iter(figures.values()))["defects"]

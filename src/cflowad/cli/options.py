@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -13,10 +15,15 @@ from rich.table import Table
 
 from cflowad.common.errors import UserError
 from cflowad.data.images import list_images, readable
-from cflowad.line.catalog import is_exported
+from cflowad.engine.catalog import is_exported
 from cflowad.line.publish import Publisher
 from cflowad.line.sinks import PublishSettings
-from cflowad.method.config import Config
+from cflowad.method.config import (
+    Config,
+    comma_separated,
+    field_type,
+    option_default,
+)
 
 __all__ = [
     "DEFAULTS",
@@ -43,22 +50,36 @@ __all__ = [
     "skipped",
     "summary_table",
     "use_threads",
+    "with_config_options",
 ]
 
 DEFAULTS = Config()  # every option's default comes from Config
 
 
-def comma_separated(
-    text: str, name: str, kind: Callable[[str], Any], example: str
-) -> tuple[Any, ...]:
-    """``"8,16,32"`` -> (8, 16, 32), or a one-line error naming the option: the one parser
-    of every comma-separated option (--strides, --scale-weights, --batch-size, --concurrency)."""
-    try:
-        return tuple(kind(x) for x in text.split(","))
-    except ValueError:
-        what = "integers" if kind is int else "numbers"
-        option = "--" + name.replace("_", "-")
-        raise UserError(f"option {option}={text!r} must be {what}, e.g. {example}") from None
+def with_config_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command`` an option for every :class:`Config` field, after its ``--config``
+    option: flags, help and default from the field's metadata (the one source of each
+    training option), taken by the command as ``**options``."""
+    signature = inspect.signature(command, eval_str=True)
+    params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    at = [p.name for p in params].index("config_file") + 1
+    generated = [_config_parameter(spec) for spec in dataclasses.fields(Config)]
+    command.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*params[:at], *generated, *params[at:]]
+    )
+    return command
+
+
+def _config_parameter(spec: dataclasses.Field[Any]) -> inspect.Parameter:
+    meta, default = spec.metadata, option_default(spec.name)
+    kind = meta["kind"]
+    text: type = Path if kind == "path" else str if kind != "plain" else field_type(spec.name)
+    value: Any = text | None if default is None else text
+    option = typer.Option(*meta["flags"], help=meta["help"])
+    annotation = Annotated[value, option]
+    return inspect.Parameter(
+        spec.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=annotation
+    )
 
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]

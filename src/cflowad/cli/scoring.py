@@ -26,10 +26,10 @@ from cflowad.common.progress import Reporter
 from cflowad.data.datasets import TestSet, find_test_set
 from cflowad.data.files import refuse_foreign, replace_file, staged_directory
 from cflowad.data.images import load_image
+from cflowad.engine.catalog import find_models, is_model_source
 from cflowad.engine.inference import ImageResult, Predictor
 from cflowad.engine.loading import load
 from cflowad.fleet.archive import archive_items, score_archive
-from cflowad.line.catalog import find_models, is_model_source
 
 __all__ = ["predict", "test_command"]
 
@@ -257,9 +257,7 @@ def _write_result(
     record: dict[str, Any] = {
         "image": str(file),
         "category": category,
-        "score": round(result.score, 6),
-        "anomalous": result.anomalous,
-        "raw_score": result.raw_score,
+        **result.record(),
         "map": f"maps/{stem}.npy",
     }
     np.save(folder / record["map"], result.anomaly_map)

@@ -30,7 +30,7 @@ from cflowad.cli.options import (
 )
 from cflowad.common.progress import Reporter
 from cflowad.data.files import replace_file
-from cflowad.line.catalog import find_models
+from cflowad.engine.catalog import find_models
 from cflowad.line.drift import DriftSettings
 from cflowad.line.settings import ServeSettings
 

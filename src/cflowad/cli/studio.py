@@ -109,7 +109,7 @@ def studio(
     app = create_studio(opened, settings)
     check_port(host, port)
     print(f"cflowad studio: http://{host}:{port}/studio  (workspace {opened.root})")
-    run_server(app, host, port)
+    run_server(app, host, port, graceful_seconds=5)  # an open tab's event streams
 
 
 def _loopback(host: str) -> bool:

@@ -16,9 +16,9 @@ from cflowad.cli.options import (
     Quiet,
     RayAddress,
     SkipBad,
-    comma_separated,
     keep_readable,
     summary_table,
+    with_config_options,
 )
 from cflowad.common.errors import UserError
 from cflowad.common.progress import Reporter
@@ -26,12 +26,13 @@ from cflowad.data.datasets import find_training_images
 from cflowad.data.files import refuse_foreign
 from cflowad.engine.model import CFlowAD, is_model_dir
 from cflowad.fleet.training import FLEET_FILE, Category, find_categories, train_fleet
-from cflowad.method.config import CONFIG_FIELDS, Config, read_config_file
-from cflowad.results.tune import tune as tune_model
+from cflowad.method.config import CONFIG_FIELDS, Config, parse_field, read_config_file
+from cflowad.selection.tune import tune as tune_model
 
 __all__ = ["train"]
 
 
+@with_config_options
 def train(
     ctx: typer.Context,
     data: Annotated[
@@ -54,156 +55,9 @@ def train(
             help="TOML or JSON file of Config fields (YAML too with PyYAML); flags override it.",
         ),
     ] = None,
-    backbone: Annotated[str, typer.Option(help="timm CNN name.")] = DEFAULTS.backbone,
-    decoder: Annotated[
-        str,
-        typer.Option(
-            help="flow (the paper's conditional flows) or gaussian (the appendix's Gaussian "
-            "model, one per position: fitted in seconds, no training steps)."
-        ),
-    ] = DEFAULTS.decoder,
-    encoder_weights: Annotated[
-        str, typer.Option(help="pretrained (ImageNet) or random (tests only: poor accuracy).")
-    ] = DEFAULTS.encoder_weights,
     random_weights: Annotated[
         bool, typer.Option(hidden=True, help="Same as --encoder-weights random.")
     ] = False,
-    weights_file: Annotated[
-        Path | None, typer.Option(help="Encoder weights file (.safetensors or .pth).")
-    ] = None,
-    image_size: Annotated[
-        str,
-        typer.Option(
-            help="Model input: N (shorter side N, longer side keeps the training images' "
-            "median aspect unless --aspect fixed), WIDTHxHEIGHT, multiples of 32, or native "
-            "(the training images' own size: with --tile-size for photos of megapixels)."
-        ),
-    ] = "256",
-    aspect: Annotated[
-        str,
-        typer.Option(
-            help="auto: keep the median aspect ratio; fixed: N x N; native: the training "
-            "images' median size, rounded down to multiples of 32 (--image-size native)."
-        ),
-    ] = DEFAULTS.aspect,
-    strides: Annotated[str, typer.Option(help="Feature strides, comma-separated.")] = "8,16,32",
-    coupling_blocks: Annotated[
-        str,
-        typer.Option(
-            help="Coupling blocks per flow: one number for every scale, or one per stride, "
-            "finest first (4,6,8 lightens the finest scale, which has the most positions)."
-        ),
-    ] = str(DEFAULTS.coupling_blocks),
-    condition_dim: Annotated[
-        int, typer.Option(help="Positional-encoding channels.")
-    ] = DEFAULTS.condition_dim,
-    clamp_alpha: Annotated[
-        float, typer.Option(help="Soft clamping of coupling log-scales.")
-    ] = DEFAULTS.clamp_alpha,
-    objective: Annotated[
-        str, typer.Option(help="nll (paper eq. 7.2) or logsigmoid (official code's variant).")
-    ] = DEFAULTS.objective,
-    training_precision: Annotated[
-        str,
-        typer.Option(
-            "--training-precision",
-            "--precision",
-            help="Decoder training: auto (bfloat16 where its matrix products measure faster "
-            "than float32 on this CPU), float32 or bfloat16. Scoring is always float32.",
-        ),
-    ] = DEFAULTS.training_precision,
-    compile_training: Annotated[
-        bool,
-        typer.Option(
-            "--compile-training/--no-compile-training",
-            "--compile/--no-compile",
-            help="Fuse the training step with torch.compile (needs a C++ compiler; "
-            "about a minute the first time, cached afterwards).",
-        ),
-    ] = DEFAULTS.compile_training,
-    fiber_batch_size: Annotated[
-        int, typer.Option(help="Feature vectors per fiber batch.")
-    ] = DEFAULTS.fiber_batch_size,
-    finest_batch_factor: Annotated[
-        int,
-        typer.Option(
-            help="The finest of several scales draws this many fiber batches per step "
-            "(it has 16x the coarsest scale's vectors and the cheapest flow)."
-        ),
-    ] = DEFAULTS.finest_batch_factor,
-    steps: Annotated[
-        int,
-        typer.Option(help="Optimizer steps (one fiber batch per scale each, more for the finest)."),
-    ] = DEFAULTS.steps,
-    learning_rate: Annotated[
-        float, typer.Option(help="Adam peak learning rate.")
-    ] = DEFAULTS.learning_rate,
-    warmup_fraction: Annotated[
-        float, typer.Option(help="Share of steps with a linear learning-rate warm-up.")
-    ] = DEFAULTS.warmup_fraction,
-    holdout_fraction: Annotated[
-        float, typer.Option(help="Share of images held out to calibrate thresholds.")
-    ] = DEFAULTS.holdout_fraction,
-    min_holdout: Annotated[
-        int, typer.Option(help="Held-out images at least.")
-    ] = DEFAULTS.min_holdout,
-    calibrate_on_train: Annotated[
-        bool, typer.Option(help="Train on every image and calibrate on them too (optimistic).")
-    ] = False,
-    image_fpr: Annotated[
-        float, typer.Option(help="Target false-positive rate of the image threshold.")
-    ] = DEFAULTS.image_fpr,
-    pixel_fpr: Annotated[
-        float, typer.Option(help="Target false-positive rate of the pixel threshold.")
-    ] = DEFAULTS.pixel_fpr,
-    feature_pooling: Annotated[
-        int, typer.Option(help="Average each feature over its k x k neighbourhood (1: none).")
-    ] = DEFAULTS.feature_pooling,
-    score_top_k: Annotated[
-        float, typer.Option(help="Image score: mean of this top fraction of the map (0: maximum).")
-    ] = DEFAULTS.score_top_k,
-    scale_weights: Annotated[
-        str | None,
-        typer.Option(
-            help="Weights of the scales in the map, comma-separated, finest first (default: "
-            "equal). Each scale's term stays bounded; weighting the finest scale sharpens "
-            "maps of small defects, the coarsest helps large ones (docs/design.md)."
-        ),
-    ] = None,
-    tile_size: Annotated[
-        int | None,
-        typer.Option(
-            help="Run the encoder on square tiles of this many input pixels (a multiple of "
-            "32), stitched into one map: give --image-size the images' native size (or a "
-            "fraction of it) and memory follows the tile, not the image (docs/design.md).",
-        ),
-    ] = None,
-    tile_overlap: Annotated[
-        float,
-        typer.Option(
-            help="With --tile-size: share of a tile that neighbours overlap; each keeps "
-            "the half of the overlap nearer its centre."
-        ),
-    ] = DEFAULTS.tile_overlap,
-    feature_cache_budget_mb: Annotated[
-        int,
-        typer.Option(
-            "--feature-cache-budget-mb",
-            "--cache-budget-mb",
-            help="Feature cache above this goes to a memory-mapped file.",
-        ),
-    ] = DEFAULTS.feature_cache_budget_mb,
-    feature_cache_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--feature-cache-dir",
-            "--cache-dir",
-            help="Folder for a memory-mapped feature cache (default: the temporary folder).",
-        ),
-    ] = None,
-    seed: Annotated[
-        int, typer.Option(help="Seed for hold-out split, weights and sampling.")
-    ] = DEFAULTS.seed,
     region: Annotated[
         str | None,
         typer.Option(
@@ -260,6 +114,7 @@ def train(
             "(cflowad studio reads it)."
         ),
     ] = None,
+    **options: Any,
 ) -> None:
     """Train a model on defect-free images; thresholds are calibrated on held-out ones.
 
@@ -272,29 +127,16 @@ def train(
     the same name; the model's model.json records them all.
     """
     reporter = Reporter(enabled=not quiet, progress_file=progress_file)
-    given = {
-        name: value
-        for name, value in ctx.params.items()
-        # typer vendors its own click: compare the source by name, not by class
-        if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
-    }
-    if str(given.get("image_size", "")).strip().lower() == "native":
-        given.pop("image_size")
-        given["aspect"] = "native"
-    if given.pop("random_weights", False):
-        given["encoder_weights"] = "random"
-    for name, kind, example in (
-        ("strides", int, "8,16,32"),
-        ("scale_weights", float, "2,1,1"),
-        ("coupling_blocks", int, "4,6,8"),
-    ):
-        if name in given:
-            given[name] = comma_separated(given[name], name, kind, example)
-    for name in ("weights_file", "feature_cache_dir"):
-        if given.get(name) is not None:
-            given[name] = str(given[name])
     fields = {} if config_file is None else read_config_file(config_file)
-    fields.update({k: v for k, v in given.items() if k in CONFIG_FIELDS})
+    # the options given on the command line override the file (typer vendors its own
+    # click: compare the source by name, not by class)
+    fields.update(
+        (name, parse_field(name, str(value) if isinstance(value, Path) else value))
+        for name, value in options.items()
+        if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
+    )
+    if random_weights:
+        fields["encoder_weights"] = "random"
     config = Config(**fields)
     changed = {
         f: getattr(config, f) for f in CONFIG_FIELDS if getattr(config, f) != getattr(DEFAULTS, f)
@@ -407,7 +249,7 @@ def _tune_table(tune: dict[str, Any]) -> None:
 
 def _training_rows(model: CFlowAD) -> list[tuple[str, str]]:
     t = model.training
-    c = model.calibration or {}
+    c = model.fitted_calibration()
     if model.config.decoder == "gaussian":
         fit = f"a Gaussian per position and scale in {t['fit_seconds']:.1f} s"
     else:
@@ -422,8 +264,8 @@ def _training_rows(model: CFlowAD) -> list[tuple[str, str]]:
         (f"{model.config.decoder} decoder", fit),
         (
             "thresholds (raw)",
-            f"image {c['image_threshold_raw']:.4g}, pixel {c['pixel_threshold_raw']:.4g} "
+            f"image {c.image_threshold_raw:.4g}, pixel {c.pixel_threshold_raw:.4g} "
             f"(0.5 on the 0-1 scale; held-out false-positive rate "
-            f"{c['image_fpr_achievable']:.2%} achievable for images)",
+            f"{c.image_fpr_achievable or 0:.2%} achievable for images)",
         ),
     ]

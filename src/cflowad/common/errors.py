@@ -1,6 +1,6 @@
 """The one exception type for mistakes a user can fix (bad file, bad option)."""
 
-__all__ = ["UserError", "reason"]
+__all__ = ["UserError", "missing_extra", "reason"]
 
 
 class UserError(ValueError):
@@ -14,3 +14,14 @@ def reason(error: BaseException) -> str:
     """Why something failed, in one line: a UserError's own message, anything else with
     its type (an unexpected error must not pass for the user's mistake)."""
     return str(error) if isinstance(error, UserError) else repr(error)
+
+
+def missing_extra(purpose: str, package: str, extra: str) -> UserError:
+    """The one-line error for an optional package that is not installed: what needs it,
+    what is missing, and the extra that brings it (raise it ``from None``).
+
+    Example:
+        >>> print(missing_extra("cflowad watch", "watchdog", "stream"))
+        cflowad watch needs watchdog: pip install 'cflowad[stream]'
+    """
+    return UserError(f"{purpose} needs {package}: pip install 'cflowad[{extra}]'")

@@ -1,4 +1,5 @@
-"""Writing output folders so that a failed run never destroys what a user made.
+"""Writing output folders so that a failed run never destroys what a user made, and
+JSON files and JSON-lines records that a kill never leaves half written.
 
 An output folder (``predict --out``, ``test --out``, ``demo --out``) may be missing,
 empty, or one that cflowad wrote before: cflowad marks its folders with a file it
@@ -9,16 +10,28 @@ deletes a file that cflowad did not write.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from cflowad.common.errors import UserError
 
-__all__ = ["MARKER", "is_output_dir", "refuse_foreign", "replace_file", "staged_directory"]
+__all__ = [
+    "MARKER",
+    "append_record",
+    "is_output_dir",
+    "read_json",
+    "read_records",
+    "refuse_foreign",
+    "replace_file",
+    "staged_directory",
+    "write_json",
+]
 
 MARKER = ".cflowad-output"
 MARKER_HEADER = "# written by cflowad: these files; the folder is replaced on re-runs"
@@ -119,3 +132,41 @@ def replace_file(target: Path, text: str) -> None:
         os.replace(staging, target)
     finally:
         staging.unlink(missing_ok=True)
+
+
+def append_record(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line and sync it to disk before returning."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of ``path``; a line cut short by a crash is skipped, not an error."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Replace ``path`` with ``value`` as JSON, atomically."""
+    replace_file(path, json.dumps(value, indent=2))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file, or {} if it is missing or unreadable."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -24,10 +24,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cflowad.common.errors import UserError
+from cflowad.common.errors import UserError, missing_extra
 from cflowad.common.version import __version__
 from cflowad.engine.inference import THRESHOLD
 from cflowad.engine.onnx import INPUT_NAME, MARK, OUTPUT_NAMES, cpu_session
+from cflowad.method.calibration import Calibration
 from cflowad.method.config import Config
 from cflowad.method.region import encode_region
 from cflowad.method.scoring import CFlowNet
@@ -104,7 +105,7 @@ def refuse_foreign_openvino(folder: Path) -> None:
 def export_onnx(
     net: CFlowNet,
     config: Config,
-    calibration: dict[str, Any],
+    calibration: Calibration,
     training: dict[str, Any],
     weights_sha256: str | None,
     path: Path,
@@ -123,9 +124,7 @@ def export_onnx(
         import onnx
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
     except ImportError:
-        raise UserError(
-            "ONNX export needs the onnx and onnxscript packages: pip install 'cflowad[onnx]'"
-        ) from None
+        raise missing_extra("ONNX export", "the onnx and onnxscript packages", "onnx") from None
     path = Path(path)
     refuse_foreign_onnx(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -150,11 +149,11 @@ def export_onnx(
                 "anomalous (N,) = scores > 0.5; masks (N, H, W) = maps > 0.5; raw_scores (N,)"
             ),
             "image_size": f"{height},{width}",
-            "image_threshold_raw": repr(calibration["image_threshold_raw"]),
-            "pixel_threshold_raw": repr(calibration["pixel_threshold_raw"]),
+            "image_threshold_raw": repr(calibration.image_threshold_raw),
+            "pixel_threshold_raw": repr(calibration.pixel_threshold_raw),
             # what cflowad serve's model list shows, the same as for the model directory
             "weights_sha256": weights_sha256 or "",
-            "calibration": json.dumps(calibration),
+            "calibration": json.dumps(calibration.to_dict()),
             "training": json.dumps(training),
         }
         if net.region is not None:  # in the graph; for maps at each image's own size too
@@ -249,7 +248,7 @@ def _example(config: Config) -> Tensor:
 def export_openvino(
     net: CFlowNet,
     config: Config,
-    calibration: dict[str, Any],
+    calibration: Calibration,
     training: dict[str, Any],
     weights_sha256: str | None,
     folder: Path,

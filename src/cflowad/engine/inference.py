@@ -25,6 +25,7 @@ from torch.nn import functional as F
 from cflowad.common.errors import UserError
 from cflowad.common.progress import Reporter
 from cflowad.data.images import ImageInput, batches, list_images
+from cflowad.method.calibration import Calibration
 from cflowad.method.region import region_at
 
 __all__ = [
@@ -63,6 +64,25 @@ class ImageResult:
     anomalous: bool
     anomaly_map: np.ndarray
     mask: np.ndarray
+
+    def record(self, area: bool = False) -> dict[str, Any]:
+        """The decision as every output writes it (predictions.jsonl, the server, hot
+        folders, streams, archives, the studio): the score to 6 digits, the raw score
+        and the decision; with ``area``, the share of the image over the pixel threshold.
+
+        Example:
+            >>> mask = np.array([[True, False, False, False]])
+            >>> ImageResult(0, "a.png", 0.71234567, 0.6, True, mask * 1.0, mask).record(True)
+            {'score': 0.712346, 'raw_score': 0.6, 'anomalous': True, 'anomalous_area': 0.25}
+        """
+        decided: dict[str, Any] = {
+            "score": round(self.score, 6),
+            "raw_score": self.raw_score,
+            "anomalous": self.anomalous,
+        }
+        if area:
+            decided["anomalous_area"] = round(float(self.mask.mean()), 6)
+        return decided
 
 
 @dataclass(frozen=True)
@@ -206,7 +226,7 @@ def describe(
     backbone: str,
     decoder: str,
     image_size: tuple[int, int],
-    calibration: Mapping[str, Any],
+    calibration: Calibration,
     training: Mapping[str, Any],
     weights_sha256: str | None,
 ) -> dict[str, Any]:
@@ -222,7 +242,7 @@ def describe(
         "image_threshold": THRESHOLD,
         "pixel_threshold": THRESHOLD,
         **{
-            key: calibration.get(key)
+            key: getattr(calibration, key)
             for key in (
                 "image_threshold_raw",
                 "pixel_threshold_raw",

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cflowad.common.errors import UserError
-from cflowad.engine.openvino import is_openvino_folder
+from cflowad.engine.catalog import model_kind
 
 if TYPE_CHECKING:
     from cflowad.engine.model import CFlowAD
@@ -32,11 +32,12 @@ def load(path: str | Path, device: str = "auto") -> CFlowAD | OnnxModel | OpenVi
         :class:`cflowad.engine.inference.Predictor`.
     """
     path = Path(path)
-    exported = path.suffix == ".onnx" and not path.is_dir()
-    if exported or is_openvino_folder(path):
+    # an .onnx path that is not there goes to OnnxModel, which says so (in any case: X.ONNX)
+    kind = "onnx" if path.suffix.lower() == ".onnx" and not path.is_dir() else model_kind(path)
+    if kind in ("onnx", "openvino"):
         if device not in ("auto", "cpu"):
             raise UserError(f"option --device={device}: exported models run on the CPU here")
-        if exported:
+        if kind == "onnx":
             from cflowad.engine.onnx import OnnxModel
 
             return OnnxModel(path)

@@ -10,7 +10,6 @@ ONNX runtime; this module adds fitting, calibration and the file format.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -29,12 +28,21 @@ from cflowad.common.version import __version__
 from cflowad.data.datasets import find_training_images
 from cflowad.data.files import staged_directory
 from cflowad.data.images import ImageInput, batches, image_sizes
+from cflowad.engine.catalog import (
+    FORMAT,
+    FORMAT_VERSION,
+    META_FILE,
+    REGION_FORMAT_VERSION,
+    WEIGHTS_FILE,
+    file_sha256,
+    read_meta,
+)
 from cflowad.engine.device import resolve_device
 from cflowad.engine.export import export_onnx, export_openvino
 from cflowad.engine.inference import InferenceEngine, describe
 from cflowad.method.calibration import (
+    Calibration,
     Threshold,
-    false_positive_rate,
     order_statistic_threshold,
     raw_from_readable,
 )
@@ -45,21 +53,7 @@ from cflowad.method.train import encode, fit_decoders, fit_gaussians, training_f
 
 __all__ = ["CFlowAD", "is_model_dir", "training_items"]
 
-FORMAT = "cflowad-model"
-FORMAT_VERSION = 3
-# A model with an inspection region says 4, so that a cflowad before 0.11, which would
-# ignore the region and report specks outside it, refuses the model instead.
-REGION_FORMAT_VERSION = 4
-# What changed in each version, for the one-line message that an old model gets.
-_RETRAIN = {
-    2: "it fuses the scales by unbounded z-scores, which let the coarsest scale swamp the "
-    "others; its held-out statistics were not saved, so it cannot be converted",
-}
 _Item = TypeVar("_Item")  # what split_holdout splits: images, or their indices
-# model.json's calibration entry; the weights file holds the same values as buffers
-_CALIBRATION_KEYS = ("reference", "image_threshold_raw", "pixel_threshold_raw")
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "model.json"
 
 
 class CFlowAD(InferenceEngine):
@@ -90,7 +84,7 @@ class CFlowAD(InferenceEngine):
             self.config, pretrained=self.config.encoder_weights == "pretrained"
         )
         self.net.eval().to(self.device)
-        self.calibration: dict[str, Any] | None = None
+        self.calibration: Calibration | None = None
         self.region: np.ndarray | None = None
         self.training: dict[str, Any] = {}
         self.weights_sha256: str | None = None  # of the saved weights file, once saved or loaded
@@ -211,7 +205,7 @@ class CFlowAD(InferenceEngine):
     @torch.inference_mode()
     def score_batch(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, 3, H, W) at :attr:`image_size` -> readable scores, readable maps, raw scores."""
-        self._require_fitted()
+        self.fitted_calibration()
         scores, maps, raw = self.net(images.to(self.device))
         return scores.cpu(), maps.cpu(), raw.cpu()
 
@@ -224,7 +218,7 @@ class CFlowAD(InferenceEngine):
         Returns:
             ``directory`` as a Path.
         """
-        self._require_fitted()
+        self.fitted_calibration()
         target = Path(directory)
         with staged_directory(target, is_model_dir, "--out") as staging:
             weights = staging / WEIGHTS_FILE
@@ -233,14 +227,14 @@ class CFlowAD(InferenceEngine):
                 str(weights),
                 metadata={"format": FORMAT},
             )
-            self.weights_sha256 = _sha256(weights)
+            self.weights_sha256 = file_sha256(weights)
             meta = {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION if self.region is None else REGION_FORMAT_VERSION,
                 "cflowad_version": __version__,
                 "weights_sha256": self.weights_sha256,
                 "config": self.config.to_dict(),
-                "calibration": self.calibration,
+                "calibration": self.fitted_calibration().to_dict(),
                 "training": self.training,
             }
             if self.region is not None:
@@ -258,7 +252,7 @@ class CFlowAD(InferenceEngine):
             What was written and checked: ``onnx``, ``megabytes``, ``seconds`` and
             ``max_relative_difference`` from PyTorch in ONNX Runtime (None without it).
         """
-        calibration = self._require_fitted()
+        calibration = self.fitted_calibration()
         try:
             return export_onnx(
                 self.net.to("cpu"),
@@ -287,7 +281,7 @@ class CFlowAD(InferenceEngine):
             ``openvino``, ``megabytes``, ``seconds`` and ``max_relative_difference``
             from PyTorch in OpenVINO (None when converting ``onnx_file``).
         """
-        calibration = self._require_fitted()
+        calibration = self.fitted_calibration()
         try:
             return export_openvino(
                 self.net.to("cpu"),
@@ -316,37 +310,11 @@ class CFlowAD(InferenceEngine):
         """
         root = Path(directory)
         meta_path, weights_path = root / META_FILE, root / WEIGHTS_FILE
-        if not root.is_dir():
-            raise UserError(f"{root}: model directory not found")
-        for path in (meta_path, weights_path):
-            if not path.is_file():
-                raise UserError(f"{path}: missing (not a cflowad model directory?)")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise UserError(f"{meta_path}: not valid JSON ({error})") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise UserError(f"{meta_path}: not a cflowad model file")
-        version = meta.get("format_version")
-        if version in _RETRAIN:
-            raise UserError(
-                f"{meta_path}: format version {version} needs retraining with this cflowad "
-                f"(cflowad train): {_RETRAIN[version]}"
-            )
-        if version not in (FORMAT_VERSION, REGION_FORMAT_VERSION):
-            raise UserError(
-                f"{meta_path}: format version {version} is not supported (this cflowad "
-                f"reads {FORMAT_VERSION} and {REGION_FORMAT_VERSION}; a newer cflowad wrote it?)"
-            )
-        if _sha256(weights_path) != meta.get("weights_sha256"):
-            raise UserError(f"{weights_path}: checksum mismatch (truncated or modified file)")
+        meta = read_meta(root)
         try:
             # models written before 0.6 trained every scale on equal fiber batches
             config = Config.from_dict({"finest_batch_factor": 1, **meta["config"]})
-            calibration = meta["calibration"]
-            missing = [k for k in _CALIBRATION_KEYS if k not in calibration]
-            if missing:
-                raise KeyError(", ".join(missing))
+            calibration = Calibration.from_dict(meta["calibration"])
             state = load_file(str(weights_path))
             region = decode_region(meta["region"]) if "region" in meta else None
             if region is not None and region.shape != config.image_size:
@@ -365,6 +333,7 @@ class CFlowAD(InferenceEngine):
             raise UserError(
                 f"{weights_path}: weights do not match the model ({str(error).splitlines()[0]})"
             ) from None
+        _check_thresholds(model.net, calibration, meta_path)
         model.net.eval().to(model.device)
         model.net.refresh_conditions()
         model.region = region
@@ -380,18 +349,11 @@ class CFlowAD(InferenceEngine):
         The achievable false-positive rate is recomputed on the held-out scores when the
         model has them (models from 0.9 on); save the model to keep the change.
         """
-        calibration = self._require_fitted()
+        calibration = self.fitted_calibration()
         if not 0 < raw < 1:
             raise UserError(f"image threshold {raw}: a raw score strictly between 0 and 1")
-        held = calibration.get("holdout_raw_scores")
         self.net.image_threshold.fill_(raw)
-        self.calibration = {
-            **calibration,
-            "image_threshold_raw": float(raw),
-            "image_fpr": None,
-            "image_fpr_achievable": false_positive_rate(held, raw) if held else None,
-            "image_threshold_source": source,
-        }
+        self.calibration = calibration.with_image_threshold(raw, source)
 
     def calibrate_thresholds(
         self, raw_scores: np.ndarray, map_values: np.ndarray, source: str
@@ -407,25 +369,13 @@ class CFlowAD(InferenceEngine):
 
         Returns the image and pixel thresholds (with the rates they can achieve).
         """
-        calibration = self._require_fitted()
-        raw_pixels = raw_from_readable(map_values, calibration["pixel_threshold_raw"])
+        calibration = self.fitted_calibration()
+        raw_pixels = raw_from_readable(map_values, calibration.pixel_threshold_raw)
         image = order_statistic_threshold(raw_scores, self.config.image_fpr)
         pixel = order_statistic_threshold(raw_pixels, self.config.pixel_fpr)
         self.net.image_threshold.fill_(image.value)
         self.net.pixel_threshold.fill_(pixel.value)
-        self.calibration = {
-            **calibration,
-            "image_threshold_raw": image.value,
-            "pixel_threshold_raw": pixel.value,
-            "image_fpr": self.config.image_fpr,
-            "image_fpr_achievable": image.achievable_fpr,
-            "pixel_fpr": self.config.pixel_fpr,
-            "pixel_fpr_achievable": pixel.achievable_fpr,
-            "n_images": image.n,
-            "raw_score_median": float(np.median(raw_scores)),
-            "holdout_raw_scores": [round(float(v), 9) for v in np.ravel(raw_scores)],
-            "image_threshold_source": source,
-        }
+        self.calibration = calibration.refitted(image, pixel, raw_scores, source)
         return image, pixel
 
     def describe(self) -> dict[str, Any]:
@@ -434,7 +384,7 @@ class CFlowAD(InferenceEngine):
             self.config.backbone,
             self.config.decoder,
             self.image_size,
-            self._require_fitted(),
+            self.fitted_calibration(),
             self.training,
             self.weights_sha256,
         )
@@ -462,7 +412,7 @@ class CFlowAD(InferenceEngine):
         )
 
     @torch.inference_mode()
-    def calibrate(self, items: Sequence[ImageInput], reporter: Reporter) -> dict[str, Any]:
+    def calibrate(self, items: Sequence[ImageInput], reporter: Reporter) -> Calibration:
         """Fit the scales' references, then both thresholds, on defect-free images.
 
         The reference of each scale is a high quantile of its held-out log-likelihoods
@@ -500,22 +450,9 @@ class CFlowAD(InferenceEngine):
             )
         self.net.image_threshold.fill_(image.value)
         self.net.pixel_threshold.fill_(pixel.value)
-        return {
-            "reference": self.net.reference.tolist(),
-            "image_threshold_raw": image.value,
-            "pixel_threshold_raw": pixel.value,
-            "image_fpr": self.config.image_fpr,
-            "image_fpr_achievable": image.achievable_fpr,
-            "pixel_fpr": self.config.pixel_fpr,
-            "pixel_fpr_achievable": pixel.achievable_fpr,
-            "n_images": len(items),
-            "raw_score_median": float(np.median(raw_scores)),
-            # every held-out score, so that a threshold moved later (cflowad studio)
-            # knows its false-positive rate
-            "holdout_raw_scores": [round(float(v), 9) for v in raw_scores],
-        }
+        return Calibration.fitted(self.net.reference.tolist(), image, pixel, raw_scores)
 
-    def _require_fitted(self) -> dict[str, Any]:
+    def fitted_calibration(self) -> Calibration:
         if self.calibration is None:
             raise UserError("the model is not fitted: call fit() or CFlowAD.load() first")
         return self.calibration
@@ -539,12 +476,22 @@ def training_items(data: str | Path | Sequence[ImageInput]) -> list[ImageInput]:
     return items
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _check_thresholds(net: CFlowNet, calibration: Calibration, meta_path: Path) -> None:
+    """The weights file holds the thresholds and references as buffers, model.json as
+    numbers: one model, so a load refuses copies that disagree (an edited file)."""
+    for name, value in (
+        ("image_threshold", calibration.image_threshold_raw),
+        ("pixel_threshold", calibration.pixel_threshold_raw),
+        ("reference", calibration.reference),
+    ):
+        buffer = getattr(net, name)
+        expected = torch.tensor(value, dtype=buffer.dtype).reshape(buffer.shape)
+        if not torch.equal(buffer.cpu(), expected):
+            raise UserError(
+                f"{meta_path}: calibration.{name}{'_raw' if name != 'reference' else ''} "
+                "disagrees with the weights file (edited by hand?); save thresholds with "
+                "the studio or CFlowAD.set_image_threshold"
+            )
 
 
 def is_model_dir(path: Path) -> bool:

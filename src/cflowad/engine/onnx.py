@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cflowad.common.errors import UserError
+from cflowad.common.errors import UserError, missing_extra
 from cflowad.engine.inference import InferenceEngine, describe
 from cflowad.engine.threads import onnx_threads
+from cflowad.method.calibration import Calibration
 from cflowad.method.region import decode_region
 
 __all__ = [
@@ -43,7 +44,7 @@ def require_onnxruntime(purpose: str) -> None:
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        raise UserError(f"{purpose} needs onnxruntime: pip install 'cflowad[onnx]'") from None
+        raise missing_extra(purpose, "onnxruntime", "onnx") from None
 
 
 def cpu_session(path: Path) -> Any:
@@ -117,12 +118,16 @@ class ExportedModel(InferenceEngine):
         self._metadata = dict(meta)
 
     @property
-    def calibration(self) -> dict[str, Any]:
-        """The calibration the model directory had (held-out scores too, from 0.9 on)."""
-        calibration: dict[str, Any] = json.loads(self._metadata.get("calibration", "{}"))
-        calibration.setdefault("image_threshold_raw", self.image_threshold_raw)
-        calibration.setdefault("pixel_threshold_raw", self.pixel_threshold_raw)
-        return calibration
+    def calibration(self) -> Calibration:
+        """The calibration the model directory had (held-out scores too, from 0.9 on), with
+        the thresholds this file decides by (an int8 or bf16 export refits them)."""
+        entry: dict[str, Any] = {
+            "reference": [],
+            **json.loads(self._metadata.get("calibration", "{}")),
+            "image_threshold_raw": self.image_threshold_raw,
+            "pixel_threshold_raw": self.pixel_threshold_raw,
+        }
+        return Calibration.from_dict(entry)
 
     def describe(self) -> dict[str, Any]:
         """The summary the model directory gives, from the file's metadata.

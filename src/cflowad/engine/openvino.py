@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cflowad.common.errors import UserError
+from cflowad.common.errors import UserError, missing_extra
 from cflowad.engine.onnx import INPUT_NAME, ExportedModel
 from cflowad.engine.threads import onnx_threads, scorers
 
@@ -48,7 +48,7 @@ def require_openvino(purpose: str) -> Any:
     try:
         import openvino
     except ImportError:
-        raise UserError(f"{purpose} needs openvino: pip install 'cflowad[openvino]'") from None
+        raise missing_extra(purpose, "openvino", "openvino") from None
     return openvino
 
 

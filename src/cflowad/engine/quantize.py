@@ -13,7 +13,7 @@ features (a relative error of 0.2-0.3 on magnetic_tile). So :func:`fit_on_int8_e
 can train them again, from the model's configuration and seed, on the int8 encoder's
 own features: the encoder is frozen, so this is one more training of the flows, not
 quantization-aware training. Which flows an int8 file keeps is chosen on synthetic
-defects (:mod:`cflowad.results.int8`), and its thresholds are fitted on the int8
+defects (:mod:`cflowad.selection.int8`), and its thresholds are fitted on the int8
 graph itself (:mod:`cflowad.engine.refit`). For OpenVINO the encoder is quantized by
 NNCF instead (:func:`nncf_quantize`: its fast bias correction keeps the features
 closer to float than ONNX Runtime's quantizer, docs/benchmarks.md, "int8").
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cflowad.common.errors import UserError
+from cflowad.common.errors import missing_extra
 from cflowad.common.progress import Reporter
 from cflowad.data.images import batches
 from cflowad.engine.export import refuse_foreign_onnx, write_onnx
@@ -216,7 +216,7 @@ def require_nncf() -> None:
     try:
         import nncf  # noqa: F401
     except ImportError:
-        raise UserError("int8 for OpenVINO needs nncf: pip install 'cflowad[openvino]'") from None
+        raise missing_extra("int8 for OpenVINO", "nncf", "openvino") from None
 
 
 def nncf_quantize(model: Any, samples: np.ndarray) -> Any:

@@ -63,13 +63,13 @@ def refit_thresholds(
         for a, b in zip(reference, results, strict=True)
         if a.anomaly_map.std() > 0 and b.anomaly_map.std() > 0
     ]
-    before = float_model.calibration or {}
+    before = float_model.fitted_calibration()
     raw_float = np.array([r.raw_score for r in reference])
     return refitted, {
         "held_out_images": len(held),
         "map_correlation_median": round(float(np.median(maps)), 4) if maps else float("nan"),
         "raw_score_correlation": round(float(np.corrcoef(raw_float, raw)[0, 1]), 4),
-        "image_threshold_raw": {"float": before["image_threshold_raw"], name: image.value},
-        "pixel_threshold_raw": {"float": before["pixel_threshold_raw"], name: pixel.value},
+        "image_threshold_raw": {"float": before.image_threshold_raw, name: image.value},
+        "pixel_threshold_raw": {"float": before.pixel_threshold_raw, name: pixel.value},
         "image_fpr_achievable": image.achievable_fpr,
     }

@@ -34,6 +34,7 @@ from cflowad.common.errors import UserError
 from cflowad.common.progress import Reporter
 from cflowad.data.files import refuse_foreign, replace_file
 from cflowad.data.images import IMAGE_SUFFIXES, ImageInput, decode_image, readable
+from cflowad.engine.catalog import identity
 from cflowad.engine.inference import Predictor
 from cflowad.engine.loading import load
 
@@ -163,23 +164,13 @@ def _manifest(models: dict[str, Path], items: list[Item], shard_size: int) -> di
     return {
         "format": "cflowad-archive",
         "format_version": 1,
-        "models": {name: _model_sha256(path) for name, path in sorted(models.items())},
+        # a model directory's weights checksum, an export's own files' hash
+        "models": {name: str(identity(path)) for name, path in sorted(models.items())},
         "n_images": len(items),
         "images_sha256": digest.hexdigest(),
         "shard_size": shard_size,
         "n_shards": -(-len(items) // shard_size),
     }
-
-
-def _model_sha256(path: Path) -> str:
-    """A model directory's weights checksum (from model.json), an ONNX file's own."""
-    if path.is_dir():
-        return str(json.loads((path / "model.json").read_text()).get("weights_sha256"))
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def shard_name(shard: int) -> str:
@@ -257,9 +248,7 @@ def score_batch(
             {
                 "image": item.image,
                 "category": item.category,
-                "score": round(result.score, 6),
-                "anomalous": result.anomalous,
-                "raw_score": result.raw_score,
+                **result.record(),
                 "map": target,
             }
         )

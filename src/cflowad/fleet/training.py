@@ -35,6 +35,7 @@ from cflowad.common.progress import Reporter
 from cflowad.data.datasets import find_training_images
 from cflowad.data.files import refuse_foreign, replace_file, staged_directory
 from cflowad.data.images import readable
+from cflowad.engine.catalog import identity
 from cflowad.engine.model import is_model_dir
 from cflowad.method.config import Config
 
@@ -140,15 +141,15 @@ def _train(
         with tempfile.TemporaryDirectory(prefix="cflowad-fleet-") as scratch:
             folder = model.save(Path(scratch) / name)
             files = {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-        calibration = model.calibration or {}
+        calibration = model.fitted_calibration()
         record = {
             "status": "trained",
             "model": name,
             "weights_sha256": model.weights_sha256,
-            "image_threshold_raw": calibration["image_threshold_raw"],
-            "pixel_threshold_raw": calibration["pixel_threshold_raw"],
-            "image_fpr": calibration["image_fpr"],
-            "held_out_fpr": calibration["image_fpr_achievable"],
+            "image_threshold_raw": calibration.image_threshold_raw,
+            "pixel_threshold_raw": calibration.pixel_threshold_raw,
+            "image_fpr": calibration.image_fpr,
+            "held_out_fpr": calibration.image_fpr_achievable,
             "n_train": model.training["n_train"],
             "n_calibration": model.training["n_calibration"],
             "skipped_images": skipped,
@@ -262,15 +263,14 @@ def _up_to_date(category: Category, record: dict[str, Any] | None, config: Confi
     if not record or record.get("status") != "trained" or not is_model_dir(category.target):
         return False
     try:
-        meta = json.loads((category.target / "model.json").read_text())
         images = find_training_images(category.source)
-    except (OSError, ValueError, UserError):
+    except UserError:
         return False
     # a category trained with --skip-bad fingerprints the images it kept
     skipped = set(record.get("skipped_images", []))
     kept = [p for p in images if str(p) not in skipped]
     return bool(
-        meta.get("weights_sha256") == record.get("weights_sha256")
+        identity(category.target) == record.get("weights_sha256")
         and record.get("fingerprint") == fingerprint(config, kept)
     )
 

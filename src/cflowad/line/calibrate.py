@@ -23,12 +23,21 @@ from cflowad.common.errors import UserError
 from cflowad.common.progress import Reporter
 from cflowad.data.files import replace_file
 from cflowad.engine.inference import ImageResult, Predictor, map_sample
+from cflowad.engine.loading import load
 from cflowad.engine.model import CFlowAD
 
-__all__ = ["SourceCalibration"]
+__all__ = ["SourceCalibration", "calibrated_before"]
 
 MODEL_FOLDER = "model"
 RECORD = "calibration.json"
+
+
+def calibrated_before(model: Predictor, out: Path) -> Predictor | None:
+    """The model a source refitted into ``out`` before a restart, on the device ``model``
+    runs on (``--device``); None when it has not calibrated yet."""
+    if not (out / RECORD).is_file():
+        return None
+    return load(out / MODEL_FOLDER, str(model.device) if isinstance(model, CFlowAD) else "cpu")
 
 
 class SourceCalibration:
@@ -64,7 +73,7 @@ class SourceCalibration:
         return self._refit()
 
     def _refit(self) -> Predictor:
-        before = dict(self.model.calibration or {})
+        before = self.model.fitted_calibration()
         self.model = copy.deepcopy(self.model)  # the caller's model stays as it was
         image, pixel = self.model.calibrate_thresholds(
             np.array(self.raw_scores),
@@ -78,17 +87,17 @@ class SourceCalibration:
             "option": self.option,
             "model": str(target),
             "image_threshold_raw": image.value,
-            "image_threshold_raw_before": before.get("image_threshold_raw"),
+            "image_threshold_raw_before": before.image_threshold_raw,
             "image_fpr": image.requested_fpr,
             "image_fpr_achievable": image.achievable_fpr,
             "pixel_threshold_raw": pixel.value,
-            "pixel_threshold_raw_before": before.get("pixel_threshold_raw"),
+            "pixel_threshold_raw_before": before.pixel_threshold_raw,
             "weights_sha256": self.model.weights_sha256,
         }
         replace_file(self.out / RECORD, json.dumps(record, indent=2))
         self.reporter.log(
             f"thresholds refitted on the first {self.count} images: image "
-            f"{before.get('image_threshold_raw', float('nan')):.4f} -> {image.value:.4f} (raw), "
+            f"{before.image_threshold_raw:.4f} -> {image.value:.4f} (raw), "
             f"false-positive rate {image.achievable_fpr:.2%} achievable; model in {target}"
         )
         if not image.enough_images:

@@ -20,6 +20,7 @@ import bisect
 import json
 import os
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from cflowad.common.errors import UserError
+from cflowad.engine.catalog import Calibration
 
 __all__ = ["DRIFT_FILE", "DriftLog", "DriftMonitor", "DriftSettings"]
 
@@ -53,7 +55,7 @@ class DriftSettings:
 class DriftMonitor:
     """The rank of the recent median score among the held-out ones, and its alarm."""
 
-    def __init__(self, holdout: list[float], settings: DriftSettings | None = None) -> None:
+    def __init__(self, holdout: Sequence[float], settings: DriftSettings | None = None) -> None:
         if not holdout:
             raise ValueError("no held-out scores to compare with")
         self.settings = settings or DriftSettings()
@@ -64,10 +66,10 @@ class DriftMonitor:
 
     @classmethod
     def for_model(
-        cls, calibration: dict[str, Any] | None, settings: DriftSettings | None = None
+        cls, calibration: Calibration | None, settings: DriftSettings | None = None
     ) -> DriftMonitor | None:
         """A monitor for a model's calibration, or None when it kept no held-out scores."""
-        held = (calibration or {}).get("holdout_raw_scores")
+        held = calibration.holdout_raw_scores if calibration is not None else ()
         return cls(held, settings) if held else None
 
     def add(self, raw_score: float) -> dict[str, Any] | None:
@@ -114,7 +116,7 @@ class DriftLog:
         self.path, self.settings, self.reporter = out / DRIFT_FILE, settings, reporter
         self.monitor: DriftMonitor | None = None
 
-    def reset(self, calibration: dict[str, Any] | None) -> None:
+    def reset(self, calibration: Calibration | None) -> None:
         """Compare with this calibration's held-out scores from now on (a new model)."""
         self.monitor = (
             DriftMonitor.for_model(calibration, self.settings) if self.settings.window else None

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from cflowad.common.errors import UserError
+from cflowad.common.errors import UserError, missing_extra
 from cflowad.common.version import __version__
 from cflowad.data.images import decode_image
 from cflowad.engine.inference import THRESHOLD, ImageResult
@@ -34,9 +34,8 @@ try:
     from fastapi.responses import JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
 except ImportError as missing:  # pragma: no cover - depends on the installed extras
-    raise UserError(
-        f"cflowad serve needs the serve extra ({missing.name} is missing): "
-        "pip install 'cflowad[serve]'"
+    raise missing_extra(
+        "cflowad serve", f"the serve extra ({missing.name} is missing)", "serve"
     ) from None
 
 __all__ = ["HEADER_LENGTH", "OUTPUTS", "add_inference_protocol"]
@@ -139,9 +138,7 @@ async def _infer(host: Any, name: str, request: Request) -> Response:
         record = {
             "model": name,
             "revision": served.revision,
-            "score": round(result.score, 6),
-            "raw_score": result.raw_score,
-            "anomalous": result.anomalous,
+            **result.record(),
             "width": image.shape[1],
             "height": image.shape[0],
         }

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from cflowad.common.errors import UserError
+from cflowad.common.errors import UserError, missing_extra
 
 __all__ = ["CONTENT_TYPES", "run_loadtest"]
 
@@ -64,7 +64,7 @@ def run_loadtest(
     try:
         import httpx
     except ImportError:
-        raise UserError("cflowad loadtest needs httpx: pip install 'cflowad[serve]'") from None
+        raise missing_extra("cflowad loadtest", "httpx", "serve") from None
     if not images:
         raise UserError("loadtest: give at least one image file")
     if duration <= 0 or max_requests < 1 or any(c < 1 for c in concurrency):

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 from uuid import uuid4
 
-from cflowad.common.errors import UserError
+from cflowad.common.errors import UserError, missing_extra
 
 __all__ = [
     "Delivery",
@@ -162,9 +162,7 @@ class MqttDestination:
             from paho.mqtt.client import Client
             from paho.mqtt.enums import CallbackAPIVersion
         except ImportError:
-            raise UserError(
-                "--publish mqtt:// needs paho-mqtt: pip install 'cflowad[stream]'"
-            ) from None
+            raise missing_extra("--publish mqtt://", "paho-mqtt", "stream") from None
         self.name, self.topic = url, parsed.path  # a URL holds no secret: refused above
         self._failure: str | None = None
         # unique per connection: a broker disconnects the older of two equal ids
@@ -240,9 +238,7 @@ class WebhookDestination:
         try:
             import httpx
         except ImportError:
-            raise UserError(
-                "--publish http:// needs httpx: pip install 'cflowad[stream]'"
-            ) from None
+            raise missing_extra("--publish http://", "httpx", "stream") from None
         self.name = self.url = url
         key = settings.secret(settings.hmac_key_file)
         self._key = key.encode() if key else None

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cflowad.common.errors import UserError
+from cflowad.common.errors import UserError, missing_extra
 from cflowad.common.progress import Reporter
 from cflowad.data.files import refuse_foreign
 from cflowad.engine.inference import ImageResult, Predictor
@@ -211,8 +211,7 @@ def stream_video(
                     record = {
                         "frame": frame.index,
                         "pts_seconds": frame.pts_seconds,
-                        "score": round(result.score, 6),
-                        "anomalous": result.anomalous,
+                        **result.record(),
                         "latency_ms": round(latency, 2),
                     }
                     lines.write(json.dumps(record) + "\n")
@@ -409,7 +408,7 @@ class _Source:
         try:
             import av
         except ImportError:
-            raise UserError("cflowad stream needs PyAV: pip install 'cflowad[stream]'") from None
+            raise missing_extra("cflowad stream", "PyAV", "stream") from None
         self.av = av
         self.source = source
         self.retries, self.backoff, self.reporter = retries, backoff, reporter

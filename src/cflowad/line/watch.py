@@ -30,13 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from cflowad.common.errors import UserError
+from cflowad.common.errors import UserError, missing_extra
 from cflowad.common.progress import Reporter
 from cflowad.data.files import refuse_foreign, replace_file
 from cflowad.data.images import IMAGE_SUFFIXES, load_image
 from cflowad.engine.inference import ImageResult, Predictor
-from cflowad.engine.loading import load
-from cflowad.line.calibrate import MODEL_FOLDER, RECORD, SourceCalibration
+from cflowad.line.calibrate import SourceCalibration, calibrated_before
 from cflowad.line.drift import DriftLog, DriftSettings
 from cflowad.line.publish import SPOOL, Publisher, model_version
 
@@ -215,8 +214,9 @@ class _HotFolder:
         self.publisher, self.model_name = publisher, model_name
         self.on_result = on_result
         self.calibration: SourceCalibration | None = None
-        if (out / RECORD).is_file():  # calibrated before a restart: score on with it
-            self.model = load(out / MODEL_FOLDER)
+        before = calibrated_before(model, out)
+        if before is not None:  # calibrated before a restart: score on with it
+            self.model = before
         elif calibrate_images:
             self.calibration = SourceCalibration(
                 model, calibrate_images, out, "--calibrate-images", reporter or Reporter(False)
@@ -330,9 +330,7 @@ class _HotFolder:
             result = results[k]
             record: dict[str, Any] = {
                 "image": str(path),
-                "score": round(result.score, 6),
-                "anomalous": result.anomalous,
-                "raw_score": result.raw_score,
+                **result.record(),
                 "map": f"maps/{path.name}.npy",
                 "seen_at": seen.first_seen_at,
                 "scored_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
@@ -469,7 +467,7 @@ def _start_observer(
         from watchdog.observers import Observer
         from watchdog.observers.polling import PollingObserver
     except ImportError:
-        raise UserError("cflowad watch needs watchdog: pip install 'cflowad[stream]'") from None
+        raise missing_extra("cflowad watch", "watchdog", "stream") from None
 
     class Wake(FileSystemEventHandler):
         def on_any_event(self, event: FileSystemEvent) -> None:

@@ -5,22 +5,53 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 
 from cflowad.common.errors import UserError
 
-__all__ = ["CONFIG_FIELDS", "Config", "parse_image_size", "read_config_file"]
+__all__ = [
+    "CONFIG_FIELDS",
+    "Config",
+    "comma_separated",
+    "field_type",
+    "option_default",
+    "parse_field",
+    "parse_image_size",
+    "read_config_file",
+]
 
 OBJECTIVES = ("nll", "logsigmoid")
 PRECISIONS = ("auto", "float32", "bfloat16")
 ENCODER_WEIGHTS = ("pretrained", "random")
 ASPECTS = ("auto", "fixed", "native")
 DECODERS = ("flow", "gaussian")
+# How a field is written on the command line and in the studio's settings, beyond its type:
+# "size" (N, WIDTHxHEIGHT or native), "ints" / "floats" (comma-separated), "path".
+KINDS = ("plain", "size", "ints", "floats", "path")
+
+
+def _field(
+    default: Any,
+    help: str,
+    *,
+    flags: tuple[str, ...] = (),
+    kind: str = "plain",
+    example: str = "",
+    studio: bool = False,
+) -> Any:
+    """A Config field with what every front end needs to offer it: the help text, the
+    command line's flags (default ``--field-name``), how it is written as text, and
+    whether the studio's training form offers it. The one source of each option."""
+    return field(
+        default=default,
+        metadata={"help": help, "flags": flags, "kind": kind, "example": example, "studio": studio},
+    )
 
 
 @dataclass(frozen=True)
@@ -51,39 +82,125 @@ class Config:
         (256, 384)
     """
 
-    backbone: str = "tf_efficientnet_lite0"
-    decoder: str = "flow"
-    encoder_weights: str = "pretrained"
-    weights_file: str | None = None
-    image_size: tuple[int, int] = (256, 256)
-    aspect: str = "auto"
-    strides: tuple[int, ...] = (8, 16, 32)
-    coupling_blocks: int | tuple[int, ...] = 8  # one for every scale, or one per scale
-    condition_dim: int = 128
-    clamp_alpha: float = 1.9
-    objective: str = "nll"
-    training_precision: str = "auto"
-    compile_training: bool = True
-    fiber_batch_size: int = 256
-    finest_batch_factor: int = 4
-    steps: int = 3000
-    learning_rate: float = 8e-3
-    warmup_fraction: float = 0.05
-    holdout_fraction: float = 0.1
-    min_holdout: int = 4
-    calibrate_on_train: bool = False
-    image_fpr: float = 0.01
-    pixel_fpr: float = 0.01
-    feature_pooling: int = 1
-    score_top_k: float = 0.0
-    scale_weights: tuple[float, ...] | None = None
-    tile_size: int | None = None
-    tile_overlap: float = 0.25
-    feature_cache_budget_mb: int = 4096
-    feature_cache_dir: str | None = None
-    seed: int = 0
+    backbone: str = _field("tf_efficientnet_lite0", "timm CNN name.")
+    decoder: str = _field(
+        "flow",
+        "flow (the paper's conditional flows) or gaussian (the appendix's Gaussian model, "
+        "one per position: fitted in seconds, no training steps).",
+        studio=True,
+    )
+    encoder_weights: str = _field(
+        "pretrained", "pretrained (ImageNet) or random (tests only: poor accuracy).", studio=True
+    )
+    weights_file: str | None = _field(
+        None, "Encoder weights file (.safetensors or .pth).", kind="path"
+    )
+    image_size: tuple[int, int] = _field(
+        (256, 256),
+        "Model input: N (shorter side N, longer side keeps the training images' median "
+        "aspect unless --aspect fixed), WIDTHxHEIGHT, multiples of 32, or native (the "
+        "training images' own size: with --tile-size for photos of megapixels).",
+        kind="size",
+        studio=True,
+    )
+    aspect: str = _field(
+        "auto",
+        "auto: keep the median aspect ratio; fixed: N x N; native: the training images' "
+        "median size, rounded down to multiples of 32 (--image-size native).",
+    )
+    strides: tuple[int, ...] = _field(
+        (8, 16, 32), "Feature strides, comma-separated.", kind="ints", example="8,16,32"
+    )
+    coupling_blocks: int | tuple[int, ...] = _field(
+        8,
+        "Coupling blocks per flow: one number for every scale, or one per stride, finest "
+        "first (4,6,8 lightens the finest scale, which has the most positions).",
+        kind="ints",
+        example="4,6,8",
+    )
+    condition_dim: int = _field(128, "Positional-encoding channels.")
+    clamp_alpha: float = _field(1.9, "Soft clamping of coupling log-scales.")
+    objective: str = _field("nll", "nll (paper eq. 7.2) or logsigmoid (official code's variant).")
+    training_precision: str = _field(
+        "auto",
+        "Decoder training: auto (bfloat16 where its matrix products measure faster than "
+        "float32 on this CPU), float32 or bfloat16. Scoring is always float32.",
+        flags=("--training-precision", "--precision"),
+    )
+    compile_training: bool = _field(
+        True,
+        "Fuse the training step with torch.compile (needs a C++ compiler; about a minute "
+        "the first time, cached afterwards).",
+        flags=("--compile-training/--no-compile-training", "--compile/--no-compile"),
+        studio=True,
+    )
+    fiber_batch_size: int = _field(256, "Feature vectors per fiber batch.")
+    finest_batch_factor: int = _field(
+        4,
+        "The finest of several scales draws this many fiber batches per step (it has 16x "
+        "the coarsest scale's vectors and the cheapest flow).",
+    )
+    steps: int = _field(
+        3000,
+        "Optimizer steps (one fiber batch per scale each, more for the finest).",
+        studio=True,
+    )
+    learning_rate: float = _field(8e-3, "Adam peak learning rate.")
+    warmup_fraction: float = _field(0.05, "Share of steps with a linear learning-rate warm-up.")
+    holdout_fraction: float = _field(
+        0.1, "Share of images held out to calibrate thresholds.", studio=True
+    )
+    min_holdout: int = _field(4, "Held-out images at least.", studio=True)
+    calibrate_on_train: bool = _field(
+        False, "Train on every image and calibrate on them too (optimistic)."
+    )
+    image_fpr: float = _field(
+        0.01, "Target false-positive rate of the image threshold.", studio=True
+    )
+    pixel_fpr: float = _field(0.01, "Target false-positive rate of the pixel threshold.")
+    feature_pooling: int = _field(1, "Average each feature over its k x k neighbourhood (1: none).")
+    score_top_k: float = _field(
+        0.0, "Image score: mean of this top fraction of the map (0: maximum)."
+    )
+    scale_weights: tuple[float, ...] | None = _field(
+        None,
+        "Weights of the scales in the map, comma-separated, finest first (default: equal). "
+        "Each scale's term stays bounded; weighting the finest scale sharpens maps of small "
+        "defects, the coarsest helps large ones (docs/design.md).",
+        kind="floats",
+        example="2,1,1",
+        studio=True,
+    )
+    tile_size: int | None = _field(
+        None,
+        "Run the encoder on square tiles of this many input pixels (a multiple of 32), "
+        "stitched into one map: give --image-size the images' native size (or a fraction "
+        "of it) and memory follows the tile, not the image (docs/design.md).",
+        studio=True,
+    )
+    tile_overlap: float = _field(
+        0.25,
+        "With --tile-size: share of a tile that neighbours overlap; each keeps the half of "
+        "the overlap nearer its centre.",
+    )
+    feature_cache_budget_mb: int = _field(
+        4096,
+        "Feature cache above this goes to a memory-mapped file.",
+        flags=("--feature-cache-budget-mb", "--cache-budget-mb"),
+    )
+    feature_cache_dir: str | None = _field(
+        None,
+        "Folder for a memory-mapped feature cache (default: the temporary folder).",
+        flags=("--feature-cache-dir", "--cache-dir"),
+        kind="path",
+    )
+    seed: int = _field(0, "Seed for hold-out split, weights and sampling.")
 
     def __post_init__(self) -> None:
+        if isinstance(self.image_size, str) and self.image_size.strip().lower() == "native":
+            # the training images' own size, found by fit_to: no size to give until then
+            object.__setattr__(self, "aspect", "native")
+            object.__setattr__(self, "image_size", (256, 256))
         object.__setattr__(self, "image_size", parse_image_size(self.image_size))
         # finest first, as the encoder returns its scales (8,16,32 and 32,16,8 are one model)
         object.__setattr__(self, "strides", tuple(sorted(int(s) for s in self.strides)))
@@ -252,6 +369,85 @@ def _positive(size: tuple[int, int], raw: object) -> tuple[int, int]:
 
 
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(Config))
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def comma_separated(
+    text: str, name: str, kind: Callable[[str], Any], example: str
+) -> tuple[Any, ...]:
+    """``"8,16,32"`` -> (8, 16, 32), or a one-line error naming the option: the one parser
+    of every comma-separated option (--strides, --scale-weights, --batch-size, --concurrency)."""
+    try:
+        return tuple(kind(x) for x in text.split(","))
+    except ValueError:
+        what = "integers" if kind is int else "numbers"
+        option = "--" + name.replace("_", "-")
+        raise UserError(f"option {option}={text!r} must be {what}, e.g. {example}") from None
+
+
+def field_type(name: str) -> type:
+    """The type of a Config field's value, None left out: int, float, bool, str or tuple."""
+    hint = get_type_hints(Config)[name]
+    union = get_origin(hint) in (Union, UnionType)
+    kinds = [t for t in get_args(hint) if t is not type(None)] if union else [hint]
+    base = get_origin(kinds[-1]) or kinds[-1]  # int | tuple[int, ...]: as text, a tuple
+    return tuple if base is tuple else base
+
+
+def parse_field(name: str, value: Any) -> Any:
+    """A Config field's value from its text (the command line's, the studio's settings);
+    a value that is not text passes as it is, for Config to check. Errors name the option.
+
+    Example:
+        >>> parse_field("strides", "8,16"), parse_field("steps", "100"), parse_field("tune", 1)
+        Traceback (most recent call last):
+        ...
+        cflowad.common.errors.UserError: unknown option tune (not a Config field)
+        >>> parse_field("scale_weights", ""), parse_field("compile_training", "off")
+        (None, False)
+    """
+    spec = _FIELDS.get(name)
+    if spec is None:
+        raise UserError(f"unknown option {name} (not a Config field)")
+    if not isinstance(value, str):
+        return value
+    text, kind = value.strip(), spec.metadata["kind"]
+    if text == "" and spec.default is None:
+        return None
+    if kind == "size":
+        return text  # N, WIDTHxHEIGHT or native: Config reads all three
+    if kind in ("ints", "floats"):
+        parsed = comma_separated(
+            text, name, int if kind == "ints" else float, spec.metadata["example"]
+        )
+        return parsed[0] if len(parsed) == 1 and isinstance(spec.default, int) else parsed
+    base = field_type(name)
+    if base is bool:
+        if text.lower() not in (*_TRUE, *_FALSE):
+            raise UserError(f"option --{name.replace('_', '-')}={value!r} must be true or false")
+        return text.lower() in _TRUE
+    if base in (int, float):
+        try:
+            return base(text)
+        except ValueError:
+            what = "an integer" if base is int else "a number"
+            raise UserError(f"option --{name.replace('_', '-')}={value!r} must be {what}") from None
+    return text
+
+
+def option_default(name: str) -> Any:
+    """A field's default as the command line shows and takes it: 256 for (256, 256),
+    "8,16,32" for a tuple, the value itself otherwise."""
+    default: Any = _FIELDS[name].default
+    if _FIELDS[name].metadata["kind"] == "size":
+        height, width = default
+        return str(height) if height == width else f"{width}x{height}"
+    if isinstance(default, tuple):
+        return ",".join(str(v) for v in default)
+    if _FIELDS[name].metadata["kind"] == "ints":
+        return str(default)
+    return default
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 One FastAPI process: the page (``/studio``, plain HTML and a little JS shipped in the
 wheel), its JSON API (``/studio/api``), and the serving API of ``cflowad serve``
 (``/v1``, probes, metrics) for the workspace's models, on one engine
-(:class:`cflowad.line.server.ServedModels`). Everything the page changes is a file
+(:class:`cflowad.line.served.ServedModels`). Everything the page changes is a file
 in the workspace (:mod:`cflowad.studio.workspace`).
 
 Security: the page's state-changing requests carry a CSRF token (``X-CSRF-Token``,
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import json
 import logging
@@ -29,30 +28,26 @@ from typing import Any
 
 import numpy as np
 
-from cflowad.common.errors import UserError
+from cflowad.common.errors import UserError, missing_extra
 from cflowad.common.version import __version__
 from cflowad.data.images import IMAGE_SUFFIXES, decode_image, load_image
-from cflowad.engine.inference import ImageResult, Predictor
-from cflowad.engine.loading import load
-from cflowad.engine.model import CFlowAD
-from cflowad.line.catalog import model_format
+from cflowad.engine.catalog import model_format, read_card
+from cflowad.engine.inference import ImageResult
+from cflowad.line.served import ServedModels, ServedPredictor
 from cflowad.line.server import (
-    ASGIApp,
     BodyLimit,
-    Receive,
-    Scope,
-    Send,
-    ServedModels,
     add_serving_routes,
-    send_json,
     too_large_message,
 )
 from cflowad.line.settings import ServeSettings
 from cflowad.results.pictures import jpeg
+from cflowad.studio.feed import StateFeed
+from cflowad.studio.guards import COOKIE, CsrfGuard, LoginGuard, csrf_token, session_token
 from cflowad.studio.jobs import SETTINGS, TrainingQueue
 from cflowad.studio.live import LiveSources
+from cflowad.studio.review import ModelReview
 from cflowad.studio.runs import PICTURES, ScoringRuns
-from cflowad.studio.workspace import Workspace, fingerprint, new_id, read_json, write_json
+from cflowad.studio.workspace import Workspace, new_id
 
 try:
     from fastapi import FastAPI, Request
@@ -67,17 +62,20 @@ try:
     from pydantic import BaseModel, Field
     from starlette.concurrency import run_in_threadpool
 except ImportError as missing:  # pragma: no cover - depends on the installed extras
-    raise UserError(
-        f"cflowad studio needs the studio extra ({missing.name} is missing): "
-        "pip install 'cflowad[studio]'"
+    raise missing_extra(
+        "cflowad studio", f"the studio extra ({missing.name} is missing)", "studio"
     ) from None
 
-__all__ = ["COOKIE", "StudioSettings", "create_studio"]
+__all__ = ["StudioSettings", "create_studio"]
 
 log = logging.getLogger("cflowad.studio")
-COOKIE = "cflowad_studio"
-_STATIC = {"studio.js": "text/javascript", "studio.css": "text/css"}
-_SAFE = ("GET", "HEAD", "OPTIONS")
+# the page's files: the style sheet, and its JS modules (the page, what every view uses,
+# one module a view)
+_MODULES = (
+    *("studio", "common", "state", "pickers"),
+    *("models", "training", "review", "threshold", "feedback", "live"),
+)
+_STATIC = {"studio.css": "text/css", **{f"{name}.js": "text/javascript" for name in _MODULES}}
 
 
 class StudioSettings(BaseModel):
@@ -126,13 +124,9 @@ def create_studio(workspace: Workspace, settings: StudioSettings | None = None) 
     """The studio app on an opened workspace."""
     settings = settings or StudioSettings()
     host = ServedModels({}, settings.serve, origin="studio")
-    csrf = hmac.new(workspace.secret.encode(), b"csrf", hashlib.sha256).hexdigest()
+    csrf = csrf_token(workspace.secret)
     api_key = settings.serve.api_key
-    session = (
-        hmac.new(api_key.encode(), b"studio-session", hashlib.sha256).hexdigest()
-        if api_key
-        else None
-    )
+    session = session_token(api_key) if api_key else None
 
     loop: list[asyncio.AbstractEventLoop] = []  # the server's, once it runs
 
@@ -144,17 +138,17 @@ def create_studio(workspace: Workspace, settings: StudioSettings | None = None) 
 
     queue = TrainingQueue(workspace, on_revision, parallel=settings.parallel_trainings)
 
-    async def compute(function: Any) -> Any:
-        """Run on the server's compute pool (the cores are shared, not fought over)."""
-        return await asyncio.wrap_future(host.compute(function))
-
     def score(name: str, images: list[np.ndarray]) -> tuple[int, list[ImageResult]]:
         revision = workspace.served_revision(name)
-        results = list(_Current(host, name).predict_iter(images, batch_size=8))
+        results = list(ServedPredictor(host, name).predict_iter(images, batch_size=8))
         return (revision.number if revision else 0), results
 
     runs = ScoringRuns(workspace, score)
-    live = LiveSources(workspace, lambda name: _Current(host, name), host.publisher)
+    # comparisons score on the server's compute pool: the cores are shared, not fought over
+    review = ModelReview(
+        workspace, runs, queue, settings.serve.device, lambda f: host.compute(f).result()
+    )
+    live = LiveSources(workspace, lambda name: ServedPredictor(host, name), host.publisher)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -228,6 +222,16 @@ def create_studio(workspace: Workspace, settings: StudioSettings | None = None) 
     async def state() -> dict[str, Any]:
         return await run_in_threadpool(_state)
 
+    @app.get("/studio/api/state/events")
+    async def state_events(request: Request) -> StreamingResponse:
+        """Server-sent events: the state now and after every change (one computation for
+        every open tab, :mod:`cflowad.studio.feed`)."""
+        return StreamingResponse(
+            feed.events(request.is_disconnected),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-store"},
+        )
+
     def _state() -> dict[str, Any]:
         return {
             "csrf": csrf,
@@ -241,6 +245,8 @@ def create_studio(workspace: Workspace, settings: StudioSettings | None = None) 
             ],
             "settings": list(SETTINGS),
         }
+
+    feed = StateFeed(_state)
 
     def _model_summary(name: str) -> dict[str, Any]:
         served = host.served.get(name)
@@ -257,11 +263,7 @@ def create_studio(workspace: Workspace, settings: StudioSettings | None = None) 
                     "revision": r.number,
                     "promoted_before": r.number in promoted,
                     **{k: r.created.get(k) for k in ("kind", "time", "parent", "note", "job")},
-                    "threshold_raw": read_json(r.path / "model.json")
-                    .get("calibration", {})
-                    .get("image_threshold_raw")
-                    if r.path.is_dir()
-                    else None,
+                    "threshold_raw": _threshold_raw(r.path),
                 }
                 for r in revisions
             ],
@@ -285,6 +287,9 @@ def create_studio(workspace: Workspace, settings: StudioSettings | None = None) 
             "folders": [p.name for p in entries if p.is_dir() and not p.name.startswith(".")][:500],
             "images": sum(1 for p in entries if p.suffix.lower() in IMAGE_SUFFIXES),
             "files": [p.name for p in entries if p.is_file() and not p.name.startswith(".")][:200],
+            # what train would read here (its train/good in the MVTec layout): the page
+            # asks for a sample to draw the region on only then
+            "trainable": _has_training_images(workspace, folder),
         }
 
     @app.get("/studio/api/sample")
@@ -324,28 +329,7 @@ def create_studio(workspace: Workspace, settings: StudioSettings | None = None) 
     @app.post("/studio/api/models/{name}/retrain")
     async def retrain(name: str) -> dict[str, Any]:
         """A new revision trained on the served one's images plus the images marked good."""
-        served = workspace.served_revision(name)
-        if served is None:
-            raise UserError(f"unknown model {name!r}")
-        trained = workspace.revision(name, served.trained)
-        data = trained.created.get("data")
-        if not data:
-            raise UserError(
-                f"model {name!r} came from outside the studio, so its training images are "
-                "unknown: start a training with its folder and the same name"
-            )
-        good = sorted(k for k, m in workspace.marks(name).items() if m["mark"] == "good")
-        if not good:
-            raise UserError("no images are marked good for this model: mark false alarms first")
-        settings = dict(trained.created.get("settings") or {})
-        calibration = _calibration(served.path)
-        if calibration.get("image_threshold_source") and calibration.get("image_fpr_achievable"):
-            # a threshold set by hand carries over as its held-out rate: raw scores of
-            # two trainings are not on one scale, their false-positive rates are
-            settings["image_fpr"] = calibration["image_fpr_achievable"]
-        return await run_in_threadpool(
-            queue.submit, name, tuple(data), settings, "feedback", served.number, good
-        )
+        return await run_in_threadpool(review.retrain, name)
 
     # -- review -----------------------------------------------------------------------
 
@@ -470,139 +454,27 @@ def create_studio(workspace: Workspace, settings: StudioSettings | None = None) 
 
     @app.get("/studio/api/models/{name}/threshold")
     async def threshold(name: str) -> dict[str, Any]:
-        return await run_in_threadpool(_threshold, name)
-
-    def _threshold(name: str) -> dict[str, Any]:
-        served = workspace.served_revision(name)
-        if served is None:
-            raise UserError(f"unknown model {name!r}")
-        calibration = _calibration(served.path)
-        marks = workspace.marks(name)
-        reviewed: dict[str, dict[str, Any]] = {}
-        lineage = {r.number for r in workspace.revision_list(name) if r.trained == served.trained}
-        for run in runs.runs():
-            if run.get("model") != name:
-                continue
-            for record in runs.records(run["id"]):
-                if record.get("revision") in lineage and "raw_score" in record:
-                    reviewed[record["image"]] = {
-                        "raw": record["raw_score"],
-                        "mark": marks.get(record["image"], {}).get("mark"),
-                        "name": record["name"],
-                    }
-        return {
-            "model": name,
-            "revision": served.number,
-            "threshold_raw": calibration.get("image_threshold_raw"),
-            "holdout": calibration.get("holdout_raw_scores") or [],
-            "image_fpr_achievable": calibration.get("image_fpr_achievable"),
-            "reviewed": list(reviewed.values()),
-            "can_save": served.path.is_dir(),
-        }
+        return await run_in_threadpool(review.threshold, name)
 
     @app.post("/studio/api/models/{name}/threshold")
     async def save_threshold(name: str, body: _Threshold) -> dict[str, Any]:
-        served = workspace.served_revision(name)
-        if served is None:
-            raise UserError(f"unknown model {name!r}")
-        if not served.path.is_dir():
-            raise UserError(
-                f"{name} is an ONNX file: save the threshold on its model directory, then "
-                "export it again"
-            )
-        number = await run_in_threadpool(_threshold_revision, name, served.number, body.raw)
+        number = await run_in_threadpool(review.save_threshold, name, body.raw)
         await host.sync(workspace.models)
         return {"model": name, "revision": number, "threshold_raw": body.raw}
-
-    def _threshold_revision(name: str, parent: int, raw: float) -> int:
-        source = workspace.revision(name, parent)
-        model = CFlowAD.load(source.path, device="cpu")
-        model.set_image_threshold(raw, source="cflowad studio")
-        number = workspace.next_revision(name)
-        target = workspace.revision_path(name, number)
-        model.save(target)
-        identity = fingerprint(target) or ""
-        workspace.record_created(
-            name,
-            number,
-            "threshold",
-            identity,
-            parent=parent,
-            trained_revision=source.trained,
-            data=source.created.get("data"),
-            settings=source.created.get("settings"),
-            note=f"image threshold {raw:.6g}",
-        )
-        workspace.promote(name, number)
-        return number
 
     # -- compare and promote ----------------------------------------------------------
 
     @app.get("/studio/api/models/{name}/compare")
     async def compare(name: str, revision: int) -> dict[str, Any]:
-        served = workspace.served_revision(name)
-        if served is None:
-            raise UserError(f"unknown model {name!r}")
-        candidate = workspace.revision(name, revision)
-        cache = workspace.revisions / name / f"compare-r{served.number}-r{candidate.number}.json"
-        marks = workspace.marks(name)
-        cached = read_json(cache)
-        if cached.get("marks") == sorted(marks):
-            return cached
-        images = [m for m in marks if Path(m).is_file()]
-        old = await compute(lambda: _score_files(load(served.path, "cpu"), images))
-        new = await compute(lambda: _score_files(load(candidate.path, "cpu"), images))
-        rows = [
-            {
-                "image": image,
-                "name": Path(image).name,
-                "mark": marks[image]["mark"],
-                "old_score": o[0],
-                "old_anomalous": o[1],
-                "new_score": n[0],
-                "new_anomalous": n[1],
-            }
-            for image, o, n in zip(images, old, new, strict=True)
-        ]
-        good = [r for r in rows if r["mark"] == "good"]
-        bad = [r for r in rows if r["mark"] == "defective"]
-        result = {
-            "model": name,
-            "served": served.number,
-            "candidate": candidate.number,
-            "marks": sorted(marks),
-            "rows": rows,
-            "false_alarms_before": sum(r["old_anomalous"] for r in good),
-            "false_alarms_after": sum(r["new_anomalous"] for r in good),
-            "defects_caught_before": sum(r["old_anomalous"] for r in bad),
-            "defects_caught_after": sum(r["new_anomalous"] for r in bad),
-            "marked_good": len(good),
-            "marked_defective": len(bad),
-        }
-        await run_in_threadpool(write_json, cache, result)
-        return result
+        return await run_in_threadpool(review.compare, name, revision)
 
     @app.post("/studio/api/models/{name}/promote")
     async def promote(name: str, body: _Revision) -> dict[str, Any]:
         """Serve a revision: one served before (a restore), or a new one whose comparison
         with the served one has been shown."""
-        served = workspace.served_revision(name)
-        candidate = workspace.revision(name, body.revision)
-        before = workspace.promoted(name)
-        compared = (
-            served is not None
-            and (
-                workspace.revisions / name / f"compare-r{served.number}-r{candidate.number}.json"
-            ).is_file()
-        )
-        if candidate.number not in before and not compared:
-            raise UserError(
-                f"revision {candidate.number} has not been compared with the served one: "
-                "open Compare first"
-            )
-        await run_in_threadpool(workspace.promote, name, candidate.number)
+        await run_in_threadpool(review.promote, name, body.revision)
         await host.sync(workspace.models)
-        return {"model": name, "revision": candidate.number}
+        return {"model": name, "revision": body.revision}
 
     # -- live -------------------------------------------------------------------------
 
@@ -646,47 +518,15 @@ def create_studio(workspace: Workspace, settings: StudioSettings | None = None) 
 
         return StreamingResponse(updates(), media_type="text/event-stream")
 
-    app.add_middleware(_Csrf, token=csrf, api_key=api_key)
+    app.add_middleware(CsrfGuard, token=csrf, api_key=api_key)
     app.add_middleware(
         BodyLimit,
         limit=int(settings.serve.max_image_mb * 2**20),
         message=too_large_message(settings.serve),
     )
     if api_key is not None:
-        app.add_middleware(_Login, api_key=api_key, session=session or "")
+        app.add_middleware(LoginGuard, api_key=api_key, session=session or "")
     return app
-
-
-class _Current:
-    """The served revision of a model, looked up at every call: a live source follows a
-    promotion; scoring runs on the server's compute pool."""
-
-    def __init__(self, host: ServedModels, name: str) -> None:
-        self.host, self.name = host, name
-        host.get_or_error(name)
-
-    @property
-    def _model(self) -> Predictor:
-        return self.host.get_or_error(self.name).model
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return self._model.image_size
-
-    def predict(self, images: Any, batch_size: int = 8, reporter: Any = None) -> Any:
-        model = self._model
-        return self.host.compute(lambda: model.predict(images, batch_size=batch_size)).result()
-
-    def predict_iter(self, images: Any, batch_size: int = 8, reporter: Any = None) -> Any:
-        model = self._model
-        return iter(
-            self.host.compute(
-                lambda: list(model.predict_iter(images, batch_size=batch_size))
-            ).result()
-        )
-
-    def describe(self) -> dict[str, Any]:
-        return self._model.describe()
 
 
 def _by_score(record: dict[str, Any]) -> float:
@@ -695,98 +535,21 @@ def _by_score(record: dict[str, Any]) -> float:
     return -float(score) if score is not None else math.inf
 
 
-def _score_files(model: Predictor, images: list[str]) -> list[tuple[float, bool]]:
-    if not images:
-        return []
-    return [
-        (round(r.score, 6), bool(r.anomalous))
-        for r in model.predict_iter([load_image(Path(i)) for i in images], batch_size=8)
-    ]
+def _has_training_images(workspace: Workspace, folder: Path) -> bool:
+    try:
+        return bool(workspace.training_images(folder))
+    except UserError:
+        return False
 
 
-def _calibration(path: Path) -> dict[str, Any]:
-    """A revision's calibration: model.json's, or the ONNX file's metadata."""
-    if path.is_dir():
-        return dict(read_json(path / "model.json").get("calibration", {}))
-    model = load(path, "cpu")
-    return dict(getattr(model, "calibration", {}) or {})
+def _threshold_raw(path: Path) -> float | None:
+    """A revision directory's image threshold for the model list (None for a file, which
+    only its runtime reads, or a directory that does not read)."""
+    try:
+        return read_card(path).calibration.image_threshold_raw if path.is_dir() else None
+    except UserError:
+        return None
 
 
 def _asset(name: str) -> str:
     return (resources.files("cflowad.studio") / "static" / name).read_text()
-
-
-class _Csrf:
-    """State-changing requests to /studio/api need the page's token in X-CSRF-Token
-    (a script with the API key in Authorization needs none: a browser cannot send it
-    cross-site)."""
-
-    def __init__(self, app: ASGIApp, token: str, api_key: str | None) -> None:
-        self.app, self.token = app, token.encode()
-        self.bearer = f"Bearer {api_key}".encode() if api_key else None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] == "http"
-            and scope["method"] not in _SAFE
-            and scope["path"].startswith("/studio/api/")
-        ):
-            headers = dict(scope["headers"])
-            bearer = self.bearer is not None and hmac.compare_digest(
-                headers.get(b"authorization", b""), self.bearer
-            )
-            if not bearer and not hmac.compare_digest(
-                headers.get(b"x-csrf-token", b""), self.token
-            ):
-                await send_json(
-                    send, 403, {"error": "missing or stale CSRF token: reload the page"}
-                )
-                return
-        await self.app(scope, receive, send)
-
-
-class _Login:
-    """With an API key: the page needs the login cookie, the API the cookie or the key."""
-
-    def __init__(self, app: ASGIApp, api_key: str, session: str) -> None:
-        self.app = app
-        self.bearer = f"Bearer {api_key}".encode()
-        self.session = session
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] != "http" or path in ("/healthz", "/studio/login"):
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope["headers"])
-        cookies = _cookies(headers.get(b"cookie", b"").decode("latin-1"))
-        if hmac.compare_digest(headers.get(b"authorization", b""), self.bearer) or (
-            hmac.compare_digest(cookies.get(COOKIE, ""), self.session)
-        ):
-            await self.app(scope, receive, send)
-            return
-        if path in ("/", "/studio") and scope["method"] == "GET":
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 303,
-                    "headers": [(b"location", b"/studio/login")],
-                }
-            )
-            await send({"type": "http.response.body", "body": b""})
-            return
-        await send_json(
-            send,
-            401,
-            {"error": "log in at /studio/login, or send Authorization: Bearer <key>"},
-            [(b"www-authenticate", b"Bearer")],
-        )
-
-
-def _cookies(header: str) -> dict[str, str]:
-    found = {}
-    for part in header.split(";"):
-        key, _, value = part.strip().partition("=")
-        if key:
-            found[key] = value
-    return found

@@ -22,40 +22,26 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from cflowad.common.errors import UserError
+from cflowad.data.files import read_json, write_json
 from cflowad.data.images import image_sizes
+from cflowad.engine.catalog import identity, model_kind
+from cflowad.method.config import CONFIG_FIELDS, Config, parse_field
 from cflowad.method.region import draw_region
-from cflowad.studio.workspace import (
-    Workspace,
-    fingerprint,
-    new_id,
-    now,
-    read_json,
-    write_json,
-)
+from cflowad.studio.workspace import Workspace, new_id, now
 
 __all__ = ["SETTINGS", "TrainingQueue"]
 
 log = logging.getLogger("cflowad.studio")
 
-# The settings the page offers: train's options, checked by train itself.
-SETTINGS = {
-    "steps": "--steps",
-    "image_size": "--image-size",
-    "tile_size": "--tile-size",
-    "decoder": "--decoder",
-    "image_fpr": "--image-fpr",
-    "holdout_fraction": "--holdout-fraction",
-    "min_holdout": "--min-holdout",
-    "scale_weights": "--scale-weights",
-    "encoder_weights": "--encoder-weights",
-    "compile_training": "--compile-training",  # "false": --no-compile-training
-    "region": "--region",  # a box x,y,w,h or shapes drawn: the page never names a file
-    "tune": "--tune",  # a switch: "true" adds --tune
-}
+# The settings the page offers: the Config fields its metadata marks for the studio
+# (written to the job's config file for train --config, which checks them), the region
+# (a box x,y,w,h or shapes drawn: the page never names a file) and --tune (a switch).
+SETTINGS = (*(f.name for f in fields(Config) if f.metadata["studio"]), "region", "tune")
 _ACTIVE = ("queued", "running")
 
 
@@ -93,6 +79,8 @@ class TrainingQueue:
         unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
             raise UserError(f"unknown settings {', '.join(unknown)}; known: {', '.join(SETTINGS)}")
+        settings = {k: v for k, v in settings.items() if v not in (None, "")}
+        _config_file_entries(settings)  # a value that is no number fails here, not in train
         region = settings.get("region") or ""
         if isinstance(region, dict):  # shapes drawn on the sample, the folder's first image
             if not draw_region(region, *image_sizes(images[:1])[0], name="the drawn region").any():
@@ -107,7 +95,7 @@ class TrainingQueue:
             "kind": kind,
             "model": name,
             "data": list(data),
-            "settings": {k: v for k, v in settings.items() if v not in (None, "")},
+            "settings": settings,
             "parent": parent,
             "extra_images": extra_images or [],
             "state": "queued",
@@ -202,19 +190,17 @@ class TrainingQueue:
         target = self.workspace.revision_path(name, number)
         command = [sys.executable, "-m", "cflowad", "train", str(data), "--out", str(target)]
         command += ["--progress-file", str(folder / "progress.json")]
-        for key, value in job["settings"].items():
-            off = str(value).lower() in ("false", "0", "no", "off")
-            if key == "compile_training":  # a switch, not a value
-                command.append("--no-compile-training" if off else "--compile-training")
-            elif key == "tune":
-                command += [] if off else ["--tune"]
-            elif key == "region" and isinstance(value, dict):  # drawn: train reads the shapes
-                write_json(folder / "region.json", value)
-                command += ["--region", str(folder / "region.json")]
-            elif key == "region":
-                command += ["--region", str(value).replace(" ", "")]
-            else:
-                command += [SETTINGS[key], str(value)]
+        settings = job["settings"]
+        write_json(folder / "config.json", _config_file_entries(settings))
+        command += ["--config", str(folder / "config.json")]
+        if str(settings.get("tune", "false")).lower() not in ("false", "0", "no", "off"):
+            command.append("--tune")
+        region = settings.get("region")
+        if isinstance(region, dict):  # drawn: train reads the shapes
+            write_json(folder / "region.json", region)
+            command += ["--region", str(folder / "region.json")]
+        elif region:
+            command += ["--region", str(region).replace(" ", "")]
         target.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
             if read_json(folder / "job.json").get("state") != "queued":
@@ -261,15 +247,15 @@ class TrainingQueue:
                 return
             name, number = job["model"], int(job.get("revision", 0))
             target = self.workspace.revision_path(name, number)
-            identity = fingerprint(target) if (target / "model.json").is_file() else None
-            if identity is not None and returncode in (0, None):
+            content = identity(target) if model_kind(target) == "directory" else None
+            if content is not None and returncode in (0, None):
                 first = self.workspace.served_revision(name) is None
                 data = job["data"]
                 self.workspace.record_created(
                     name,
                     number,
                     job["kind"],
-                    identity,
+                    content,
                     parent=job.get("parent"),
                     data=data,
                     settings=job["settings"],
@@ -346,3 +332,9 @@ def _tail(path: Path, lines: int = 12) -> list[str]:
         return path.read_text(errors="replace").splitlines()[-lines:]
     except OSError:
         return []
+
+
+def _config_file_entries(settings: dict[str, Any]) -> dict[str, Any]:
+    """The Config fields among a job's settings, parsed from the page's text as the
+    command line parses its options (train --config checks them all)."""
+    return {k: parse_field(k, v) for k, v in settings.items() if k in CONFIG_FIELDS}

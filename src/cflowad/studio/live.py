@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 
 from cflowad.common.errors import UserError, reason
+from cflowad.data.files import read_json, write_json
 from cflowad.engine.inference import ImageResult, Predictor
 from cflowad.line.publish import Publisher
 from cflowad.line.stream import stream_video
 from cflowad.line.watch import watch_folder
 from cflowad.results.pictures import blend, jpeg
-from cflowad.studio.workspace import Workspace, new_id, now, read_json, write_json
+from cflowad.studio.workspace import Workspace, new_id, now
 
 __all__ = ["HISTORY", "LiveSources"]
 
@@ -53,8 +54,7 @@ class _Source:
         frame = jpeg(blend(image, result.anomaly_map, result.mask), FRAME_SIDE, quality=80)
         entry = {
             "n": self.count,
-            "score": round(result.score, 6),
-            "anomalous": result.anomalous,
+            **result.record(),
             "time": now(),
             "name": Path(str(record.get("image", ""))).name or f"frame {record.get('frame')}",
         }

@@ -19,18 +19,11 @@ from typing import Any
 import numpy as np
 
 from cflowad.common.errors import UserError, reason
+from cflowad.data.files import append_record, read_json, read_records, write_json
 from cflowad.data.images import load_image
 from cflowad.engine.inference import ImageResult
 from cflowad.results.pictures import blend, jpeg
-from cflowad.studio.workspace import (
-    Workspace,
-    append_record,
-    new_id,
-    now,
-    read_json,
-    read_records,
-    write_json,
-)
+from cflowad.studio.workspace import Workspace, new_id, now
 
 __all__ = ["PICTURES", "ScoringRuns", "save_pictures"]
 
@@ -164,9 +157,7 @@ class ScoringRuns:
                 image, result = by_index[index]
                 save_pictures(folder / "pictures" / f"{index:06d}", image, result)
                 record.update(
-                    score=round(result.score, 6),
-                    raw_score=result.raw_score,
-                    anomalous=result.anomalous,
+                    **result.record(),
                     area=round(float(result.mask.mean()), 6),
                     revision=revision,
                     width=image.shape[1],

@@ -20,8 +20,6 @@ copy of the promoted revision (hard links: no second copy of the weights).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import secrets
@@ -36,17 +34,15 @@ from typing import Any
 
 from cflowad.common.errors import UserError
 from cflowad.data.datasets import find_training_images
-from cflowad.data.files import replace_file
+from cflowad.data.files import append_record, read_json, read_records, replace_file, write_json
 from cflowad.data.images import list_images
-from cflowad.line.catalog import NAME_PATTERN, scan_models
+from cflowad.engine.catalog import NAME_PATTERN, identity, model_kind, scan_models
 
 __all__ = [
     "MARKS",
     "Revision",
     "Workspace",
-    "append_record",
     "now",
-    "read_records",
 ]
 
 FORMAT = "cflowad-studio"
@@ -57,44 +53,6 @@ _REVISION = re.compile(r"r(\d{4,})(\.onnx)?")
 def now() -> str:
     """A UTC time stamp, as every workspace record carries it."""
     return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-def append_record(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line and sync it to disk before returning."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The JSON lines of ``path``; a line cut short by a crash is skipped, not an error."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Replace ``path`` with ``value`` as JSON, atomically."""
-    replace_file(path, json.dumps(value, indent=2))
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object file, or {} if it is missing or unreadable."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 @dataclass(frozen=True)
@@ -286,30 +244,32 @@ class Workspace:
         changed = []
         with self._lock:
             for name, path in scan_models(self.models).items():
-                identity = fingerprint(path)
-                if identity is None:
+                content = identity(path)
+                # OpenVINO folders are served without revisions: a revision is a model
+                # directory or an ONNX file
+                if content is None or model_kind(path) == "openvino":
                     continue
                 served = self.served_revision(name)
-                if served is not None and served.created.get("fingerprint") == identity:
+                if served is not None and served.created.get("fingerprint") == content:
                     continue
                 number = self.next_revision(name)
                 target = self.revision_path(name, number, onnx=path.is_file())
                 _copy_model(path, target)
                 note = "copied into models/" if served is None else "changed outside the studio"
-                self.record_created(name, number, "imported", identity, note=note)
+                self.record_created(name, number, "imported", content, note=note)
                 self.record_promoted(name, number)
                 changed.append(name)
         return changed
 
     def record_created(
-        self, name: str, number: int, kind: str, identity: str, **fields: Any
+        self, name: str, number: int, kind: str, content: str, **fields: Any
     ) -> dict[str, Any]:
         """Append the event that revision ``number`` exists (after its files are written)."""
         event = {
             "event": "created",
             "revision": number,
             "kind": kind,
-            "fingerprint": identity,
+            "fingerprint": content,
             "time": now(),
             **fields,
         }
@@ -380,20 +340,6 @@ class Workspace:
     def iter_runs(self) -> Iterator[Path]:
         """Run folders, newest first."""
         return iter(sorted((p for p in self.runs.iterdir() if p.is_dir()), reverse=True))
-
-
-def fingerprint(path: Path) -> str | None:
-    """What identifies a model's content: its weights checksum, or an ONNX file's hash."""
-    if path.is_dir():
-        return read_json(path / "model.json").get("weights_sha256") or None
-    digest = hashlib.sha256()
-    try:
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    except OSError:
-        return None
-    return digest.hexdigest()
 
 
 def new_id(folder: Path, prefix: str) -> str:
