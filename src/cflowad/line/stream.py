@@ -31,9 +31,9 @@ from cflowad.common.errors import UserError, missing_extra
 from cflowad.common.progress import Reporter
 from cflowad.data.files import refuse_foreign
 from cflowad.engine.inference import ImageResult, Predictor
-from cflowad.line.calibrate import SourceCalibration
-from cflowad.line.drift import DriftLog, DriftSettings
-from cflowad.line.publish import SPOOL, Publisher, model_version
+from cflowad.line.decide import Decisions
+from cflowad.line.drift import DriftSettings
+from cflowad.line.publish import SPOOL, Publisher
 from cflowad.line.watch import OnResult
 
 __all__ = ["Frame", "StreamSummary", "is_stream_output", "parse_roi", "stream_video"]
@@ -141,13 +141,16 @@ def stream_video(
     if video_out is not None and video_out.suffix.lower() not in (".mp4", ".mkv", ".mov", ".avi"):
         raise UserError(f"option --video-out={video_out}: use an .mp4, .mkv, .mov or .avi name")
     reporter = reporter or Reporter(enabled=False)
-    calibration = (
-        SourceCalibration(model, calibrate_frames, out, "--calibrate-frames", reporter)
-        if calibrate_frames
-        else None
+    decisions = Decisions(
+        model,
+        out,
+        "--calibrate-frames",
+        calibrate_frames,
+        drift=drift,
+        reporter=reporter,
+        publisher=publisher,
+        model_name=model_name,
     )
-    alarm = DriftLog(out, drift or DriftSettings(), reporter)
-    alarm.reset(getattr(model, "calibration", None))
     source_ = _Source(source, retries, backoff, reporter)
     out.mkdir(parents=True, exist_ok=True)
     if save_anomalous:
@@ -156,15 +159,7 @@ def stream_video(
     started = datetime.now(UTC).isoformat(timespec="milliseconds")
 
     def publish(kind: str, record: dict[str, Any], subject: str) -> None:
-        if publisher is not None:
-            publisher.publish(
-                kind,
-                record | {"source": source},
-                model=model_name,
-                version=model_version(model),  # 30 us; a served revision may change
-                subject=subject,
-                at=started,
-            )
+        decisions.publish(kind, record | {"source": source}, subject, started)
 
     events = _Events(
         debounce,
@@ -185,27 +180,20 @@ def stream_video(
                     break
                 size = _check_size(batch, size, roi, source)
                 crops = [_crop(f.rgb, roi) for f in batch]
-                results = list(model.predict_iter(crops, batch_size=len(crops)))
-                for k, (frame, crop) in enumerate(zip(batch, crops, strict=True)):
-                    result = results[k]
+                decided = decisions.score(crops)
+                for frame, crop, (result, calibrating, drifted) in zip(
+                    batch, crops, decided, strict=True
+                ):
                     latency = (time.monotonic() - frame.arrived) * 1000
-                    if calibration is not None and not calibration.done:
-                        # a good frame by the user's word: no decision yet, it calibrates
-                        calibrated = calibration.add(result)
-                        if calibrated is not None:  # the rest of the batch, decided anew
-                            model = calibrated
-                            alarm.reset(getattr(model, "calibration", None))
-                            if crops[k + 1 :]:
-                                results[k + 1 :] = model.predict_iter(crops[k + 1 :])
-                        calibrating = {
+                    if calibrating:  # a good frame by the user's word: no decision
+                        record = {
                             "frame": frame.index,
                             "pts_seconds": frame.pts_seconds,
                             "calibration": True,
                             "raw_score": result.raw_score,
                         }
-                        lines.write(json.dumps(calibrating) + "\n")
+                        lines.write(json.dumps(record) + "\n")
                         continue
-                    drifted = alarm.observe(result.raw_score)
                     if drifted is not None:
                         publish("drift", drifted, f"{source} drift at frame {frame.index}")
                     record = {

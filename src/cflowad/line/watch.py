@@ -35,9 +35,9 @@ from cflowad.common.progress import Reporter
 from cflowad.data.files import refuse_foreign, replace_file
 from cflowad.data.images import IMAGE_SUFFIXES, load_image
 from cflowad.engine.inference import ImageResult, Predictor
-from cflowad.line.calibrate import SourceCalibration, calibrated_before
-from cflowad.line.drift import DriftLog, DriftSettings
-from cflowad.line.publish import SPOOL, Publisher, model_version
+from cflowad.line.decide import Decisions
+from cflowad.line.drift import DriftSettings
+from cflowad.line.publish import SPOOL, Publisher
 
 __all__ = [
     "JOURNAL",
@@ -209,20 +209,20 @@ class _HotFolder:
         model_name: str = "model",
         confine: Callable[[Path], Path] | None = None,
     ) -> None:
-        self.model, self.inbox, self.out = model, inbox, out
+        self.inbox, self.out = inbox, out
         self.confine = confine
-        self.publisher, self.model_name = publisher, model_name
         self.on_result = on_result
-        self.calibration: SourceCalibration | None = None
-        before = calibrated_before(model, out)
-        if before is not None:  # calibrated before a restart: score on with it
-            self.model = before
-        elif calibrate_images:
-            self.calibration = SourceCalibration(
-                model, calibrate_images, out, "--calibrate-images", reporter or Reporter(False)
-            )
-        self.drift = DriftLog(out, drift or DriftSettings(), reporter or Reporter(False))
-        self.drift.reset(getattr(self.model, "calibration", None))
+        self.decisions = Decisions(
+            model,
+            out,
+            "--calibrate-images",
+            calibrate_images,
+            resume=True,  # calibrated before a restart: decide on with it
+            drift=drift,
+            reporter=reporter,
+            publisher=publisher,
+            model_name=model_name,
+        )
         self.move_done, self.pictures = move_done, pictures
         self.reporter = reporter or Reporter(enabled=False)
         for name in (
@@ -238,19 +238,6 @@ class _HotFolder:
         self.arriving: dict[str, _Candidate] = {}
         self.closed = _ClosedNames()  # filled by the observer's close-after-write events
         self.summary = WatchSummary()
-
-    def publish(self, kind: str, record: dict[str, Any], subject: str, at: str) -> None:
-        """Spool ``record`` for the ``--publish`` destinations (if any)."""
-        if self.publisher is None:
-            return
-        self.publisher.publish(
-            kind,
-            record,
-            model=self.model_name,
-            version=model_version(self.model),  # 30 us; a served revision may change
-            subject=subject,
-            at=at,
-        )
 
     def scan(
         self, settle: float, reject_after: float
@@ -325,9 +312,10 @@ class _HotFolder:
             kept.append((path, key, seen))
         if not images:
             return
-        results = list(self.model.predict_iter(images, batch_size=len(images)))
-        for k, ((path, key, seen), image) in enumerate(zip(kept, images, strict=True)):
-            result = results[k]
+        decided = self.decisions.score(images)
+        for (path, key, seen), image, (result, calibrating, drifted) in zip(
+            kept, images, decided, strict=True
+        ):
             record: dict[str, Any] = {
                 "image": str(path),
                 **result.record(),
@@ -338,21 +326,14 @@ class _HotFolder:
                 "bytes": key[1],
                 "modified_ns": key[2],
             }
-            if self.calibration is not None and not self.calibration.done:
-                # a good image by the user's word: it calibrates, no decision yet
-                calibrated = self.calibration.add(result)
-                if calibrated is not None:  # the rest of the batch, decided anew
-                    self.model = calibrated
-                    self.drift.reset(getattr(calibrated, "calibration", None))
-                    if images[k + 1 :]:
-                        results[k + 1 :] = self.model.predict_iter(images[k + 1 :])
-                for decided in ("score", "anomalous"):
-                    del record[decided]
+            if calibrating:  # a good image by the user's word: no decision
+                for decision in ("score", "anomalous"):
+                    del record[decision]
                 record["calibration"] = True
-            else:
-                event = self.drift.observe(result.raw_score)
-                if event is not None:
-                    self.publish("drift", event, f"drift {event['state']}", event["time"])
+            elif drifted is not None:
+                self.decisions.publish(
+                    "drift", drifted, f"drift {drifted['state']}", drifted["time"]
+                )
             np.save(self.out / record["map"], result.anomaly_map)
             if self.pictures:
                 from cflowad.results.pictures import save_overlay
@@ -360,7 +341,7 @@ class _HotFolder:
                 record["picture"] = f"pictures/{path.name}.png"
                 save_overlay(self.out / record["picture"], image, result.anomaly_map, result.mask)
             if not record.get("calibration"):  # spooled first: a kill here scores it again
-                self.publish("result", record, f"{key[0]} {key[1]}", str(key[2]))
+                self.decisions.publish("result", record, f"{key[0]} {key[1]}", str(key[2]))
             journal.write(json.dumps(record) + "\n")
             journal.flush()
             os.fsync(journal.fileno())  # the record first: then a crash never rescores
@@ -380,7 +361,7 @@ class _HotFolder:
         with (self.out / "rejected" / "rejected.jsonl").open("a") as log:
             log.write(json.dumps(entry) + "\n")
         self.arriving.pop(path.name, None)
-        self.publish("rejected", entry, path.name, datetime.now(UTC).isoformat())
+        self.decisions.publish("rejected", entry, path.name, datetime.now(UTC).isoformat())
         self.summary.rejected += 1
         self.reporter.warn(f"{reason}; moved to {target}")
 
