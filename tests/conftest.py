@@ -70,6 +70,46 @@ def make_textures():
     return make_texture_dataset
 
 
+# Fixtures that train a model (once per session or module): a test that uses one, even
+# through another fixture, is slow. `pytest -m "not slow"` is the fast suite.
+TRAINING_FIXTURES = {
+    "trained_model",
+    "model_dir",
+    "small_model",
+    "gaussian_model",
+    "region_model",
+    "models",
+    "fleet",
+    "tiled_model",
+    "running",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _training_is_marked_slow(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """A test not marked slow cannot train (its body or its function-scoped fixtures): the
+    decoders' fitting refuses, naming the test, so the fast suite stays fast and a new
+    test that trains says it must be marked."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} trains a model: mark it @pytest.mark.slow")
+
+    import cflowad.engine.model
+    import cflowad.method.train
+
+    for module in (cflowad.engine.model, cflowad.method.train):
+        for name in ("fit_decoders", "fit_gaussians"):
+            monkeypatch.setattr(module, name, refuse)
+
+
 @pytest.fixture(autouse=True)
 def _threads_restored():
     """A command run in-process sets torch's and ONNX Runtime's threads for the whole

@@ -142,6 +142,7 @@ class _Rendezvous(_Mean):
         return super().score_batch(images)
 
 
+@pytest.mark.slow  # seconds of rendezvous
 def test_in_flight_batches_are_scored_at_once_and_answer_their_own_requests():
     async def go(in_flight: int):
         model = _Rendezvous()

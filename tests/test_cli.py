@@ -190,6 +190,7 @@ def test_failed_train_leaves_existing_model_untouched(model_dir, tmp_path, capsy
     assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before
 
 
+@pytest.mark.slow  # a new Python process
 def test_module_entry_point_and_version():
     done = subprocess.run(
         [sys.executable, "-m", "cflowad", "--version"], capture_output=True, text=True, check=False
@@ -284,6 +285,7 @@ def test_every_config_field_is_a_train_option_made_from_the_field():
     assert native.aspect == "native" and native.fit_to([(100, 230)]).image_size == (96, 224)
 
 
+@pytest.mark.slow  # trains
 def test_train_reads_a_config_file_and_flags_override_it(texture_dataset, tmp_path, capsys):
     settings = tmp_path / "settings.toml"
     settings.write_text("image_size = [64, 64]\nsteps = 7\nfeature_pooling = 3\nseed = 4\n")
@@ -305,6 +307,7 @@ def test_the_command_reference_in_docs_is_current():
     assert written == cli_reference(), "run: python -m cflowad.cli.docs > docs/cli.md"
 
 
+@pytest.mark.slow  # a new Python process
 def test_the_onnx_path_imports_neither_the_trainer_nor_timm():
     code = (
         "import sys, cflowad, cflowad.runtime, cflowad.engine.onnx, cflowad.engine.loading; "

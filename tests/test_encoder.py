@@ -50,6 +50,7 @@ def test_lite_encoder_uses_the_package_weights():
     torch.testing.assert_close(encoder.model.conv_stem.weight, classifier.conv_stem.weight)
 
 
+@pytest.mark.slow  # waits for timm's download to fail
 def test_no_pretrained_weights_is_a_clear_error_not_random_weights():
     with pytest.raises(UserError, match="no pretrained weights for backbone 'resnet18'"):
         Encoder.create("resnet18", (8, 16, 32))

@@ -20,6 +20,8 @@ from cflowad.data.datasets import find_test_set
 from cflowad.data.images import batches
 from cflowad.engine.onnx import OnnxModel
 
+pytestmark = pytest.mark.slow  # trains, exports and quantizes models
+
 FAST = ["--image-size", "64", "--steps", "20", "--no-compile", "--quiet"]
 
 

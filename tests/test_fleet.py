@@ -26,6 +26,8 @@ from cflowad.cli import main
 from cflowad.fleet.archive import read_shards
 from cflowad.fleet.training import FLEET_FILE
 
+pytestmark = pytest.mark.slow  # fleets of models trained in processes and Ray tasks
+
 FAST = ["--steps", "20", "--image-size", "64", "--encoder-weights", "random", "--no-compile"]
 CATEGORIES = ("a", "b", "c")
 

@@ -54,6 +54,7 @@ def test_log_density_of_an_image_does_not_depend_on_its_batch():
     torch.testing.assert_close(together, alone)
 
 
+@pytest.mark.slow  # trains
 def test_a_gaussian_model_fits_saves_loads_and_exports(texture_dataset, tmp_path):
     model = CFlowAD(decoder="gaussian", image_size=64, aspect="fixed", seed=0, device="cpu")
     model.fit(texture_dataset)
@@ -88,6 +89,7 @@ def test_a_gaussian_model_fits_saves_loads_and_exports(texture_dataset, tmp_path
     assert "Einsum" not in {n.op_type for n in graph.node}
 
 
+@pytest.mark.slow  # trains
 def test_train_and_test_commands_name_the_decoder(texture_dataset, tmp_path, capsys):
     out = tmp_path / "m"
     assert main(["train", str(texture_dataset), "--out", str(out), "--decoder", "gaussian",
@@ -99,6 +101,7 @@ def test_train_and_test_commands_name_the_decoder(texture_dataset, tmp_path, cap
     assert "decoder='pca' must be one of flow, gaussian" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # trains
 def test_appendix_a_a_flow_trained_on_gaussian_data_becomes_the_gaussian():
     """On z ~ N(mu, Sigma), the flow trained by eq. (7.2) approaches eq. (5.2)'s density,
     and each sample's term of eq. (6), (M^2 - E^2) / 2 + log(|det J| / det Sigma^-1/2),

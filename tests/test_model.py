@@ -54,6 +54,7 @@ def test_save_load_gives_identical_predictions(small_model, tmp_path):
     assert meta["format_version"] == FORMAT_VERSION and meta["calibration"]["n_images"] == 3
 
 
+@pytest.mark.slow  # trains
 def test_same_seed_same_model_and_scores():
     a, b = (
         CFlowAD(
@@ -180,6 +181,7 @@ def test_end_to_end_on_real_textures_finds_pasted_defects(trained_model, texture
     assert pixel >= 0.9
 
 
+@pytest.mark.slow  # trains
 def test_auto_aspect_keeps_the_training_images_shape():
     assert Config(image_size=256).resolve_size(1.5).image_size == (256, 384)
     assert Config(image_size=256).resolve_size(0.5).image_size == (512, 256)
@@ -205,6 +207,7 @@ def test_feature_cache_over_budget_is_memory_mapped_with_equal_content(small_mod
         assert np.array_equal(a, b)
 
 
+@pytest.mark.slow  # trains
 def test_training_precision_is_applied_and_recorded():
     losses = {}
     for precision in ("float32", "bfloat16"):
@@ -255,6 +258,7 @@ def test_matmul_probe_times_the_product():
     assert direct / 10 < matmul_seconds(torch.float32) < direct * 10
 
 
+@pytest.mark.slow  # trains
 def test_training_falls_back_to_eager_when_compiling_fails(monkeypatch):
     def broken_compile(function, **options):
         def fail(*args, **kwargs):
@@ -272,6 +276,7 @@ def test_training_falls_back_to_eager_when_compiling_fails(monkeypatch):
     assert model.training["final_loss"] == eager.training["final_loss"]
 
 
+@pytest.mark.slow  # compiles a training step
 def test_compiled_training_step_matches_float32_loss_and_gradients():
     """The fused bfloat16 step (the default) against the plain float32 step."""
     net = CFlowNet.build(Config(encoder_weights="random"), pretrained=False)
@@ -301,6 +306,7 @@ def test_compiled_training_step_matches_float32_loss_and_gradients():
 @pytest.mark.parametrize(
     ("strides", "drawn"), [((8, 16, 32), [24, 8, 8]), ((32, 16), [24, 8]), ((16,), [8])]
 )
+@pytest.mark.slow  # trains
 def test_finest_of_several_scales_draws_its_factor_of_fiber_batches(monkeypatch, strides, drawn):
     shapes: list[list[int]] = []
 
@@ -353,6 +359,7 @@ def test_a_scale_with_several_fiber_batches_has_the_loss_of_all_its_vectors_at_o
     assert chunked.item() == pytest.approx(float(whole), rel=1e-5)
 
 
+@pytest.mark.slow  # trains
 def test_scale_weights_are_saved_loaded_and_exported(tmp_path):
     """The weighted fusion is part of the model: model.json records it, a loaded model
     and its ONNX file give the same maps, and thresholds are calibrated on it."""
@@ -376,6 +383,7 @@ def test_scale_weights_are_saved_loaded_and_exported(tmp_path):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # trains
 def test_coupling_blocks_per_scale_build_saved_and_loaded_flows(tmp_path):
     """--coupling-blocks 2,1,1: the finest scale's flow gets 2 blocks, the others 1;
     model.json records it, and a reload scores the same."""

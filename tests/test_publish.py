@@ -80,6 +80,7 @@ def _publish_numbers(publisher: Publisher, numbers: range, anomalous: bool = Tru
         )
 
 
+@pytest.mark.slow  # a broker or receiver through outages
 def test_webhook_down_failing_then_recovering_gets_everything_once_in_order_signed(
     tmp_path, webhook, free_port
 ):
@@ -179,6 +180,7 @@ def broker(tmp_path, free_port):
     broker.kill()
 
 
+@pytest.mark.slow  # a broker or receiver through outages
 def test_mqtt_broker_down_then_up_loses_nothing_and_keeps_order(broker, tmp_path):
     url = f"mqtt://127.0.0.1:{broker.port}/factory/line1/{{model}}/{{kind}}"
     publisher = Publisher(PublishSettings(urls=(url,)), tmp_path / "spool", "stream", print)
@@ -205,6 +207,7 @@ def test_mqtt_broker_down_then_up_loses_nothing_and_keeps_order(broker, tmp_path
     assert publisher.stats()[0]["published"] >= 25
 
 
+@pytest.mark.slow  # a broker or receiver through outages
 def test_kill_9_of_watch_with_a_pending_spool_loses_nothing(tmp_path, webhook, free_port):
     """The receiver is down while watch scores; watch is killed; every image scored
     (in the journal) reaches the receiver once it is up and watch runs again."""
@@ -264,6 +267,7 @@ def test_kill_9_of_watch_with_a_pending_spool_loses_nothing(tmp_path, webhook, f
     assert {m["model"] for m in messages} == {"brick"}
 
 
+@pytest.mark.slow  # a broker or receiver through outages
 def test_stream_publishes_anomalous_frames_and_events_to_mqtt(broker, tmp_path):
     sys.path.insert(0, str(HERE))
     from test_streams import DEFECTS, _Brightest, _frame, _video
@@ -308,6 +312,7 @@ def test_watch_command_publishes_to_a_webhook(trained_model, texture_dataset, tm
     assert main([*command, "--publish", "mqtt://host", "-q"]) == 2  # a one-line error
 
 
+@pytest.mark.slow  # a broker or receiver through outages
 def test_mqtts_with_a_ca_file_delivers_and_an_unknown_ca_does_not(tmp_path, free_port):
     """TLS to the broker: the certificate is checked against --publish-ca-file."""
     import trustme

@@ -135,6 +135,7 @@ def test_every_roi_pictures_and_video_out(video, tmp_path):
     assert len(decoded) == 30 and decoded[0].width == SIZE[1]
 
 
+@pytest.mark.slow  # waits for writers, retries or a killed process
 def test_live_drops_frames_to_keep_latency_bounded(tmp_path):
     frames = [_frame(i) for i in range(60)]
     source = _video(tmp_path / "fast.mp4", frames, fps=30)  # 2 s at 30 frames/s
@@ -201,6 +202,7 @@ def _wait_for(condition, seconds: float = 30) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # waits for writers, retries or a killed process
 def test_hot_folder_waits_for_slow_writers_rejects_corrupt_files_and_resumes(tmp_path):
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     inbox.mkdir()
@@ -241,6 +243,7 @@ def test_hot_folder_waits_for_slow_writers_rejects_corrupt_files_and_resumes(tmp
 
 
 @pytest.mark.parametrize("reopens", [True, False], ids=["closes-and-appends", "keeps-open"])
+@pytest.mark.slow  # waits for writers, retries or a killed process
 def test_a_writer_that_pauses_midway_is_waited_for_not_rejected(tmp_path, reopens):
     """A slow share: half the file, a 2 s pause (far past --settle), then the rest.
 
@@ -274,6 +277,7 @@ def test_a_writer_that_pauses_midway_is_waited_for_not_rejected(tmp_path, reopen
     assert not any((out / "rejected").iterdir())
 
 
+@pytest.mark.slow  # waits for writers, retries or a killed process
 def test_an_unreadable_file_is_rejected_only_after_reject_after(tmp_path):
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     inbox.mkdir()
@@ -305,6 +309,7 @@ def test_move_done_finishes_a_move_that_a_crash_interrupted(tmp_path):
     assert not any(inbox.iterdir()) and len(_lines(out / "results.jsonl")) == 3
 
 
+@pytest.mark.slow  # waits for writers, retries or a killed process
 def test_kill_9_midway_neither_loses_nor_rescores(tmp_path):
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     inbox.mkdir()
@@ -354,6 +359,7 @@ def test_real_model_flags_the_defective_frames(trained_model, texture_dataset, t
     assert [(e["first_frame"], e["last_frame"]) for e in events][:1] == [(2, 3)]
 
 
+@pytest.mark.slow  # waits for writers, retries or a killed process
 def test_a_network_stream_that_stops_is_retried_then_ends_with_one_line(tmp_path):
     """An http:// source served here (MPEG-TS, as cameras stream): each time it ends it is
     reopened (frames numbered on), until the retries are spent; what was scored is kept."""

@@ -56,6 +56,7 @@ def test_paths_stay_inside_the_allowed_folders(tmp_path):
         workspace.resolve("etc", "")
 
 
+@pytest.mark.slow  # trains
 def test_a_file_linked_out_of_the_allowed_folders_is_never_read(tmp_path, texture_dataset):
     """A folder is resolved once, but each file in it may be a symbolic link: one that
     leads outside refuses the folder for scoring and training, and the hot folder

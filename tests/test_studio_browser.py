@@ -25,6 +25,8 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from cflowad.data.files import read_json
 from cflowad.method.region import decode_region, draw_region, region_at
 
+pytestmark = pytest.mark.slow  # a real browser against studios that train models
+
 
 def find_chromium() -> str:
     """Debian's chromium (Playwright's own browser download is offline-blocked): installed

@@ -23,6 +23,8 @@ from cflowad.method.config import Config
 from cflowad.method.scoring import CFlowNet
 from cflowad.method.tiles import spans
 
+pytestmark = pytest.mark.slow  # tiled models trained on photos of up to 20 megapixels
+
 FAST = ["--steps", "60", "--no-compile", "--quiet"]
 
 

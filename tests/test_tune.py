@@ -14,6 +14,8 @@ from cflowad.data.synthetic import DEFECT_KINDS, paste_defect
 from cflowad.method.config import Config
 from cflowad.selection.tune import candidates
 
+pytestmark = pytest.mark.slow  # trains several candidates
+
 
 @pytest.mark.parametrize("kind", DEFECT_KINDS)
 def test_each_synthetic_defect_changes_exactly_its_mask(kind):

@@ -21,7 +21,7 @@ __all__ = ["StateFeed"]
 class StateFeed:
     """The newest state, as JSON text with a version that grows when it changes."""
 
-    def __init__(self, compute: Callable[[], dict[str, Any]], interval: float = 0.5) -> None:
+    def __init__(self, compute: Callable[[], dict[str, Any]], interval: float = 1.0) -> None:
         self.compute, self.interval = compute, interval
         self.text, self.version, self.listeners = "", 0, 0
         self._changed = asyncio.Condition()
