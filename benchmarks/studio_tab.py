@@ -1,5 +1,6 @@
-"""What one open studio tab costs the server: requests and bytes a second while it sits
-on a view, and the studio process's CPU seconds a second, with --tabs tabs open.
+"""What one open studio tab costs the server: requests a second while it sits on a view,
+and the studio process's CPU seconds a second, with --tabs tabs open (an event stream
+counts once, when it opens).
 
 A studio is started on a fresh workspace with a model copied in (``--model``, a model
 directory) and --runs scored runs of a folder (``--data``), as a workspace looks after a
@@ -64,12 +65,7 @@ def main() -> None:
             pid = int(next(p for p in os.listdir("/proc") if p.isdigit() and _is_studio(p, url)))
             with sync_playwright() as playwright:
                 browser = playwright.chromium.launch(executable_path=shutil.which("chromium"))
-                requests: list[int] = []
-                sizes: list[int] = []
-
-                def count(response) -> None:
-                    requests.append(1)
-                    sizes.append(int(response.headers.get("content-length") or 0))
+                requests: list[str] = []
 
                 pages = []
                 for _ in range(arguments.tabs):
@@ -78,7 +74,7 @@ def main() -> None:
                     pages.append(page)
                 time.sleep(3)  # the first loads are not what a tab costs while it sits
                 for page in pages:
-                    page.on("response", count)
+                    page.on("request", lambda request: requests.append(request.url))
                 before, start = cpu_seconds(pid), time.monotonic()
                 samples = []
                 while time.monotonic() - start < arguments.seconds:
@@ -93,7 +89,6 @@ def main() -> None:
         "runs": arguments.runs,
         "seconds": round(elapsed, 1),
         "requests_per_second_per_tab": round(len(requests) / elapsed / arguments.tabs, 3),
-        "bytes_per_second_per_tab": round(sum(sizes) / elapsed / arguments.tabs),
         "studio_cpu_seconds_per_second": round(cpu / elapsed, 4),
         "requests_median_per_second": statistics.median(
             b - a for a, b in zip([0, *samples], samples, strict=False)

@@ -1,8 +1,8 @@
 """What follows every score on the line, whatever produced the image (a hot folder, a
-stream, the studio's live sources): the first N results calibrate the source (no
-decision; the model is refitted on them, and the rest of their batch is scored again
-with it), the drift alarm, and what is published. The sources only produce images and
-write their own records.
+stream, the studio's live sources, a request to the server): the first N results
+calibrate the source (no decision; the model is refitted on them, and the rest of their
+batch is scored again with it), the drift alarm, and what is published. The sources
+only produce images and write their own records.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ class Decisions:
     Args:
         model: the loaded model directory or export.
         out: the source's output folder (``OUT/model`` and ``OUT/calibration.json``
-            after a calibration, ``OUT/drift.jsonl``).
+            after a calibration, ``OUT/drift.jsonl``); None for the server, which
+            neither calibrates nor writes files.
         option: the calibrating option's name, for messages (``--calibrate-images``).
         calibrate: the first this many images are good: refit the thresholds on them.
         resume: decide with the calibration an earlier run saved in ``out`` (a hot
@@ -41,8 +42,8 @@ class Decisions:
     def __init__(
         self,
         model: Predictor,
-        out: Path,
-        option: str,
+        out: Path | None,
+        option: str = "",
         calibrate: int = 0,
         resume: bool = False,
         drift: DriftSettings | None = None,
@@ -53,10 +54,10 @@ class Decisions:
         reporter = reporter or Reporter(enabled=False)
         self.model = model
         self.calibration: SourceCalibration | None = None
-        before = calibrated_before(model, out) if resume else None
+        before = calibrated_before(model, out) if resume and out is not None else None
         if before is not None:  # calibrated before a restart: decide on with it
             self.model = before
-        elif calibrate:
+        elif calibrate and out is not None:
             self.calibration = SourceCalibration(model, calibrate, out, option, reporter)
         self.drift = DriftLog(out, drift or DriftSettings(), reporter)
         self.drift.reset(getattr(self.model, "calibration", None))
@@ -81,7 +82,11 @@ class Decisions:
                         results[k + 1 :] = self.model.predict_iter(images[k + 1 :])
                 yield result, True, None
                 continue
-            yield result, False, self.drift.observe(result.raw_score)
+            yield result, False, self.observe(result)
+
+    def observe(self, result: ImageResult) -> dict[str, Any] | None:
+        """Feed the drift alarm one decided result: its record if it tripped or cleared."""
+        return self.drift.observe(result.raw_score)
 
     def publish(self, kind: str, record: dict[str, Any], subject: str, at: str) -> None:
         """Spool ``record`` for the ``--publish`` destinations (if any), under the model

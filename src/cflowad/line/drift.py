@@ -109,11 +109,13 @@ class DriftMonitor:
 
 
 class DriftLog:
-    """The alarm of ``watch`` and ``stream``: each trip and clear is a line in
-    ``OUT/drift.jsonl`` (synced) and a warning."""
+    """The alarm of a source: each trip and clear is a warning and, with an output folder
+    (``watch``, ``stream``), a line in ``OUT/drift.jsonl`` (synced); the server, which
+    has none, counts them in its metrics instead."""
 
-    def __init__(self, out: Path, settings: DriftSettings, reporter: Any) -> None:
-        self.path, self.settings, self.reporter = out / DRIFT_FILE, settings, reporter
+    def __init__(self, out: Path | None, settings: DriftSettings, reporter: Any) -> None:
+        self.path = None if out is None else out / DRIFT_FILE
+        self.settings, self.reporter = settings, reporter
         self.monitor: DriftMonitor | None = None
 
     def reset(self, calibration: Calibration | None) -> None:
@@ -129,9 +131,10 @@ class DriftLog:
         event = self.monitor.add(raw_score)
         if event is None:
             return None
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(event) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        if self.path is not None:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(event) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
         self.reporter.warn(f"drift {event['state']}: {event['message']}")
         return event

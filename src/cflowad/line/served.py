@@ -29,8 +29,8 @@ from cflowad.engine.catalog import model_files, model_format, scan_models
 from cflowad.engine.inference import ImageResult, Images, Prediction, Predictor, as_images
 from cflowad.engine.loading import load
 from cflowad.line.batching import DynamicBatcher
-from cflowad.line.drift import DriftMonitor
-from cflowad.line.publish import Publisher, model_version
+from cflowad.line.decide import Decisions
+from cflowad.line.publish import Publisher
 from cflowad.line.settings import ServeSettings
 
 try:
@@ -118,9 +118,8 @@ class Served:
     batcher: DynamicBatcher
     revision: int
     loaded_at: str
+    decisions: Decisions  # the drift alarm and publishing after each answer
     info: dict[str, Any] = field(default_factory=dict)
-    drift: DriftMonitor | None = None
-    version: str = ""  # the model's fingerprint in published messages
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -129,23 +128,23 @@ class Served:
             "revision": self.revision,
             "loaded_at": self.loaded_at,
             "drift": None
-            if self.drift is None
-            else {"quantile": self.drift.quantile, "tripped": self.drift.tripped},
+            if (drift := self.decisions.drift.monitor) is None
+            else {"quantile": drift.quantile, "tripped": drift.tripped},
             **self.info,
         }
 
     def observe(self, result: ImageResult, metrics: Metrics) -> dict[str, Any] | None:
-        """Feed the drift alarm one scored image; log and count when it trips or clears
-        (the ``drift`` record then)."""
-        if self.drift is None:
+        """Feed the drift alarm one scored image (:class:`Decisions`, which logs a trip or
+        a clear); count it in the metrics (the ``drift`` record then)."""
+        event = self.decisions.observe(result)
+        drift = self.decisions.drift.monitor
+        if drift is None:
             return None
-        event = self.drift.add(result.raw_score)
-        if self.drift.quantile is not None:
-            metrics.drift_quantile.labels(self.name).set(self.drift.quantile)
-        metrics.drift.labels(self.name).set(int(self.drift.tripped))
+        if drift.quantile is not None:
+            metrics.drift_quantile.labels(self.name).set(drift.quantile)
+        metrics.drift.labels(self.name).set(int(drift.tripped))
         if event is not None:
             metrics.drift_events.labels(self.name, event["state"]).inc()
-            log.warning("drift %s for %s: %s", event["state"], self.name, event["message"])
         return event
 
 
@@ -326,13 +325,10 @@ class ServedModels:
         messages = [("result", record, f"request {uuid4().hex}", arrived)]
         if drifted is not None:
             messages.append(("drift", drifted, f"drift {drifted['state']}", drifted["time"]))
-        publisher, name, version = self.publisher, served.name, served.version
 
         def publish() -> None:
-            for kind, message, subject, at in messages:
-                publisher.publish(
-                    kind, message, model=name, version=version, subject=subject, at=at
-                )
+            for message in messages:
+                served.decisions.publish(*message)
 
         await run_in_threadpool(publish)
 
@@ -374,12 +370,27 @@ class ServedModels:
             batcher=batcher,
             revision=revision,
             loaded_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            decisions=Decisions(
+                model,
+                None,  # a server neither calibrates nor writes files: it counts drift
+                drift=self.settings.drift,
+                reporter=_Warnings(name),
+                publisher=self.publisher,
+                model_name=name,
+            ),
             info=model.describe(),
-            drift=DriftMonitor.for_model(getattr(model, "calibration", None), self.settings.drift)
-            if self.settings.drift.window
-            else None,
-            version=model_version(model),
         )
+
+
+class _Warnings(Reporter):
+    """The drift alarm's warnings of one served model, in the server's log."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(enabled=False)
+        self.name = name
+
+    def warn(self, message: str) -> None:
+        log.warning("%s for %s", message, self.name)
 
 
 class _PublishingCollector:
