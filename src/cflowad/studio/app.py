@@ -65,8 +65,16 @@ log = logging.getLogger("cflowad.studio")
 # the page's files: the style sheet, and its JS modules (the page, what every view uses,
 # one module a view)
 _MODULES = (
-    *("studio", "common", "state", "pickers"),
-    *("models", "training", "review", "threshold", "feedback", "live"),
+    "studio",
+    "common",
+    "state",
+    "pickers",
+    "models",
+    "training",
+    "review",
+    "threshold",
+    "feedback",
+    "live",
 )
 _STATIC = {"studio.css": "text/css", **{f"{name}.js": "text/javascript" for name in _MODULES}}
 
